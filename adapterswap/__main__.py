@@ -1,0 +1,7 @@
+"""``python -m adapterswap``: the same as the ``adapterswap`` command (and what ``ray job submit`` runs)."""
+
+import sys
+
+from adapterswap.cli import main
+
+sys.exit(main())

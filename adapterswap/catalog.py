@@ -1,0 +1,118 @@
+"""The document catalog: a Parquet dataset under ``<storage>/catalog``.
+
+Every ingest appends one fragment file, written atomically (see
+:func:`adapterswap.storage.write_bytes_atomic`), so a failed or rejected ingest leaves
+the catalog exactly as it was. Reading goes through ``pyarrow.dataset``; the same code
+serves a local directory and an ``s3://`` prefix.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from adapterswap.documents import Document
+from adapterswap.storage import Location, list_files, resolve, write_bytes_atomic
+
+SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("group", pa.string(), nullable=False),
+        pa.field("batch", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("content_hash", pa.string(), nullable=False),
+        pa.field("ingested_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("metadata", pa.string(), nullable=False),  # JSON object text
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    """One shard as the catalog sees it."""
+
+    shard: str
+    group: str
+    batch: str
+    doc_count: int
+    tokens: int
+
+
+class Catalog:
+    """The Parquet document catalog rooted at ``<storage_uri>/catalog``."""
+
+    def __init__(self, storage_uri: str) -> None:
+        base = resolve(storage_uri)
+        self.location: Location = base.child("catalog")
+
+    def fragments(self) -> list[str]:
+        return list_files(self.location, ".parquet")
+
+    def dataset(self) -> ds.Dataset:
+        return ds.dataset(
+            self.fragments(), schema=SCHEMA, format="parquet", filesystem=self.location.fs
+        )
+
+    def read(self, columns: Sequence[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
+        """Read the catalog, or the given columns and rows of it."""
+        return self.dataset().to_table(columns=list(columns) if columns else None, filter=filter)
+
+    def ids(self) -> set[str]:
+        return set(self.read(["id"]).column("id").to_pylist())
+
+    def placements(self) -> dict[str, str]:
+        """Document id -> shard id, for every placed document."""
+        table = self.read(["id", "shard"])
+        return dict(zip(table.column("id").to_pylist(), table.column("shard").to_pylist(), strict=True))
+
+    def documents_of_shard(self, shard: str) -> pa.Table:
+        return self.read(filter=pc.field("shard") == shard)
+
+    def batches(self) -> set[str]:
+        return set(self.read(["batch"]).column("batch").to_pylist())
+
+    def shard_summaries(self) -> list[ShardSummary]:
+        """Every shard with its group, batch, document count and estimated tokens, by shard id."""
+        table = self.read(["shard", "group", "batch", "text"])
+        tokens = pc.ceil(pc.divide(pc.binary_length(pc.cast(table.column("text"), pa.binary())), 4.0))
+        table = table.drop_columns(["text"]).append_column("tokens", pc.cast(tokens, pa.int64()))
+        grouped = table.group_by(["shard", "group", "batch"]).aggregate(
+            [("tokens", "count"), ("tokens", "sum")]
+        )
+        rows = sorted(grouped.to_pylist(), key=lambda r: r["shard"])
+        return [
+            ShardSummary(r["shard"], r["group"], r["batch"], r["tokens_count"], r["tokens_sum"])
+            for r in rows
+        ]
+
+    def append(self, docs: Sequence[Document], shards: Sequence[str], batches: Sequence[str]) -> str:
+        """Write ``docs`` with their shard and batch as one new fragment; returns its path."""
+        now = datetime.now(UTC)
+        table = pa.table(
+            {
+                "id": [d.id for d in docs],
+                "text": [d.text for d in docs],
+                "group": [d.group for d in docs],
+                "batch": list(batches),
+                "shard": list(shards),
+                "content_hash": [d.content_hash for d in docs],
+                "ingested_at": [now] * len(docs),
+                "metadata": [d.metadata for d in docs],
+            },
+            schema=SCHEMA,
+        )
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd")
+        name = f"part-{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
+        target = self.location.child(name)
+        write_bytes_atomic(target, sink.getvalue())
+        return target.path

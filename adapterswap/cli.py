@@ -1,0 +1,167 @@
+"""The ``adapterswap`` command line (see API.md for the contract).
+
+Exit codes: 0 success, 1 the operation failed, 2 wrong usage. ``--json`` prints one
+JSON document on stdout instead of the human-readable report; errors then come as
+``{"error": {"message": ..., "type": ...}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from adapterswap.config import AdapterSwapConfig, load_config
+from adapterswap.errors import AdapterSwapError
+
+Handler = Callable[[argparse.Namespace, AdapterSwapConfig], tuple[str, Any]]
+
+
+def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    # Common options are accepted before and after the sub-command; SUPPRESS keeps the
+    # sub-command's copy from overwriting a value given before it.
+    default: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
+    parser.add_argument("--home", help="state directory (env ADAPTERSWAP_HOME, default ~/.adapterswap)", **default)
+    parser.add_argument("--config", help="YAML config file (default <home>/config.yaml)", **default)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        metavar="SECTION.FIELD=VALUE",
+        help="override one config value; repeatable",
+        **({"default": argparse.SUPPRESS} if suppress else {"default": []}),
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output", **default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adapterswap",
+        description="Access-controlled, deletable LLM knowledge: one LoRA adapter per document shard.",
+    )
+    _common_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    _common_options(common, suppress=True)
+
+    ingest = sub.add_parser("ingest", parents=[common], help="ingest JSONL, CSV or Parquet documents")
+    ingest.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    ingest.add_argument("--group", help="group of records that do not name one")
+    ingest.add_argument("--batch", help="batch label (default: the next bNNNN)")
+    ingest.set_defaults(handler=_cmd_ingest)
+
+    status = sub.add_parser("status", parents=[common], help="documents, shards, adapters, versions")
+    status.set_defaults(handler=_cmd_status)
+
+    keys = sub.add_parser("keys", parents=[common], help="manage API keys").add_subparsers(
+        dest="keys_command", required=True, metavar="ACTION"
+    )
+    create = keys.add_parser("create", parents=[common], help="create a key and print it once")
+    create.add_argument("--user", required=True)
+    create.add_argument("--groups", required=True, help="comma-separated groups, e.g. hr,finance")
+    create.add_argument("--admin", action="store_true", help="allow admin endpoints")
+    create.set_defaults(handler=_cmd_keys_create)
+    keys.add_parser("list", parents=[common], help="list keys").set_defaults(handler=_cmd_keys_list)
+    revoke = keys.add_parser("revoke", parents=[common], help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(handler=_cmd_keys_revoke)
+
+    demo = sub.add_parser("demo", parents=[common], help="the end-to-end demonstration")
+    demo.add_argument("--corpus", type=Path, help="example corpus directory (default: examples/)")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def _registry(config: AdapterSwapConfig):  # noqa: ANN202 - import kept lazy for fast --help
+    from adapterswap.registry import AdapterRegistry
+
+    config.home_path.mkdir(parents=True, exist_ok=True)
+    return AdapterRegistry(config.db_path)
+
+
+def _cmd_ingest(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
+    from adapterswap.embedding import load_embedder
+    from adapterswap.ingest import ingest_files
+
+    embed = load_embedder(config.embedding).embed if config.sharding.strategy == "topical" else None
+    result = ingest_files(
+        args.files,
+        config,
+        embed=embed,
+        audit=_registry(config),
+        actor="cli",
+        group=args.group,
+        batch=args.batch,
+    )
+    lines = [f"accepted {result.accepted} documents into batch {result.batch}", "planned shards:"]
+    lines += [f"  {p.shard:<32} {len(p.doc_ids):>5} docs {p.tokens:>8} tokens" for p in result.shards]
+    payload = {
+        "accepted": result.accepted,
+        "batch": result.batch,
+        "shards": [asdict(p) for p in result.shards],
+    }
+    return "\n".join(lines), payload
+
+
+def _cmd_status(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
+    from adapterswap.status import collect_status, format_status
+
+    status = collect_status(config, _registry(config))
+    return format_status(status), status
+
+
+def _cmd_keys_create(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    key, record = _registry(config).create_key(args.user, groups, admin=args.admin, actor="cli")
+    text = (
+        f"created key {record.key_id} for user {record.user} "
+        f"(groups: {', '.join(record.groups)}{', admin' if record.admin else ''})\n"
+        f"{key}\n"
+        "Store it now: it is not shown again."
+    )
+    return text, {"key": key, **asdict(record)}
+
+
+def _cmd_keys_list(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
+    keys = _registry(config).list_keys()
+    rows = [
+        f"  {k.key_id:<14} {k.user:<20} {','.join(k.groups):<30} "
+        f"{'admin' if k.admin else '':<6} {'revoked' if k.revoked_at else 'active'}"
+        for k in keys
+    ]
+    return "\n".join([f"{len(keys)} key(s)", *rows]), [asdict(k) for k in keys]
+
+
+def _cmd_keys_revoke(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
+    record = _registry(config).revoke_key(args.key_id, actor="cli")
+    return f"revoked key {record.key_id} ({record.user})", asdict(record)
+
+
+def _cmd_demo(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
+    from adapterswap.demo import run_demo
+
+    report = run_demo(config, corpus=args.corpus, echo=None if args.json else print)
+    return "", report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, home=args.home, overrides=args.overrides)
+        text, payload = args.handler(args, config)
+    except AdapterSwapError as exc:
+        if args.json:
+            print(json.dumps({"error": {"message": str(exc), "type": type(exc).__name__}}))
+        else:
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(payload, indent=2, default=str))
+    elif text:
+        print(text)
+    return 0

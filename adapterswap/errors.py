@@ -1,0 +1,50 @@
+"""The exceptions callers branch on. Each message names the field, the bad value and the fix."""
+
+from __future__ import annotations
+
+
+class AdapterSwapError(Exception):
+    """Base class of every error AdapterSwap raises on purpose."""
+
+
+class ConfigError(AdapterSwapError):
+    """The configuration (file, environment or flags) is invalid."""
+
+
+class InvalidDocument(AdapterSwapError):
+    """One or more input documents failed validation; nothing was written.
+
+    ``problems`` lists every problem found, each prefixed with where it is
+    (``file:line`` or ``file:record N``).
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        shown = self.problems[:20]
+        more = len(self.problems) - len(shown)
+        text = "\n".join(shown) + (f"\n... and {more} more" if more else "")
+        super().__init__(f"{len(self.problems)} invalid input(s), nothing was ingested:\n{text}")
+
+
+class ModelLoadError(AdapterSwapError):
+    """The base or embedding model could not be found or loaded."""
+
+
+class StoreError(AdapterSwapError):
+    """Base class of AdapterStore errors."""
+
+
+class NotFound(StoreError):
+    """An id the store does not know. Also what a caller sees for an id it may not see."""
+
+
+class IllegalTransition(StoreError):
+    """An adapter version was asked to move to a status its current status does not allow."""
+
+
+class InvalidArgument(AdapterSwapError):
+    """A caller passed a value the store cannot accept (empty user, bad group name, ...)."""
+
+
+class StoreNotRunning(StoreError):
+    """The AdapterStore actor is not running in the namespace asked for."""

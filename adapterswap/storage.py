@@ -1,0 +1,105 @@
+"""Storage through ``pyarrow.fs``: one code path for local directories and ``s3://`` URIs.
+
+A location is a URI string. Local paths may be given plainly (``/data/as``) or as
+``file:///data/as``; object stores as ``s3://bucket/prefix`` (with pyarrow's query
+options, e.g. ``?endpoint_override=127.0.0.1:9000&scheme=http``).
+
+Writes that must be all-or-nothing go through :func:`write_bytes_atomic`: on a local
+filesystem the bytes land in a hidden staging file that is then renamed into place;
+on an object store a single PUT is already atomic (the object appears whole or not at all).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow.fs as pafs
+
+STAGING_DIR = "_staging"
+
+
+@dataclass(frozen=True)
+class Location:
+    """A filesystem plus a path inside it."""
+
+    fs: pafs.FileSystem
+    path: str
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def child(self, *parts: str) -> Location:
+        return Location(self.fs, posixpath.join(self.path, *parts))
+
+
+def resolve(uri: str) -> Location:
+    """Turn a URI or local path into a :class:`Location`."""
+    if "://" not in uri:
+        fs = pafs.LocalFileSystem()
+        return Location(fs, fs.normalize_path(os.path.abspath(os.path.expanduser(uri))))
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return Location(fs, path.rstrip("/"))
+
+
+def join_uri(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI, keeping any query options at the end."""
+    if "://" not in uri:
+        return posixpath.join(uri, *parts)
+    split = urlsplit(uri)
+    return urlunsplit(split._replace(path=posixpath.join(split.path or "/", *parts)))
+
+
+def ensure_dir(loc: Location) -> None:
+    """Create a directory (a no-op prefix on object stores)."""
+    loc.fs.create_dir(loc.path, recursive=True)
+
+
+def exists(loc: Location) -> bool:
+    return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+
+
+def read_bytes(loc: Location) -> bytes:
+    with loc.fs.open_input_stream(loc.path) as stream:
+        return stream.read()
+
+
+def write_bytes_atomic(loc: Location, data: bytes) -> None:
+    """Write ``data`` so that readers see either the old state or the whole new file."""
+    parent = posixpath.dirname(loc.path)
+    if not loc.is_local:
+        loc.fs.create_dir(parent, recursive=True)
+        with loc.fs.open_output_stream(loc.path) as out:
+            out.write(data)
+        return
+    staging = posixpath.join(parent, STAGING_DIR)
+    loc.fs.create_dir(staging, recursive=True)
+    tmp = posixpath.join(staging, f".{posixpath.basename(loc.path)}.{uuid.uuid4().hex}")
+    try:
+        with loc.fs.open_output_stream(tmp) as out:
+            out.write(data)
+        loc.fs.move(tmp, loc.path)
+    except BaseException:
+        if loc.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            loc.fs.delete_file(tmp)
+        raise
+
+
+def list_files(loc: Location, suffix: str = "") -> list[str]:
+    """Paths of the files directly or recursively under ``loc`` ending in ``suffix``, sorted.
+
+    Staging and hidden entries (names starting with ``_`` or ``.``) are skipped.
+    """
+    selector = pafs.FileSelector(loc.path, allow_not_found=True, recursive=True)
+    found = []
+    for info in loc.fs.get_file_info(selector):
+        rel = posixpath.relpath(info.path, loc.path)
+        if info.type != pafs.FileType.File or any(p[:1] in "._" for p in rel.split("/")):
+            continue
+        if info.path.endswith(suffix):
+            found.append(info.path)
+    return sorted(found)

@@ -1,0 +1,28 @@
+"""Shared fixtures. Tests never touch the user's ~/.adapterswap and never use the network."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """Point ADAPTERSWAP_HOME at a fresh directory and drop any ADAPTERSWAP_* settings."""
+    for name in list(os.environ):
+        if name.startswith("ADAPTERSWAP_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("ADAPTERSWAP_HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture(scope="session")
+def embed():
+    """The real embedded all-MiniLM-L6-v2 embedder (loads offline in well under a second)."""
+    from adapterswap.config import EmbeddingSettings
+    from adapterswap.embedding import load_embedder
+
+    return load_embedder(EmbeddingSettings()).embed
