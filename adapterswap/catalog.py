@@ -62,7 +62,9 @@ class Catalog:
             self.fragments(), schema=SCHEMA, format="parquet", filesystem=self.location.fs
         )
 
-    def read(self, columns: Sequence[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
+    def read(
+        self, columns: Sequence[str] | None = None, filter: pc.Expression | None = None
+    ) -> pa.Table:
         """Read the catalog, or the given columns and rows of it."""
         return self.dataset().to_table(columns=list(columns) if columns else None, filter=filter)
 
@@ -72,7 +74,9 @@ class Catalog:
     def placements(self) -> dict[str, str]:
         """Document id -> shard id, for every placed document."""
         table = self.read(["id", "shard"])
-        return dict(zip(table.column("id").to_pylist(), table.column("shard").to_pylist(), strict=True))
+        return dict(
+            zip(table.column("id").to_pylist(), table.column("shard").to_pylist(), strict=True)
+        )
 
     def documents_of_shard(self, shard: str) -> pa.Table:
         return self.read(filter=pc.field("shard") == shard)
@@ -83,7 +87,9 @@ class Catalog:
     def shard_summaries(self) -> list[ShardSummary]:
         """Every shard with its group, batch, document count and estimated tokens, by shard id."""
         table = self.read(["shard", "group", "batch", "text"])
-        tokens = pc.ceil(pc.divide(pc.binary_length(pc.cast(table.column("text"), pa.binary())), 4.0))
+        tokens = pc.ceil(
+            pc.divide(pc.binary_length(pc.cast(table.column("text"), pa.binary())), 4.0)
+        )
         table = table.drop_columns(["text"]).append_column("tokens", pc.cast(tokens, pa.int64()))
         grouped = table.group_by(["shard", "group", "batch"]).aggregate(
             [("tokens", "count"), ("tokens", "sum")]
@@ -94,7 +100,9 @@ class Catalog:
             for r in rows
         ]
 
-    def append(self, docs: Sequence[Document], shards: Sequence[str], batches: Sequence[str]) -> str:
+    def append(
+        self, docs: Sequence[Document], shards: Sequence[str], batches: Sequence[str]
+    ) -> str:
         """Write ``docs`` with their shard and batch as one new fragment; returns its path."""
         now = datetime.now(UTC)
         table = pa.table(

@@ -25,7 +25,9 @@ def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     # Common options are accepted before and after the sub-command; SUPPRESS keeps the
     # sub-command's copy from overwriting a value given before it.
     default: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
-    parser.add_argument("--home", help="state directory (env ADAPTERSWAP_HOME, default ~/.adapterswap)", **default)
+    parser.add_argument(
+        "--home", help="state directory (env ADAPTERSWAP_HOME, default ~/.adapterswap)", **default
+    )
     parser.add_argument("--config", help="YAML config file (default <home>/config.yaml)", **default)
     parser.add_argument(
         "--set",
@@ -48,13 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _common_options(common, suppress=True)
 
-    ingest = sub.add_parser("ingest", parents=[common], help="ingest JSONL, CSV or Parquet documents")
+    ingest = sub.add_parser(
+        "ingest", parents=[common], help="ingest JSONL, CSV or Parquet documents"
+    )
     ingest.add_argument("files", nargs="+", type=Path, metavar="FILE")
     ingest.add_argument("--group", help="group of records that do not name one")
     ingest.add_argument("--batch", help="batch label (default: the next bNNNN)")
     ingest.set_defaults(handler=_cmd_ingest)
 
-    status = sub.add_parser("status", parents=[common], help="documents, shards, adapters, versions")
+    status = sub.add_parser(
+        "status", parents=[common], help="documents, shards, adapters, versions"
+    )
     status.set_defaults(handler=_cmd_status)
 
     keys = sub.add_parser("keys", parents=[common], help="manage API keys").add_subparsers(
@@ -98,7 +104,9 @@ def _cmd_ingest(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[st
         batch=args.batch,
     )
     lines = [f"accepted {result.accepted} documents into batch {result.batch}", "planned shards:"]
-    lines += [f"  {p.shard:<32} {len(p.doc_ids):>5} docs {p.tokens:>8} tokens" for p in result.shards]
+    lines += [
+        f"  {p.shard:<32} {len(p.doc_ids):>5} docs {p.tokens:>8} tokens" for p in result.shards
+    ]
     payload = {
         "accepted": result.accepted,
         "batch": result.batch,

@@ -199,8 +199,10 @@ class AdapterSwapConfig(_Section):
 
     @property
     def model_cache_dir(self) -> Path:
-        return Path(self.model.cache_dir).expanduser() if self.model.cache_dir else (
-            self.home_path / "models"
+        return (
+            Path(self.model.cache_dir).expanduser()
+            if self.model.cache_dir
+            else (self.home_path / "models")
         )
 
 
@@ -234,7 +236,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path}: top level must be a mapping, got {type(data).__name__}"
+        )
     return data
 
 

@@ -45,7 +45,9 @@ def _titles(catalog: Catalog) -> dict[str, str]:
     return {row["id"]: json.loads(row["metadata"]).get("title", "") for row in table}
 
 
-def run_demo(config: AdapterSwapConfig, *, corpus: Path | None = None, echo: Echo = print) -> dict[str, Any]:
+def run_demo(
+    config: AdapterSwapConfig, *, corpus: Path | None = None, echo: Echo = print
+) -> dict[str, Any]:
     """Run the demonstration and return its report as plain data."""
     say = echo or (lambda _line: None)
     corpus = corpus or default_corpus()
@@ -78,7 +80,11 @@ def run_demo(config: AdapterSwapConfig, *, corpus: Path | None = None, echo: Ech
         say(line)
     placed = catalog.placements()
 
-    report: dict[str, Any] = {"home": str(home), "batch1": first.accepted, "shards": [p.shard for p in first.shards]}
+    report: dict[str, Any] = {
+        "home": str(home),
+        "batch1": first.accepted,
+        "shards": [p.shard for p in first.shards],
+    }
     if batch2:
         say(f"\n[2/2] ingest batch 2: {', '.join(p.name for p in batch2)}")
         second = ingest_files(batch2, demo, embed=embed, audit=registry, actor="demo")
@@ -88,7 +94,9 @@ def run_demo(config: AdapterSwapConfig, *, corpus: Path | None = None, echo: Ech
         now = catalog.placements()
         moved = sorted(d for d, s in placed.items() if now.get(d) != s)
         say(f"batch-1 documents moved by batch 2: {len(moved)} of {len(placed)}")
-        report.update(batch2=second.accepted, new_shards=[p.shard for p in second.shards], moved=moved)
+        report.update(
+            batch2=second.accepted, new_shards=[p.shard for p in second.shards], moved=moved
+        )
     report["seconds"] = round(time.perf_counter() - started, 2)
     say(f"\ndone in {report['seconds']} s. Inspect it with: adapterswap --home {home} status")
     return report

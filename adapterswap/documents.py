@@ -72,7 +72,9 @@ def _check_id(value: Any, limits: IngestSettings) -> str:
     if not value.strip():
         raise ValueError("field 'id' is empty")
     if len(value) > limits.max_id_chars:
-        raise ValueError(f"field 'id' is {len(value)} characters, over the limit of {limits.max_id_chars}")
+        raise ValueError(
+            f"field 'id' is {len(value)} characters, over the limit of {limits.max_id_chars}"
+        )
     if not ID_RE.fullmatch(value):
         raise ValueError(
             f"field 'id': {value[:80]!r} has characters outside letters, digits and ._:@- "
@@ -89,8 +91,10 @@ def _check_text(value: Any, limits: IngestSettings, max_tokens: int) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError("field 'text' contains characters that cannot be encoded as UTF-8 "
-                         "(a lone surrogate escape?)") from None
+        raise ValueError(
+            "field 'text' contains characters that cannot be encoded as UTF-8 "
+            "(a lone surrogate escape?)"
+        ) from None
     if len(value) > limits.max_doc_chars:
         raise ValueError(
             f"field 'text' is {len(value)} characters, over ingest.max_doc_chars={limits.max_doc_chars}"
@@ -138,7 +142,9 @@ def validate_record(
     fields = record.fields
     unknown = sorted(set(fields) - set(ALLOWED_FIELDS))
     if unknown:
-        raise ValueError(f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(ALLOWED_FIELDS)}")
+        raise ValueError(
+            f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(ALLOWED_FIELDS)}"
+        )
     for name in ("id", "text"):
         if fields.get(name) is None:
             raise ValueError(f"missing field '{name}'")
@@ -179,12 +185,16 @@ def validate_records(
     first_seen: dict[str, str] = {}
     for record in records:
         try:
-            doc = validate_record(record, limits=limits, max_tokens=max_tokens, group=group, batch=batch)
+            doc = validate_record(
+                record, limits=limits, max_tokens=max_tokens, group=group, batch=batch
+            )
         except ValueError as exc:
             found.append(f"{record.where}: {exc}")
             continue
         if doc.id in first_seen:
-            found.append(f"{record.where}: duplicate id {doc.id!r}, first seen at {first_seen[doc.id]}")
+            found.append(
+                f"{record.where}: duplicate id {doc.id!r}, first seen at {first_seen[doc.id]}"
+            )
             continue
         first_seen[doc.id] = record.where
         if doc.id in existing_ids:

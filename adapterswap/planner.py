@@ -159,7 +159,10 @@ def _kmeans(vectors: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray
     for _ in range(KMEANS_ITERATIONS):
         labels = np.argmax(vectors @ cent.T, axis=1)  # (n,)
         new = np.array(
-            [vectors[labels == j].mean(axis=0) if np.any(labels == j) else cent[j] for j in range(k)]
+            [
+                vectors[labels == j].mean(axis=0) if np.any(labels == j) else cent[j]
+                for j in range(k)
+            ]
         )
         new /= np.linalg.norm(new, axis=1, keepdims=True).clip(min=1e-12)
         if np.allclose(new, cent):
@@ -194,7 +197,12 @@ def _assign_with_capacity(
 
 
 def _fits(
-    j: int, i: int, members: list[list[int]], load: list[int], sizes: np.ndarray, s: ShardingSettings
+    j: int,
+    i: int,
+    members: list[list[int]],
+    load: list[int],
+    sizes: np.ndarray,
+    s: ShardingSettings,
 ) -> bool:
     return load[j] + int(sizes[i]) <= s.max_shard_tokens and len(members[j]) < s.max_shard_docs
 

@@ -20,7 +20,10 @@ def collect_status(config: AdapterSwapConfig, registry: AdapterRegistry) -> dict
     return {
         "home": str(config.home_path),
         "storage": config.storage,
-        "documents": {"total": sum(docs_by_group.values()), "by_group": dict(sorted(docs_by_group.items()))},
+        "documents": {
+            "total": sum(docs_by_group.values()),
+            "by_group": dict(sorted(docs_by_group.items())),
+        },
         "shards": [asdict(s) for s in shards],
         "adapters": [asdict(v) for v in registry.list_versions()],
         "epoch": registry.epoch(),
@@ -34,11 +37,16 @@ def format_status(status: dict[str, Any]) -> str:
         f"home     {status['home']}",
         f"storage  {status['storage']}",
         f"documents {docs['total']}"
-        + (" (" + ", ".join(f"{g}: {n}" for g, n in docs["by_group"].items()) + ")" if docs["by_group"] else ""),
+        + (
+            " (" + ", ".join(f"{g}: {n}" for g, n in docs["by_group"].items()) + ")"
+            if docs["by_group"]
+            else ""
+        ),
         f"shards   {len(status['shards'])}",
     ]
     lines += [
-        f"  {s['shard']:<32} {s['doc_count']:>5} docs {s['tokens']:>8} tokens" for s in status["shards"]
+        f"  {s['shard']:<32} {s['doc_count']:>5} docs {s['tokens']:>8} tokens"
+        for s in status["shards"]
     ]
     lines.append(f"adapter versions {len(status['adapters'])} (epoch {status['epoch']})")
     lines += [

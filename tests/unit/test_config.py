@@ -26,7 +26,9 @@ def test_layers_yaml_then_env_then_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lora:\n  rank: 4\n  alpha: 8\nrouter:\n  top_k: 2\n")
     env = {"ADAPTERSWAP_LORA__RANK": "8", "ADAPTERSWAP_STORAGE_URI": "s3://b/p"}
-    config = load_config(path, overrides=["lora.rank=32", "lora.target_modules=[q_proj, v_proj]"], environ=env)
+    config = load_config(
+        path, overrides=["lora.rank=32", "lora.target_modules=[q_proj, v_proj]"], environ=env
+    )
     assert config.lora.rank == 32  # flag beats env beats file
     assert config.lora.alpha == 8  # file beats default
     assert config.router.top_k == 2
@@ -46,7 +48,10 @@ def test_home_config_file_is_read(tmp_path):
     [
         (["lora.rank=0"], r"lora\.rank: Input should be greater than or equal to 1"),
         (["lora.rnak=4"], r"lora\.rnak: Extra inputs are not permitted"),
-        (["sharding.strategy=random"], r"sharding\.strategy: Input should be 'topical' or 'sequential'"),
+        (
+            ["sharding.strategy=random"],
+            r"sharding\.strategy: Input should be 'topical' or 'sequential'",
+        ),
         (["lora.rank"], r"expected section\.field=value"),
     ],
 )

@@ -21,7 +21,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def doc(i: int, group: str = "hr", **extra) -> dict:
-    return {"id": f"d{i}", "text": f"Document {i} says the code word is word{i}.", "group": group, **extra}
+    return {
+        "id": f"d{i}",
+        "text": f"Document {i} says the code word is word{i}.",
+        "group": group,
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -53,7 +58,10 @@ BAD_RECORDS = [
     ({"id": 5, "text": "hi", "group": "hr"}, "field 'id' must be a string, got int"),
     ({"id": "a/b", "text": "hi", "group": "hr"}, "field 'id': 'a/b' has characters outside"),
     ({"id": "a", "text": "hi", "group": "hr", "colour": 1}, "unknown field"),
-    ({"id": "a", "text": "hi", "group": "hr", "metadata": [1]}, "field 'metadata' must be a JSON object"),
+    (
+        {"id": "a", "text": "hi", "group": "hr", "metadata": [1]},
+        "field 'metadata' must be a JSON object",
+    ),
     ({"id": "a", "text": "hi", "group": "hr", "batch": "B 2"}, "not a valid batch name"),
     ({"id": "d1", "text": "hi", "group": "hr"}, "id 'd1' already exists in the catalog"),
     ({"id": "a", "text": "x" * 100_001, "group": "hr"}, "over ingest.max_doc_chars=100000"),
@@ -74,15 +82,22 @@ def test_bad_record_rejects_whole_input(config, seeded, tmp_path, record, messag
 
 
 def test_oversized_for_a_shard(config, seeded, tmp_path):
-    small = config.model_copy(update={"sharding": config.sharding.model_copy(update={"max_shard_tokens": 64})})
+    small = config.model_copy(
+        update={"sharding": config.sharding.model_copy(update={"max_shard_tokens": 64})}
+    )
     path = write_jsonl(tmp_path / "in.jsonl", [{"id": "big", "text": "word " * 100, "group": "hr"}])
-    with pytest.raises(InvalidDocument, match=r"in.jsonl:1: field 'text' is ~125 tokens, over sharding.max_shard_tokens=64"):
+    with pytest.raises(
+        InvalidDocument,
+        match=r"in.jsonl:1: field 'text' is ~125 tokens, over sharding.max_shard_tokens=64",
+    ):
         ingest_files([path], small, embed=None)
 
 
 def test_duplicate_ids_within_input_name_both_lines(config, seeded, tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [doc(5), doc(6), doc(5)])
-    with pytest.raises(InvalidDocument, match=rf"{path}:3: duplicate id 'd5', first seen at {path}:1"):
+    with pytest.raises(
+        InvalidDocument, match=rf"{path}:3: duplicate id 'd5', first seen at {path}:1"
+    ):
         ingest_files([path], config, embed=None)
     assert "d5" not in seeded.ids()
 
@@ -90,14 +105,18 @@ def test_duplicate_ids_within_input_name_both_lines(config, seeded, tmp_path):
 def test_duplicate_across_files(config, seeded, tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [doc(7)])
     b = write_jsonl(tmp_path / "b.jsonl", [doc(7)])
-    with pytest.raises(InvalidDocument, match="b.jsonl:1: duplicate id 'd7', first seen at .*a.jsonl:1"):
+    with pytest.raises(
+        InvalidDocument, match="b.jsonl:1: duplicate id 'd7', first seen at .*a.jsonl:1"
+    ):
         ingest_files([a, b], config, embed=None)
 
 
 def test_undecodable_jsonl_line(config, seeded, tmp_path):
     before = snapshot(seeded)
     path = tmp_path / "in.jsonl"
-    path.write_bytes(json.dumps(doc(8)).encode() + b"\n" + b'{"id": "x", "text": "caf\xe9", "group": "hr"}\n')
+    path.write_bytes(
+        json.dumps(doc(8)).encode() + b"\n" + b'{"id": "x", "text": "caf\xe9", "group": "hr"}\n'
+    )
     with pytest.raises(InvalidDocument, match=r"in.jsonl:2: text is not valid UTF-8 \(byte 0xe9"):
         ingest_files([path], config, embed=None)
     assert snapshot(seeded) == before
@@ -140,18 +159,32 @@ def test_csv_line_numbers_and_undecodable(config, seeded, tmp_path):
 
 def test_parquet_record_numbers_and_undecodable(config, seeded, tmp_path):
     path = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"id": ["p1", "p2"], "text": ["ok", "also ok"], "group": ["hr", "Bad"]}), path)
+    pq.write_table(
+        pa.table({"id": ["p1", "p2"], "text": ["ok", "also ok"], "group": ["hr", "Bad"]}), path
+    )
     with pytest.raises(InvalidDocument, match=r"in.parquet:record 2: field 'group': 'Bad'"):
         ingest_files([path], config, embed=None)
-    raw = pa.table({"id": ["p1", "p2"], "text": pa.array([b"ok", b"\xff\xfe"], pa.binary()), "group": ["hr", "hr"]})
+    raw = pa.table(
+        {
+            "id": ["p1", "p2"],
+            "text": pa.array([b"ok", b"\xff\xfe"], pa.binary()),
+            "group": ["hr", "hr"],
+        }
+    )
     pq.write_table(raw, path)
-    with pytest.raises(InvalidDocument, match=r"in.parquet:record 2: field 'text': text is not valid UTF-8"):
+    with pytest.raises(
+        InvalidDocument, match=r"in.parquet:record 2: field 'text': text is not valid UTF-8"
+    ):
         ingest_files([path], config, embed=None)
 
 
 def test_group_flag_conflict_and_default(config, seeded, tmp_path):
-    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "g1", "text": "hello"}, doc(9, group="finance")])
-    with pytest.raises(InvalidDocument, match=r"in.jsonl:2: field 'group' is 'finance' but --group says 'hr'"):
+    path = write_jsonl(
+        tmp_path / "in.jsonl", [{"id": "g1", "text": "hello"}, doc(9, group="finance")]
+    )
+    with pytest.raises(
+        InvalidDocument, match=r"in.jsonl:2: field 'group' is 'finance' but --group says 'hr'"
+    ):
         ingest_files([path], config, embed=None, group="hr")
 
 

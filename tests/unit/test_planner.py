@@ -42,7 +42,13 @@ def settings(**kw) -> ShardingSettings:
 def test_topical_shards_follow_topics(embed):
     docs = interleaved(5)  # 15 docs, three topics, arriving interleaved
     tokens = sum(d.tokens for d in docs)
-    plans = plan_shards(docs, batch="b0001", existing_shards=[], settings=settings(max_shard_tokens=tokens // 3 + 40), embed=embed)
+    plans = plan_shards(
+        docs,
+        batch="b0001",
+        existing_shards=[],
+        settings=settings(max_shard_tokens=tokens // 3 + 40),
+        embed=embed,
+    )
     assert len(plans) == 3
     for plan in plans:
         topics = {doc_id.split("-")[0] for doc_id in plan.doc_ids}
@@ -56,7 +62,13 @@ def test_bounds_hold_and_every_doc_placed_once(embed):
     docs = interleaved(8)
     s = settings(max_shard_tokens=200, max_shard_docs=5)
     for strategy in ("topical", "sequential"):
-        plans = plan_shards(docs, batch="b1", existing_shards=[], settings=s.model_copy(update={"strategy": strategy}), embed=embed)
+        plans = plan_shards(
+            docs,
+            batch="b1",
+            existing_shards=[],
+            settings=s.model_copy(update={"strategy": strategy}),
+            embed=embed,
+        )
         placed = [d for p in plans for d in p.doc_ids]
         assert sorted(placed) == sorted(d.id for d in docs)
         for plan in plans:
@@ -65,7 +77,9 @@ def test_bounds_hold_and_every_doc_placed_once(embed):
 
 def test_shards_never_mix_groups(embed):
     docs = interleaved(3, "hr") + interleaved(3, "finance") + [make_doc("x", "lone doc", "ops")]
-    plans = plan_shards(docs, batch="b1", existing_shards=[], settings=settings(max_shard_tokens=150), embed=embed)
+    plans = plan_shards(
+        docs, batch="b1", existing_shards=[], settings=settings(max_shard_tokens=150), embed=embed
+    )
     group_of = {d.id: d.group for d in docs}
     for plan in plans:
         assert {group_of[d] for d in plan.doc_ids} == {plan.group}
@@ -94,22 +108,32 @@ def test_new_shard_ids_continue_after_existing():
 
 def test_topical_needs_an_embedder():
     with pytest.raises(ValueError, match="topical strategy needs an embedder"):
-        plan_shards(interleaved(10), batch="b", existing_shards=[], settings=settings(max_shard_tokens=100))
+        plan_shards(
+            interleaved(10), batch="b", existing_shards=[], settings=settings(max_shard_tokens=100)
+        )
 
 
 def _write(path: Path, docs: list[Document]) -> Path:
-    path.write_text("".join(json.dumps({"id": d.id, "text": d.text, "group": d.group}) + "\n" for d in docs))
+    path.write_text(
+        "".join(json.dumps({"id": d.id, "text": d.text, "group": d.group}) + "\n" for d in docs)
+    )
     return path
 
 
 def test_second_batch_never_moves_placed_documents(tmp_path, embed):
     config = load_config(home=str(tmp_path / "h"), overrides=["sharding.max_shard_tokens=200"])
-    first = ingest_files([_write(tmp_path / "1.jsonl", interleaved(4, "hr") + interleaved(2, "eng"))], config, embed=embed)
+    first = ingest_files(
+        [_write(tmp_path / "1.jsonl", interleaved(4, "hr") + interleaved(2, "eng"))],
+        config,
+        embed=embed,
+    )
     catalog = Catalog(config.storage)
     placed = catalog.placements()
     assert len(first.shards) >= 3
 
-    batch2 = [make_doc(f"n{i}", d.text + " Revised.", d.group) for i, d in enumerate(interleaved(3, "hr"))]
+    batch2 = [
+        make_doc(f"n{i}", d.text + " Revised.", d.group) for i, d in enumerate(interleaved(3, "hr"))
+    ]
     second = ingest_files([_write(tmp_path / "2.jsonl", batch2)], config, embed=embed)
     after = catalog.placements()
     assert {d: after[d] for d in placed} == placed  # nothing moved

@@ -1,0 +1,1 @@
+"""Ray actors: thin wrappers that put plain AdapterSwap classes behind ``ray.remote``."""

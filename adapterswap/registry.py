@@ -1,0 +1,573 @@
+"""The AdapterStore registry: adapters, versions, lineage, API keys, audit log and epoch.
+
+Everything lives in one SQLite file (WAL mode). Each mutation is ONE ``BEGIN IMMEDIATE``
+transaction, audit row included, committed before the method returns, so an acknowledged
+mutation survives a kill. Nothing authoritative is cached in Python: every query reads
+SQLite, so several processes (the Ray actor, a CLI) opening the same file stay coherent.
+Timestamps are ISO-8601 UTC strings with microseconds (they sort as text).
+
+Adapter version statuses and the only legal transitions::
+
+    method      from               to        note
+    ----------  -----------------  --------  ---------------------------------------------
+    register    (new version)      training  versions count 1, 2, 3 ... per adapter
+    activate    training           active    the adapter's active version, if any, becomes
+                                             revoked in the same transaction (superseded)
+    fail        training           failed    a training run died; its files get swept up
+    revoke      active             revoked   stop serving it (delete, supersede, operator)
+    purge       revoked, failed    purged    call once the version's files are deleted
+
+Everything else raises IllegalTransition: a revoked, failed or purged version never comes
+back (register a new version instead); a training version is stopped with ``fail``, not
+``revoke``; an active version must be revoked before it is purged.
+
+The epoch is a counter bumped by one in every transaction that changes the set of active
+versions (activate, revoke). Serving replicas compare it to tell whether their view is current.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from adapterswap import keys
+from adapterswap.errors import IllegalTransition, InvalidArgument, NotFound, StoreError
+from adapterswap.keys import KeyRecord, Principal
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 10_000
+# lookup_key hashes against these for an unknown key id, so it costs what a known one does.
+_DUMMY_SALT = keys.new_salt()
+_DUMMY_HASH = keys.hash_secret("0" * 64, _DUMMY_SALT)
+
+
+class AdapterStatus(StrEnum):
+    TRAINING = "training"
+    ACTIVE = "active"
+    REVOKED = "revoked"
+    FAILED = "failed"
+    PURGED = "purged"
+
+
+# target status -> the statuses a version may move to it from (see the module docstring).
+_ALLOWED_FROM: dict[AdapterStatus, tuple[AdapterStatus, ...]] = {
+    AdapterStatus.ACTIVE: (AdapterStatus.TRAINING,),
+    AdapterStatus.FAILED: (AdapterStatus.TRAINING,),
+    AdapterStatus.REVOKED: (AdapterStatus.ACTIVE,),
+    AdapterStatus.PURGED: (AdapterStatus.REVOKED, AdapterStatus.FAILED),
+}
+_HINTS: dict[tuple[AdapterStatus, AdapterStatus], str] = {
+    (AdapterStatus.TRAINING, AdapterStatus.REVOKED): "; stop a training version with fail",
+    (AdapterStatus.ACTIVE, AdapterStatus.PURGED): "; revoke it first",
+}
+_FINAL_HINT = "; register a new version instead"
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS adapters (
+    adapter_id TEXT PRIMARY KEY, grp TEXT NOT NULL, created_at TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS versions (
+    adapter_id TEXT NOT NULL REFERENCES adapters(adapter_id),
+    version INTEGER NOT NULL CHECK (version >= 1),
+    status TEXT NOT NULL CHECK (status IN ({", ".join(f"'{s}'" for s in AdapterStatus)})),
+    uri TEXT NOT NULL,
+    doc_count INTEGER NOT NULL,
+    manifest TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (adapter_id, version)) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS one_active_version ON versions(adapter_id)
+    WHERE status = 'active';
+CREATE INDEX IF NOT EXISTS versions_by_status ON versions(status);
+CREATE TABLE IF NOT EXISTS lineage (
+    adapter_id TEXT NOT NULL, version INTEGER NOT NULL, doc_id TEXT NOT NULL,
+    PRIMARY KEY (adapter_id, version, doc_id),
+    FOREIGN KEY (adapter_id, version) REFERENCES versions(adapter_id, version)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS lineage_by_doc ON lineage(doc_id);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY, salt BLOB NOT NULL, hash BLOB NOT NULL, user TEXT NOT NULL,
+    groups TEXT NOT NULL, admin INTEGER NOT NULL, created_at TEXT NOT NULL, revoked_at TEXT);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, actor TEXT NOT NULL,
+    action TEXT NOT NULL, details TEXT NOT NULL);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
+INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', {SCHEMA_VERSION}), ('epoch', 0);
+"""
+
+_VERSION_SELECT = """
+SELECT v.adapter_id, v.version, a.grp, v.status, v.uri, v.doc_count, v.created_at, v.updated_at
+FROM versions v JOIN adapters a ON a.adapter_id = v.adapter_id
+"""
+_VERSION_ORDER = " ORDER BY v.adapter_id, v.version"
+_KEY_COLUMNS = "key_id, user, groups, admin, created_at, revoked_at"
+
+
+@dataclass(frozen=True, order=True)
+class AdapterRef:
+    """THE canonical reference to one adapter version, used everywhere."""
+
+    id: str
+    version: int
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """One adapter version as stored. The adapter id is its shard id."""
+
+    adapter_id: str
+    version: int
+    shard: str
+    group: str
+    status: AdapterStatus
+    uri: str
+    doc_count: int
+    created_at: str
+    updated_at: str
+
+    @property
+    def ref(self) -> AdapterRef:
+        return AdapterRef(self.adapter_id, self.version)
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One row of the append-only audit log."""
+
+    seq: int
+    ts: str
+    actor: str
+    action: str
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StoreSummary:
+    """Counts for a status page, read in one snapshot."""
+
+    epoch: int
+    adapters: int
+    versions_by_status: dict[str, int]
+    active_keys: int
+    revoked_keys: int
+    last_audit_seq: int
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def _version_from_row(row: sqlite3.Row) -> AdapterVersion:
+    return AdapterVersion(
+        adapter_id=row["adapter_id"],
+        version=row["version"],
+        shard=row["adapter_id"],
+        group=row["grp"],
+        status=AdapterStatus(row["status"]),
+        uri=row["uri"],
+        doc_count=row["doc_count"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _key_from_row(row: sqlite3.Row) -> KeyRecord:
+    return KeyRecord(
+        key_id=row["key_id"],
+        user=row["user"],
+        groups=tuple(json.loads(row["groups"])),
+        admin=bool(row["admin"]),
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+def _illegal(current: AdapterStatus, target: AdapterStatus, ref: AdapterRef) -> IllegalTransition:
+    allowed = _ALLOWED_FROM[target]
+    if current in (AdapterStatus.REVOKED, AdapterStatus.FAILED, AdapterStatus.PURGED):
+        hint = _HINTS.get((current, target), _FINAL_HINT)
+    else:
+        hint = _HINTS.get((current, target), "")
+    return IllegalTransition(
+        f"cannot make adapter {ref.id!r} version {ref.version} {target}: it is {current}, and "
+        f"only a {' or '.join(allowed)} version can become {target}{hint}"
+    )
+
+
+class AdapterRegistry:
+    """The durable registry over one SQLite file; safe to open from several processes."""
+
+    def __init__(self, db_path: Path | str) -> None:
+        """Open (creating if needed) the database at ``db_path`` and its schema."""
+        self.db_path = Path(db_path)
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection, guarded by a lock, in autocommit mode: transactions are explicit.
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(
+            self.db_path, isolation_level=None, check_same_thread=False, timeout=60
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        # FULL fsyncs the WAL at every commit: a commit also survives power loss, not only a kill.
+        self._conn.execute("PRAGMA synchronous = FULL")
+        self._conn.execute("PRAGMA foreign_keys = ON")
+        self._conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+        found = self._meta(self._conn, "schema_version")
+        if found != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.db_path}: schema version {found}, this code reads {SCHEMA_VERSION}; "
+                "upgrade AdapterSwap or point --home at another directory"
+            )
+
+    def close(self) -> None:
+        """Close the connection. The object is unusable afterwards."""
+        with self._lock:
+            self._conn.close()
+
+    # -- transactions --------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One BEGIN IMMEDIATE ... COMMIT transaction; rolled back if the body raises."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction, so multi-statement reads see one snapshot."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                yield self._conn
+            finally:
+                self._conn.execute("COMMIT")
+
+    @staticmethod
+    def _meta(conn: sqlite3.Connection, key: str) -> Any:
+        return conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
+
+    @staticmethod
+    def _audit(conn: sqlite3.Connection, actor: str, action: str, details: dict[str, Any]) -> int:
+        cur = conn.execute(
+            "INSERT INTO audit (ts, actor, action, details) VALUES (?, ?, ?, ?)",
+            (_now(), actor, action, json.dumps(details, sort_keys=True)),
+        )
+        return int(cur.lastrowid)
+
+    @staticmethod
+    def _bump_epoch(conn: sqlite3.Connection) -> int:
+        return conn.execute(
+            "UPDATE meta SET value = value + 1 WHERE key = 'epoch' RETURNING value"
+        ).fetchone()[0]
+
+    @staticmethod
+    def _version(conn: sqlite3.Connection, adapter_id: str, version: int) -> AdapterVersion:
+        row = conn.execute(
+            _VERSION_SELECT + " WHERE v.adapter_id = ? AND v.version = ?", (adapter_id, version)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"adapter {adapter_id!r} version {version} does not exist")
+        return _version_from_row(row)
+
+    def _move(
+        self, conn: sqlite3.Connection, adapter_id: str, version: int, target: AdapterStatus
+    ) -> AdapterVersion:
+        """Check the transition table and set the new status; the caller writes the audit row."""
+        current = self._version(conn, adapter_id, version)
+        if current.status not in _ALLOWED_FROM[target]:
+            raise _illegal(current.status, target, current.ref)
+        conn.execute(
+            "UPDATE versions SET status = ?, updated_at = ? WHERE adapter_id = ? AND version = ?",
+            (target.value, _now(), adapter_id, version),
+        )
+        return self._version(conn, adapter_id, version)
+
+    # -- adapter versions: mutations -----------------------------------------------------
+
+    def register_version(
+        self,
+        adapter_id: str,
+        group: str,
+        uri: str,
+        doc_ids: Iterable[str],
+        *,
+        manifest: dict[str, Any] | None = None,
+        actor: str = "system",
+    ) -> AdapterVersion:
+        """Record a new version (the next integer) of shard ``adapter_id``, status training.
+
+        ``doc_ids`` are exactly the documents this version trains on (its lineage).
+        An adapter never changes group: a shard never mixes groups.
+        """
+        if not adapter_id:
+            raise InvalidArgument("adapter_id: got an empty string; give the shard id")
+        keys.validate_group(group)
+        docs = sorted(set(doc_ids))
+        now = _now()
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT grp FROM adapters WHERE adapter_id = ?", (adapter_id,)
+            ).fetchone()
+            if row is None:
+                conn.execute("INSERT INTO adapters VALUES (?, ?, ?)", (adapter_id, group, now))
+            elif row["grp"] != group:
+                raise InvalidArgument(
+                    f"group: adapter {adapter_id!r} belongs to group {row['grp']!r}, got "
+                    f"{group!r}; a shard never changes group"
+                )
+            version = conn.execute(
+                "SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE adapter_id = ?",
+                (adapter_id,),
+            ).fetchone()[0]
+            manifest_json = None if manifest is None else json.dumps(manifest, sort_keys=True)
+            values = (adapter_id, version, "training", uri, len(docs), manifest_json, now, now)
+            conn.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)", values)
+            conn.executemany(
+                "INSERT INTO lineage VALUES (?, ?, ?)", ((adapter_id, version, d) for d in docs)
+            )
+            details = {"id": adapter_id, "version": version, "group": group, "uri": uri}
+            self._audit(conn, actor, "register", details | {"doc_count": len(docs)})
+            return self._version(conn, adapter_id, version)
+
+    def activate(self, adapter_id: str, version: int, *, actor: str = "system") -> AdapterVersion:
+        """Make a training version active, revoking (superseding) the adapter's active one."""
+        with self._write() as conn:
+            current = self._version(conn, adapter_id, version)
+            if current.status != AdapterStatus.TRAINING:  # checked before touching the old one
+                raise _illegal(current.status, AdapterStatus.ACTIVE, current.ref)
+            old = conn.execute(
+                "SELECT version FROM versions WHERE adapter_id = ? AND status = 'active'",
+                (adapter_id,),
+            ).fetchone()
+            if old is not None:
+                self._move(conn, adapter_id, old[0], AdapterStatus.REVOKED)
+            activated = self._move(conn, adapter_id, version, AdapterStatus.ACTIVE)
+            epoch = self._bump_epoch(conn)  # one change of the active set: +1, supersede or not
+            if old is not None:
+                details = {"id": adapter_id, "version": old[0], "epoch": epoch}
+                details |= {"reason": "superseded", "superseded_by": version}
+                self._audit(conn, actor, "revoke", details)
+            details = {"id": adapter_id, "version": version, "epoch": epoch}
+            self._audit(conn, actor, "activate", details)
+            return activated
+
+    def revoke(
+        self, adapter_id: str, version: int, *, reason: str = "", actor: str = "system"
+    ) -> AdapterVersion:
+        """Stop serving an active version; bumps the epoch."""
+        with self._write() as conn:
+            revoked = self._move(conn, adapter_id, version, AdapterStatus.REVOKED)
+            epoch = self._bump_epoch(conn)
+            details = {"id": adapter_id, "version": version, "epoch": epoch, "reason": reason}
+            self._audit(conn, actor, "revoke", details)
+            return revoked
+
+    def fail(
+        self, adapter_id: str, version: int, *, reason: str = "", actor: str = "system"
+    ) -> AdapterVersion:
+        """Mark a training version failed (its run died or was cancelled)."""
+        with self._write() as conn:
+            failed = self._move(conn, adapter_id, version, AdapterStatus.FAILED)
+            self._audit(
+                conn, actor, "fail", {"id": adapter_id, "version": version, "reason": reason}
+            )
+            return failed
+
+    def purge(self, adapter_id: str, version: int, *, actor: str = "system") -> AdapterVersion:
+        """Mark a revoked or failed version purged, once its files are deleted."""
+        with self._write() as conn:
+            purged = self._move(conn, adapter_id, version, AdapterStatus.PURGED)
+            self._audit(conn, actor, "purge", {"id": adapter_id, "version": version})
+            return purged
+
+    # -- adapter versions: queries -------------------------------------------------------
+
+    def epoch(self) -> int:
+        """The current epoch: bumped with every change to the set of active versions."""
+        with self._lock:
+            return int(self._meta(self._conn, "epoch"))
+
+    def get_version(self, adapter_id: str, version: int) -> AdapterVersion:
+        """One version; NotFound if it does not exist."""
+        with self._lock:
+            return self._version(self._conn, adapter_id, version)
+
+    def list_versions(
+        self, adapter_id: str | None = None, statuses: Iterable[str] | None = None
+    ) -> list[AdapterVersion]:
+        """Versions sorted by (id, version), optionally of one adapter and/or some statuses."""
+        wanted = None if statuses is None else [self._status(s).value for s in statuses]
+        sql = _VERSION_SELECT + " WHERE (?1 IS NULL OR v.adapter_id = ?1)"
+        sql += " AND (?2 IS NULL OR v.status IN (SELECT value FROM json_each(?2)))"
+        params = (adapter_id, None if wanted is None else json.dumps(wanted))
+        with self._lock:
+            rows = self._conn.execute(sql + _VERSION_ORDER, params).fetchall()
+        return [_version_from_row(r) for r in rows]
+
+    def active_adapters(self, groups: Iterable[str]) -> list[AdapterVersion]:
+        """The active version of every adapter whose group is in ``groups``, sorted by id."""
+        sql = _VERSION_SELECT + (
+            " WHERE v.status = 'active' AND a.grp IN (SELECT value FROM json_each(?))"
+        )
+        with self._lock:
+            rows = self._conn.execute(sql + _VERSION_ORDER, (json.dumps(list(groups)),))
+            return [_version_from_row(r) for r in rows.fetchall()]
+
+    def versions_containing(self, doc_id: str) -> list[AdapterVersion]:
+        """Every version (any status) whose lineage includes ``doc_id``."""
+        sql = _VERSION_SELECT + (
+            " JOIN lineage l ON l.adapter_id = v.adapter_id AND l.version = v.version"
+            " WHERE l.doc_id = ?"
+        )
+        with self._lock:
+            rows = self._conn.execute(sql + _VERSION_ORDER, (doc_id,)).fetchall()
+        return [_version_from_row(r) for r in rows]
+
+    def lineage(self, adapter_id: str, version: int) -> list[str]:
+        """The sorted doc ids a version was trained on."""
+        with self._read() as conn:
+            self._version(conn, adapter_id, version)
+            rows = conn.execute(
+                "SELECT doc_id FROM lineage WHERE adapter_id = ? AND version = ? ORDER BY doc_id",
+                (adapter_id, version),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def manifest(self, adapter_id: str, version: int) -> dict[str, Any] | None:
+        """The manifest given at registration, or None."""
+        with self._read() as conn:
+            self._version(conn, adapter_id, version)
+            raw = conn.execute(
+                "SELECT manifest FROM versions WHERE adapter_id = ? AND version = ?",
+                (adapter_id, version),
+            ).fetchone()[0]
+        return None if raw is None else json.loads(raw)
+
+    def summary(self) -> StoreSummary:
+        """Counts for a status page: adapters, versions by status, keys, audit length."""
+        with self._read() as conn:
+            by_status = dict.fromkeys((s.value for s in AdapterStatus), 0)
+            for status, count in conn.execute(
+                "SELECT status, COUNT(*) FROM versions GROUP BY status"
+            ):
+                by_status[status] = count
+            revoked, total = conn.execute(
+                "SELECT COUNT(revoked_at), COUNT(*) FROM api_keys"
+            ).fetchone()
+            return StoreSummary(
+                epoch=int(self._meta(conn, "epoch")),
+                adapters=conn.execute("SELECT COUNT(*) FROM adapters").fetchone()[0],
+                versions_by_status=by_status,
+                active_keys=total - revoked,
+                revoked_keys=revoked,
+                last_audit_seq=conn.execute("SELECT COALESCE(MAX(seq), 0) FROM audit").fetchone()[
+                    0
+                ],
+            )
+
+    @staticmethod
+    def _status(value: str) -> AdapterStatus:
+        try:
+            return AdapterStatus(value)
+        except ValueError:
+            known = ", ".join(s.value for s in AdapterStatus)
+            raise InvalidArgument(f"statuses: got {value!r}; use some of {known}") from None
+
+    # -- API keys ------------------------------------------------------------------------
+
+    def create_key(
+        self, user: str, groups: Iterable[str], *, admin: bool = False, actor: str = "system"
+    ) -> tuple[str, KeyRecord]:
+        """Create a key; return its plaintext (shown once, never stored) and its record."""
+        user = keys.validate_user(user)
+        checked = keys.validate_groups(groups)
+        key_id, secret, plaintext = keys.generate_key()
+        salt = keys.new_salt()
+        with self._write() as conn:
+            hashed = keys.hash_secret(secret, salt)
+            values = (key_id, salt, hashed, user, json.dumps(checked), int(admin), _now())
+            conn.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, ?, NULL)", values)
+            details = {"key_id": key_id, "user": user, "groups": list(checked), "admin": admin}
+            self._audit(conn, actor, "create_key", details)
+            row = conn.execute(
+                f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)
+            ).fetchone()
+        return plaintext, _key_from_row(row)
+
+    def list_keys(self) -> list[KeyRecord]:
+        """Every key, revoked ones included, by creation time. No hashes, no secrets."""
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_KEY_COLUMNS} FROM api_keys ORDER BY created_at, key_id"
+            ).fetchall()
+        return [_key_from_row(r) for r in rows]
+
+    def revoke_key(self, key_id: str, *, actor: str = "system") -> KeyRecord:
+        """Revoke a key. Revoking a revoked key changes nothing and returns its record."""
+        with self._write() as conn:
+            changed = conn.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                (_now(), key_id),
+            ).rowcount
+            row = conn.execute(
+                f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_id = ?", (key_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"key_id: no key {key_id!r}; `adapterswap keys list` shows them")
+            if changed:
+                self._audit(conn, actor, "revoke_key", {"key_id": key_id})
+        return _key_from_row(row)
+
+    def lookup_key(self, key: str) -> Principal | None:
+        """The principal of a valid, unrevoked key; None for unknown, malformed or revoked."""
+        parts = keys.split_key(key)
+        if parts is None:
+            return None
+        key_id, secret = parts
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT salt, hash, user, groups, admin, revoked_at FROM api_keys WHERE key_id = ?",
+                (key_id,),
+            ).fetchone()
+        salt, expected = (row["salt"], row["hash"]) if row else (_DUMMY_SALT, _DUMMY_HASH)
+        if not keys.verify_secret(secret, salt, expected) or row is None or row["revoked_at"]:
+            return None
+        groups = tuple(json.loads(row["groups"]))
+        return Principal(key_id=key_id, user=row["user"], groups=groups, admin=bool(row["admin"]))
+
+    # -- audit log -----------------------------------------------------------------------
+
+    def append_audit(self, actor: str, action: str, **details: Any) -> int:
+        """Append one audit row (details must be JSON-serialisable); return its seq."""
+        with self._write() as conn:
+            return self._audit(conn, actor, action, details)
+
+    def audit_log(self, since_seq: int = 0, limit: int = 1000) -> list[AuditEntry]:
+        """Audit rows with seq > ``since_seq``, oldest first, at most ``limit``."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT seq, ts, actor, action, details FROM audit WHERE seq > ? "
+                "ORDER BY seq LIMIT ?",
+                (since_seq, limit),
+            ).fetchall()
+        return [
+            AuditEntry(r["seq"], r["ts"], r["actor"], r["action"], json.loads(r["details"]))
+            for r in rows
+        ]

@@ -1,0 +1,131 @@
+"""The command line: exit codes 0/1/2, --json output, keys, ingest and status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from adapterswap.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write_docs(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_keys_lifecycle_json(capsys, tmp_path):
+    home = str(tmp_path / "h")
+    code, out, _ = run(
+        capsys,
+        "keys",
+        "create",
+        "--home",
+        home,
+        "--user",
+        "ann",
+        "--groups",
+        "hr, finance",
+        "--admin",
+        "--json",
+    )
+    assert code == 0
+    created = json.loads(out)
+    assert (
+        created["key"].startswith("as_")
+        and created["groups"] == ["finance", "hr"]
+        and created["admin"]
+    )
+
+    code, out, _ = run(capsys, "--home", home, "keys", "list", "--json")
+    listed = json.loads(out)
+    assert [k["user"] for k in listed] == ["ann"]
+    assert created["key"] not in out  # the secret is printed once, at creation only
+
+    code, out, _ = run(capsys, "--home", home, "keys", "revoke", created["key_id"])
+    assert code == 0 and "revoked" in out
+    code, out, _ = run(capsys, "--home", home, "keys", "list", "--json")
+    assert json.loads(out)[0]["revoked_at"] is not None
+
+
+def test_operation_failures_exit_1_with_message(capsys, tmp_path):
+    home = str(tmp_path / "h")
+    code, _, err = run(capsys, "--home", home, "keys", "revoke", "missing")
+    assert code == 1 and "no key 'missing'" in err
+    code, _, err = run(
+        capsys, "--home", home, "keys", "create", "--user", "bob", "--groups", "Bad!"
+    )
+    assert code == 1 and "Bad!" in err
+    code, out, _ = run(capsys, "--home", home, "--json", "keys", "revoke", "missing")
+    assert code == 1 and json.loads(out)["error"]["type"] == "NotFound"
+    code, _, err = run(capsys, "--home", home, "--set", "lora.rank=-1", "status")
+    assert code == 1 and "lora.rank" in err
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["keys", "create", "--user", "x"])  # --groups missing
+    assert info.value.code == 2
+    assert "--groups" in capsys.readouterr().err
+
+
+def test_ingest_then_status(capsys, tmp_path):
+    home = str(tmp_path / "h")
+    docs = write_docs(
+        tmp_path / "d.jsonl",
+        [{"id": f"d{i}", "text": f"fact {i}", "group": "ops"} for i in range(3)],
+    )
+    code, out, _ = run(
+        capsys, "ingest", docs, "--home", home, "--set", "sharding.strategy=sequential", "--json"
+    )
+    assert code == 0
+    result = json.loads(out)
+    assert result["accepted"] == 3 and result["shards"][0]["shard"] == "ops.b0001.000"
+
+    code, out, _ = run(capsys, "--home", home, "status", "--json")
+    status = json.loads(out)
+    assert status["documents"] == {"total": 3, "by_group": {"ops": 3}}
+    assert [s["shard"] for s in status["shards"]] == ["ops.b0001.000"]
+
+    code, out, _ = run(capsys, "--home", home, "status")
+    assert "ops.b0001.000" in out and "documents 3 (ops: 3)" in out
+
+
+def test_rejected_ingest_exits_1_and_writes_nothing(capsys, tmp_path):
+    home = str(tmp_path / "h")
+    docs = write_docs(
+        tmp_path / "d.jsonl",
+        [{"id": "a", "text": "ok", "group": "ops"}, {"id": "b", "text": "", "group": "ops"}],
+    )
+    code, _, err = run(
+        capsys, "--home", home, "ingest", docs, "--set", "sharding.strategy=sequential"
+    )
+    assert code == 1 and "d.jsonl:2: field 'text' is empty" in err
+    code, out, _ = run(capsys, "--home", home, "status", "--json")
+    assert json.loads(out)["documents"]["total"] == 0
+
+
+def test_python_m_entry_point(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "adapterswap", "--home", str(tmp_path), "keys", "list", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []
+    proc = subprocess.run(
+        [sys.executable, "-m", "adapterswap"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2
