@@ -92,8 +92,11 @@ def _registry(config: AdapterSwapConfig):  # noqa: ANN202 - import kept lazy for
 def _cmd_ingest(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
     from adapterswap.embedding import load_embedder
     from adapterswap.ingest import ingest_files
+    from adapterswap.progress import embed_with_progress
 
-    embed = load_embedder(config.embedding).embed if config.sharding.strategy == "topical" else None
+    embed = None
+    if config.sharding.strategy == "topical":
+        embed = embed_with_progress(load_embedder(config.embedding).embed, "planning shards")
     result = ingest_files(
         args.files,
         config,

@@ -1,0 +1,28 @@
+"""Progress bars for long work on the command line (stderr, hidden when it is not a terminal)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from adapterswap.planner import Embed
+
+EMBED_CHUNK = 256
+
+
+def embed_with_progress(embed: Embed, desc: str = "embedding") -> Embed:
+    """Wrap an embedder so that each call shows a bar advancing in chunks of documents."""
+
+    def run(texts: Sequence[str]) -> np.ndarray:
+        parts = []
+        with tqdm(total=len(texts), desc=desc, unit="doc", file=sys.stderr, disable=None) as bar:
+            for start in range(0, len(texts), EMBED_CHUNK):
+                chunk = texts[start : start + EMBED_CHUNK]
+                parts.append(embed(chunk))
+                bar.update(len(chunk))
+        return np.concatenate(parts)
+
+    return run
