@@ -58,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--batch", help="batch label (default: the next bNNNN)")
     ingest.set_defaults(handler=_cmd_ingest)
 
+    train = sub.add_parser(
+        "train", parents=[common], help="train every shard whose content changed"
+    )
+    train.add_argument(
+        "--wait",
+        action="store_true",
+        help="train here and wait (default: submit a Ray job when a cluster is running)",
+    )
+    train.set_defaults(handler=_cmd_train)
+
     status = sub.add_parser(
         "status", parents=[common], help="documents, shards, adapters, versions"
     )
@@ -116,6 +126,24 @@ def _cmd_ingest(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[st
         "shards": [asdict(p) for p in result.shards],
     }
     return "\n".join(lines), payload
+
+
+def _cmd_train(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
+    from adapterswap.train_cli import submit_or_train
+
+    return submit_or_train(config, wait=args.wait, forward=_forwarded_flags(args), quiet=args.json)
+
+
+def _forwarded_flags(args: argparse.Namespace) -> list[str]:
+    """The global flags a submitted job must repeat to see the same configuration."""
+    flags = []
+    if args.home:
+        flags += ["--home", args.home]
+    if args.config:
+        flags += ["--config", args.config]
+    for item in args.overrides:
+        flags += ["--set", item]
+    return flags
 
 
 def _cmd_status(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:

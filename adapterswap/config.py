@@ -94,6 +94,8 @@ class TrainingSettings(_Section):
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     seq_len: int = Field(256, ge=16, description="Packed sequence length in tokens.")
     seed: int = Field(0, description="Base seed; each shard derives its own from it.")
+    checkpoint_every: int = Field(10, ge=1, description="Steps between Ray Train checkpoints.")
+    max_failures: int = Field(2, ge=0, description="Worker failures a shard's run recovers from.")
 
 
 class ShardingSettings(_Section):

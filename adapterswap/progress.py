@@ -26,3 +26,32 @@ def embed_with_progress(embed: Embed, desc: str = "embedding") -> Embed:
         return np.concatenate(parts)
 
     return run
+
+
+class ShardProgressBars:
+    """One bar per shard, fed with the step events Ray Train workers send back."""
+
+    def __init__(self) -> None:
+        self._bars: dict[str, tqdm] = {}
+
+    def __call__(self, event: dict) -> None:
+        shard = event["shard"]
+        bar = self._bars.get(shard)
+        if bar is None:
+            bar = tqdm(
+                total=event["max_steps"],
+                desc=shard,
+                unit="step",
+                file=sys.stderr,
+                disable=None,
+                position=len(self._bars),
+            )
+            self._bars[shard] = bar
+        bar.update(event["step"] - bar.n)
+        bar.set_postfix(
+            loss=f"{event['loss']:.3f}", tok_s=f"{event['tokens_per_s']:.0f}", refresh=False
+        )
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()

@@ -346,12 +346,28 @@ class AdapterRegistry:
             self._audit(conn, actor, "register", details | {"doc_count": len(docs)})
             return self._version(conn, adapter_id, version)
 
-    def activate(self, adapter_id: str, version: int, *, actor: str = "system") -> AdapterVersion:
-        """Make a training version active, revoking (superseding) the adapter's active one."""
+    def activate(
+        self,
+        adapter_id: str,
+        version: int,
+        *,
+        manifest: dict[str, Any] | None = None,
+        actor: str = "system",
+    ) -> AdapterVersion:
+        """Make a training version active, revoking (superseding) the adapter's active one.
+
+        ``manifest``, when given, replaces the one recorded at registration (the final one,
+        with the run's metrics), in the same transaction.
+        """
         with self._write() as conn:
             current = self._version(conn, adapter_id, version)
             if current.status != AdapterStatus.TRAINING:  # checked before touching the old one
                 raise _illegal(current.status, AdapterStatus.ACTIVE, current.ref)
+            if manifest is not None:
+                conn.execute(
+                    "UPDATE versions SET manifest = ? WHERE adapter_id = ? AND version = ?",
+                    (json.dumps(manifest, sort_keys=True), adapter_id, version),
+                )
             old = conn.execute(
                 "SELECT version FROM versions WHERE adapter_id = ? AND status = 'active'",
                 (adapter_id,),

@@ -5,7 +5,7 @@ A location is a URI string. Local paths may be given plainly (``/data/as``) or a
 options, e.g. ``?endpoint_override=127.0.0.1:9000&scheme=http``).
 
 Writes that must be all-or-nothing go through :func:`write_bytes_atomic`: on a local
-filesystem the bytes land in a hidden staging file that is then renamed into place;
+filesystem the bytes land in a hidden sibling file that is then renamed into place;
 on an object store a single PUT is already atomic (the object appears whole or not at all).
 """
 
@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
-
-STAGING_DIR = "_staging"
 
 
 @dataclass(frozen=True)
@@ -71,14 +69,13 @@ def read_bytes(loc: Location) -> bytes:
 def write_bytes_atomic(loc: Location, data: bytes) -> None:
     """Write ``data`` so that readers see either the old state or the whole new file."""
     parent = posixpath.dirname(loc.path)
+    loc.fs.create_dir(parent, recursive=True)
     if not loc.is_local:
-        loc.fs.create_dir(parent, recursive=True)
         with loc.fs.open_output_stream(loc.path) as out:
             out.write(data)
         return
-    staging = posixpath.join(parent, STAGING_DIR)
-    loc.fs.create_dir(staging, recursive=True)
-    tmp = posixpath.join(staging, f".{posixpath.basename(loc.path)}.{uuid.uuid4().hex}")
+    # A hidden sibling on the same filesystem, so the rename is atomic; readers skip dot-files.
+    tmp = posixpath.join(parent, f".{posixpath.basename(loc.path)}.{uuid.uuid4().hex}.tmp")
     try:
         with loc.fs.open_output_stream(tmp) as out:
             out.write(data)
