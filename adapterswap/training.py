@@ -90,6 +90,9 @@ def pack_documents(tokenizer: Any, texts: Sequence[str], seq_len: int) -> Packed
     stream: list[int] = []
     for text in texts:
         stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+    if len(stream) % seq_len == 1 and len(stream) > 1:
+        # A last block holding one token has nothing to predict (0/0 loss): drop that final EOS.
+        stream.pop()
     n_blocks = max(1, math.ceil(len(stream) / seq_len))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     ids = torch.full((n_blocks * seq_len,), pad, dtype=torch.long)

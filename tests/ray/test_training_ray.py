@@ -1,0 +1,195 @@
+"""Training through Ray Train on the tiny random model, end to end, on a local cluster.
+
+One home is carried through the module, as an operator would: batch 1 trains two shards
+concurrently (each worker crashing once and resuming), then batch 2 meets a storage
+failure, a driver crash before publishing, and finally a clean run. Batch 1's files must
+stay byte-for-byte the same throughout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from peft import PeftModel
+
+from adapterswap.artifacts import (
+    ADAPTER_WEIGHTS,
+    adapters_root,
+    download_version,
+    read_manifest,
+    version_location,
+)
+from adapterswap.base_model import load_base_model
+from adapterswap.catalog import Catalog
+from adapterswap.config import load_config
+from adapterswap.ingest import ingest_files
+from adapterswap.registry import AdapterRegistry, AdapterStatus
+from adapterswap.train_job import NOTHING_TO_TRAIN, run_training
+
+FACTS = {
+    "hr": [
+        "Parental leave lasts 23 weeks.",
+        "Badges are issued by Morwenna Lusk.",
+        "The pension provider is Cairnfield.",
+    ],
+    "finance": [
+        "The fiscal year starts on 1 March.",
+        "Invoices are paid in 37 days.",
+        "Meals are capped at 41 crowns.",
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, cluster):
+    root = tmp_path_factory.mktemp("train")
+    config = load_config(
+        home=str(root / "home"),
+        environ={},
+        overrides=[
+            "model.spec=tiny-random",
+            f"model.cache_dir={root / 'models'}",
+            "sharding.strategy=sequential",
+            "training.max_steps=6",
+            "training.checkpoint_every=2",
+            "training.seq_len=32",
+            "training.batch_size=2",
+            "ray.train_num_cpus_per_worker=0.5",
+        ],
+    )
+    return config, AdapterRegistry(config.db_path)
+
+
+def ingest(config, tmp_path: Path, name: str, groups: dict[str, list[str]], batch: str) -> None:
+    path = tmp_path / f"{name}.jsonl"
+    rows = [
+        {"id": f"{name}-{g}-{i}", "text": t, "group": g}
+        for g, texts in groups.items()
+        for i, t in enumerate(texts)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ingest_files([path], config, embed=None, batch=batch)
+
+
+def file_hashes(config) -> dict[str, str]:
+    root = adapters_root(config.storage)
+    return {
+        p.relative_to(root.path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(root.path).rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_batch1_trains_concurrently_and_resumes_after_a_worker_failure(env, tmp_path):
+    config, registry = env
+    ingest(config, tmp_path, "b1", FACTS, batch="b0001")
+    events = []
+    report = run_training(config, registry, on_progress=events.append, fail_once_at_step=3)
+    assert report.failed == [], report.failed
+    assert sorted(t["id"] for t in report.trained) == ["finance.b0001.000", "hr.b0001.000"]
+
+    steps = defaultdict(list)
+    for event in events:
+        steps[event["shard"]].append(event["step"])
+    for shard, seen in steps.items():
+        # Crashed at step 3, resumed from the step-2 checkpoint: step 3 twice, step 1 once.
+        assert seen.count(1) == 1 and seen.count(3) == 2 and seen[-1] == 6, (shard, seen)
+    # Concurrency: each shard's run overlaps the other's.
+    order = [e["shard"] for e in events]
+    first, last = (
+        {s: order.index(s) for s in steps},
+        {s: len(order) - 1 - order[::-1].index(s) for s in steps},
+    )
+    a, b = sorted(steps)
+    assert first[a] < last[b] and first[b] < last[a], order
+
+    for shard, group in (("hr.b0001.000", "hr"), ("finance.b0001.000", "finance")):
+        active = registry.list_versions(shard, statuses=[AdapterStatus.ACTIVE])
+        assert [v.version for v in active] == [1]
+        manifest = read_manifest(version_location(config.storage, shard, 1))
+        assert manifest["doc_ids"] == sorted(
+            Catalog(config.storage).documents_of_shard(shard).column("id").to_pylist()
+        )
+        assert manifest["group"] == group and manifest["metrics"]["steps"] == 6
+        assert registry.lineage(shard, 1) == manifest["doc_ids"]
+    assert not list(
+        Path(config.storage, "checkpoints").glob("*/*")
+    )  # checkpoints deleted after publish
+
+
+def test_published_adapter_loads_in_peft(env, tmp_path):
+    config, _ = env
+    local = download_version(version_location(config.storage, "hr.b0001.000", 1), tmp_path / "a")
+    base = load_base_model(config.model, config.model_cache_dir).model
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+        adapted = PeftModel.from_pretrained(base, str(local))
+        adapted_logits = adapted(input_ids=ids).logits
+    assert not torch.allclose(base_logits, adapted_logits)
+
+
+def test_nothing_to_train_is_a_clear_no_op(env):
+    config, registry = env
+    report = run_training(config, registry)
+    assert report.message == NOTHING_TO_TRAIN and report.trained == []
+
+
+def test_batch2_failures_never_touch_batch1(env, tmp_path, monkeypatch):
+    config, registry = env
+    before = file_hashes(config)
+    ingest(
+        config,
+        tmp_path,
+        "b2",
+        {"hr": ["The Skarvik office has 14 desks.", "Visitors sign in at Gullwing Quay."]},
+        batch="b0002",
+    )
+    new = "hr.b0002.000"
+
+    # 1. A storage write failure: the shard's version directory cannot be created.
+    blocker = Path(adapters_root(config.storage).path, new)
+    blocker.write_text("not a directory")
+    report = run_training(config, registry)
+    assert [f["id"] for f in report.failed] == [new] and report.trained == []
+    assert registry.get_version(new, 1).status == AdapterStatus.PURGED
+    assert not registry.list_versions(new, statuses=[AdapterStatus.ACTIVE])
+    blocker.unlink()
+
+    # 2. The driver dies after the files are written, before the store transaction.
+    def crash(*args, **kwargs):
+        raise SystemExit("driver killed before publishing")
+
+    monkeypatch.setattr(AdapterRegistry, "activate", crash)
+    with pytest.raises(SystemExit):
+        run_training(config, registry)
+    monkeypatch.undo()
+    assert registry.get_version(new, 2).status == AdapterStatus.TRAINING
+    assert (Path(version_location(config.storage, new, 2).path) / ADAPTER_WEIGHTS).exists()
+    assert {v.adapter_id for v in registry.active_adapters(["hr", "finance"])} == {
+        "hr.b0001.000",
+        "finance.b0001.000",
+    }
+
+    # 3. The next job sweeps the interrupted version and trains the shard cleanly.
+    report = run_training(config, registry)
+    assert report.recovered == [f"{new} v2"]
+    assert [(t["id"], t["version"]) for t in report.trained] == [(new, 3)]
+    assert not Path(version_location(config.storage, new, 2).path).exists()
+    after = file_hashes(config)
+    assert {k: v for k, v in after.items() if not k.startswith(new)} == before  # batch 1 unchanged

@@ -1,0 +1,205 @@
+"""The one-shard training loop on the tiny random model: packing, determinism, exact resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
+
+from adapterswap.artifacts import (
+    BaseModelMismatch,
+    check_base_model,
+    download_version,
+    list_version_dirs,
+    read_manifest,
+    sweep_orphans,
+    version_location,
+    write_adapter_version,
+)
+from adapterswap.base_model import load_base_model
+from adapterswap.config import LoraSettings, ModelSettings, TrainingSettings
+from adapterswap.training import IGNORE_INDEX, ShardTrainer, pack_documents, shard_seed
+
+TEXTS = [
+    "The firmware codename for version 7 is Velvet Narwhal.",
+    "Parental leave at the company lasts 23 weeks, fully paid.",
+    "The incident room is called the Kelp Room and sits on floor 3.",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+def tiny(cache_dir: Path):
+    return load_base_model(ModelSettings(spec="tiny-random"), cache_dir)
+
+
+def settings(**kw) -> TrainingSettings:
+    return TrainingSettings(
+        **{"max_steps": 4, "batch_size": 2, "seq_len": 16, "learning_rate": 1e-2, **kw}
+    )
+
+
+def lora_weights(trainer: ShardTrainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
+
+
+def test_packing_joins_with_eos_and_masks_padding(cache_dir):
+    tok = tiny(cache_dir).tokenizer
+    blocks = pack_documents(tok, TEXTS, seq_len=16)
+    stream = sum(
+        (tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in TEXTS), []
+    )
+    if len(stream) % 16 == 1:  # a lone last token has nothing to predict: the final EOS goes
+        stream = stream[:-1]
+    assert blocks.n_tokens == len(stream)
+    assert (blocks.attention_mask.sum(dim=1) >= 2).all()  # every block has a target to predict
+    assert blocks.input_ids.shape == (-(-len(stream) // 16), 16)
+    assert blocks.input_ids.flatten()[: len(stream)].tolist() == stream
+    tail = blocks.labels.flatten()[len(stream) :]
+    assert (tail == IGNORE_INDEX).all()  # padding never counts in the loss
+    assert (blocks.labels.flatten()[: len(stream)] == torch.tensor(stream)).all()
+
+
+def test_training_lowers_loss_and_only_lora_moves(cache_dir):
+    loaded = tiny(cache_dir)
+    base = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    blocks = pack_documents(loaded.tokenizer, TEXTS, 16)
+    trainer = ShardTrainer(
+        loaded.model, blocks, LoraSettings(rank=4), settings(max_steps=12), seed=1
+    )
+    first = trainer.step().loss
+    while not trainer.done:
+        last = trainer.step().loss
+    assert last < first - 0.25
+    merged_names = {
+        k.replace("base_model.model.", "").replace(".base_layer", "")
+        for k in trainer.model.state_dict()
+    }
+    for name, value in base.items():  # the frozen base weights are untouched
+        assert name in merged_names
+    for name, param in trainer.model.named_parameters():
+        assert param.requires_grad == ("lora_" in name)
+    assert trainer.last.step == 12 and trainer.tokens_seen > 0
+
+
+def test_same_seed_same_adapter_other_seed_differs(cache_dir):
+    runs = []
+    for seed in (7, 7, 8):
+        loaded = tiny(cache_dir)
+        trainer = ShardTrainer(
+            loaded.model,
+            pack_documents(loaded.tokenizer, TEXTS, 16),
+            LoraSettings(rank=4),
+            settings(),
+            seed=seed,
+        )
+        while not trainer.done:
+            trainer.step()
+        runs.append(lora_weights(trainer))
+    for key in runs[0]:
+        torch.testing.assert_close(runs[0][key], runs[1][key], rtol=0, atol=0)
+    assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+    assert shard_seed(0, "hr.b0001.000") != shard_seed(0, "hr.b0001.001")
+
+
+def test_resume_from_checkpoint_is_exact(cache_dir, tmp_path):
+    def fresh(seed=3):
+        loaded = tiny(cache_dir)
+        blocks = pack_documents(loaded.tokenizer, TEXTS, 16)
+        return ShardTrainer(
+            loaded.model,
+            blocks,
+            LoraSettings(rank=4),
+            settings(max_steps=6, batch_size=1),
+            seed=seed,
+        )
+
+    straight = fresh()
+    while not straight.done:
+        straight.step()
+    interrupted = fresh()
+    for _ in range(3):
+        interrupted.step()
+    interrupted.save_checkpoint(tmp_path)
+    resumed = fresh()
+    resumed.load_checkpoint(tmp_path)
+    assert resumed.step_count == 3
+    while not resumed.done:
+        resumed.step()
+    expected, got = lora_weights(straight), lora_weights(resumed)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key])
+
+
+def test_data_parallel_ranks_split_blocks(cache_dir):
+    loaded = tiny(cache_dir)
+    blocks = pack_documents(loaded.tokenizer, TEXTS * 4, 16)
+    parts = [
+        ShardTrainer(
+            tiny(cache_dir).model,
+            blocks,
+            LoraSettings(rank=2),
+            settings(),
+            seed=0,
+            rank=r,
+            world_size=2,
+        ).blocks
+        for r in (0, 1)
+    ]
+    assert len(parts[0]) + len(parts[1]) == len(blocks)
+    assert torch.equal(parts[0].input_ids, blocks.input_ids[0::2])
+
+
+def test_artifacts_load_in_peft_and_refuse_another_base(cache_dir, tmp_path):
+    loaded = tiny(cache_dir)
+    trainer = ShardTrainer(
+        loaded.model,
+        pack_documents(loaded.tokenizer, TEXTS, 16),
+        LoraSettings(rank=4),
+        settings(),
+        seed=0,
+    )
+    while not trainer.done:
+        trainer.step()
+    storage = str(tmp_path / "storage")
+    loc = version_location(storage, "hr.b0001.000", 1)
+    manifest = {
+        "adapter_id": "hr.b0001.000",
+        "version": 1,
+        "base_model": {"id": "tiny-random", "hash": "abc"},
+    }
+    write_adapter_version(loc, trainer.model, b"stats", manifest)
+    assert read_manifest(loc)["format"] == 1
+
+    local = download_version(loc, tmp_path / "local")
+    peft_model = PeftModel.from_pretrained(tiny(cache_dir).model, str(local))
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        trained_out = trainer.model(input_ids=ids).logits
+        loaded_out = peft_model(input_ids=ids).logits
+        base_out = tiny(cache_dir).model(input_ids=ids).logits
+    assert not torch.allclose(trained_out, base_out)  # the adapter does something
+    torch.testing.assert_close(loaded_out, trained_out)
+
+    check_base_model(read_manifest(loc), "abc")
+    with pytest.raises(
+        BaseModelMismatch, match=r"adapter hr.b0001.000 v1 was trained on base model tiny-random"
+    ):
+        check_base_model(read_manifest(loc), "def")
+
+
+def test_sweep_removes_only_unknown_versions(tmp_path, cache_dir):
+    storage = str(tmp_path / "s")
+    for adapter_id, version in (("a.b1.000", 1), ("a.b1.000", 2), ("b.b1.000", 1)):
+        loc = version_location(storage, adapter_id, version)
+        loc.fs.create_dir(loc.path)
+        loc.fs.open_output_stream(loc.path + "/manifest.json").close()
+    swept = sweep_orphans(storage, {("a.b1.000", 1), ("b.b1.000", 1)})
+    assert swept == [("a.b1.000", 2)]
+    assert [(a, v) for a, v, _ in list_version_dirs(storage)] == [("a.b1.000", 1), ("b.b1.000", 1)]
