@@ -77,12 +77,14 @@ def test_training_lowers_loss_and_only_lora_moves(cache_dir):
     while not trainer.done:
         last = trainer.step().loss
     assert last < first - 0.25
-    merged_names = {
-        k.replace("base_model.model.", "").replace(".base_layer", "")
-        for k in trainer.model.state_dict()
+    after = {
+        k.replace("base_model.model.", "", 1).replace(".base_layer", ""): v
+        for k, v in trainer.model.state_dict().items()
+        if "lora_" not in k
     }
+    assert after.keys() == base.keys()
     for name, value in base.items():  # the frozen base weights are untouched
-        assert name in merged_names
+        assert torch.equal(after[name], value), name
     for name, param in trainer.model.named_parameters():
         assert param.requires_grad == ("lora_" in name)
     assert trainer.last.step == 12 and trainer.tokens_seen > 0
