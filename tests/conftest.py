@@ -26,3 +26,14 @@ def embed():
     from adapterswap.embedding import load_embedder
 
     return load_embedder(EmbeddingSettings()).embed
+
+
+@pytest.fixture(scope="session")
+def embedded_cache(tmp_path_factory):
+    """A model cache holding the embedded SmolLM2 conversion, made once per session (~19 s)."""
+    from adapterswap.base_model import load_base_model
+    from adapterswap.config import ModelSettings
+
+    cache = tmp_path_factory.mktemp("embedded-models")
+    load_base_model(ModelSettings(spec="embedded"), cache)
+    return cache

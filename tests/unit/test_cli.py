@@ -129,3 +129,12 @@ def test_python_m_entry_point(tmp_path):
         [sys.executable, "-m", "adapterswap"], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 2
+
+
+def test_train_with_nothing_to_train_exits_0(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")  # no job server: train here
+    home = str(tmp_path / "h")
+    code, out, _ = run(capsys, "--home", home, "train")
+    assert code == 0 and "nothing to train" in out
+    code, out, _ = run(capsys, "--home", home, "train", "--wait", "--json")
+    assert code == 0 and json.loads(out)["trained"] == []
