@@ -164,7 +164,9 @@ class RayResources(_Section):
     replica_num_cpus: float = Field(0.5, ge=0, description="CPUs per model replica.")
     replica_num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica.")
     train_num_cpus_per_worker: float = Field(1.0, ge=0, description="CPUs per training worker.")
-    train_use_gpu: bool = Field(False, description="Train on GPUs, one per worker.")
+    train_use_gpu: bool | Literal["auto"] = Field(
+        "auto", description="Train on GPUs, one per worker; 'auto': when the cluster has GPUs."
+    )
     train_workers_per_shard: int = Field(1, ge=1, description="DDP workers per shard.")
 
 

@@ -93,9 +93,12 @@ def _trainer_for(
     run: ShardRun, config: AdapterSwapConfig, loop_config: dict[str, Any]
 ) -> TorchTrainer:
     checkpoints = resolve(config.storage).child("checkpoints")
+    use_gpu = config.ray.train_use_gpu
+    if use_gpu == "auto":
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     scaling = ScalingConfig(
         num_workers=config.ray.train_workers_per_shard,
-        use_gpu=config.ray.train_use_gpu,
+        use_gpu=use_gpu,
         resources_per_worker={"CPU": config.ray.train_num_cpus_per_worker},
     )
     return TorchTrainer(

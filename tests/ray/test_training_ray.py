@@ -193,3 +193,23 @@ def test_batch2_failures_never_touch_batch1(env, tmp_path, monkeypatch):
     assert not Path(version_location(config.storage, new, 2).path).exists()
     after = file_hashes(config)
     assert {k: v for k, v in after.items() if not k.startswith(new)} == before  # batch 1 unchanged
+
+
+def test_two_workers_train_one_shard_with_ddp(env, tmp_path):
+    config, registry = env
+    ddp = config.model_copy(
+        update={"ray": config.ray.model_copy(update={"train_workers_per_shard": 2})}
+    )
+    texts = [
+        f"Shift roster {i}: the Skarvik harbour crane is operated by crew {i * 7}."
+        for i in range(8)
+    ]
+    ingest(ddp, tmp_path, "b3", {"finance": texts}, batch="b0003")
+    events = []
+    report = run_training(ddp, registry, on_progress=events.append)
+    assert [(t["id"], t["version"]) for t in report.trained] == [("finance.b0003.000", 1)], (
+        report.failed
+    )
+    manifest = read_manifest(version_location(ddp.storage, "finance.b0003.000", 1))
+    # Each rank trains on its half of the blocks; rank 0 reports and publishes.
+    assert manifest["metrics"]["steps"] == 6 and [e["step"] for e in events] == [1, 2, 3, 4, 5, 6]

@@ -205,3 +205,27 @@ def test_sweep_removes_only_unknown_versions(tmp_path, cache_dir):
     swept = sweep_orphans(storage, {("a.b1.000", 1), ("b.b1.000", 1)})
     assert swept == [("a.b1.000", 2)]
     assert [(a, v) for a, v, _ in list_version_dirs(storage)] == [("a.b1.000", 1), ("b.b1.000", 1)]
+
+
+def test_out_of_memory_names_the_shard_and_the_fix(cache_dir, monkeypatch):
+    from adapterswap.train_shard import ShardRun, step_or_explain
+
+    loaded = tiny(cache_dir)
+    trainer = ShardTrainer(
+        loaded.model,
+        pack_documents(loaded.tokenizer, TEXTS, 16),
+        LoraSettings(rank=2),
+        settings(),
+        seed=0,
+    )
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer, "step", oom)
+    run = ShardRun("hr.b0001.000", 2, "hr", (), (), "h", 0, "/s", "/c", "tiny-random", "x")
+    with pytest.raises(
+        MemoryError,
+        match=r"shard hr.b0001.000 v2: out of memory at batch_size=2, seq_len=16; lower training.batch_size",
+    ):
+        step_or_explain(trainer, run)
