@@ -87,7 +87,14 @@ class LoraSettings(_Section):
 class TrainingSettings(_Section):
     """The per-shard training budget."""
 
-    max_steps: int = Field(40, ge=1, description="Optimizer steps per shard.")
+    max_steps: int = Field(
+        40, ge=1, description="Optimizer steps per shard (unless epochs is set)."
+    )
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        description="If set, passes over the shard's packed blocks instead of max_steps.",
+    )
     learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps in warm-up.")
     batch_size: int = Field(8, ge=1, description="Packed sequences per micro-batch.")

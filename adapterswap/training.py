@@ -72,6 +72,14 @@ def shard_seed(base_seed: int, adapter_id: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def budget_steps(training: TrainingSettings, n_blocks: int) -> int:
+    """Optimiser steps for a run: ``max_steps``, or ``epochs`` passes over ``n_blocks`` blocks."""
+    if training.epochs is None:
+        return training.max_steps
+    per_step = min(training.batch_size, n_blocks) * training.grad_accum_steps
+    return max(1, math.ceil(training.epochs * n_blocks / per_step))
+
+
 def build_lora_config(lora: LoraSettings) -> LoraConfig:
     """peft's LoraConfig from our settings: the one place the two meet."""
     return LoraConfig(
@@ -131,18 +139,32 @@ class ShardTrainer:
         self.module = wrap(self.model) if wrap else self.model
         self.blocks = _take_rank(blocks, rank, world_size)
         self.generator = torch.Generator().manual_seed(seed + rank)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=0.0)
-        warmup = int(training.warmup_ratio * training.max_steps)
-        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, training.max_steps)
-        self.step_count = 0
+        self._start_schedule()
         self.tokens_seen = 0
         self.last: StepInfo | None = None
+
+    def _start_schedule(self) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.max_steps = budget_steps(self.training, len(self.blocks))
+        lr, steps = self.training.learning_rate, self.max_steps
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        warmup = int(self.training.warmup_ratio * steps)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, steps)
+        self.step_count = 0
         self._order: list[int] = []
+
+    def continue_on(self, blocks: PackedBlocks) -> None:
+        """Keep this adapter and fine-tune it further on new blocks, with a fresh schedule.
+
+        This is the ``chronological`` baseline's step (benchmarks only): one adapter that
+        keeps learning batch after batch, which is what AdapterSwap avoids.
+        """
+        self.blocks = blocks
+        self._start_schedule()
 
     @property
     def done(self) -> bool:
-        return self.step_count >= self.training.max_steps
+        return self.step_count >= self.max_steps
 
     def _next_indices(self, n: int) -> list[int]:
         picked = []
@@ -181,7 +203,7 @@ class ShardTrainer:
         seconds = max(time.perf_counter() - started, 1e-9)
         lr = self.scheduler.get_last_lr()[0]
         self.last = StepInfo(
-            self.step_count, self.training.max_steps, total_loss, tokens, tokens / seconds, lr
+            self.step_count, self.max_steps, total_loss, tokens, tokens / seconds, lr
         )
         return self.last
 

@@ -229,3 +229,52 @@ def test_out_of_memory_names_the_shard_and_the_fix(cache_dir, monkeypatch):
         match=r"shard hr.b0001.000 v2: out of memory at batch_size=2, seq_len=16; lower training.batch_size",
     ):
         step_or_explain(trainer, run)
+
+
+def test_chronological_baseline_keeps_fine_tuning_one_adapter(cache_dir):
+    from adapterswap.chronological import train_chronological
+
+    loaded = tiny(cache_dir)
+    snapshots = []
+    trainer = train_chronological(
+        loaded.model,
+        loaded.tokenizer,
+        [TEXTS[:2], TEXTS[2:]],
+        LoraSettings(rank=4),
+        settings(max_steps=3),
+        seed=0,
+        after_batch=lambda i, t: snapshots.append(lora_weights(t)),
+    )
+    assert len(snapshots) == 2 and trainer.step_count == 3 and trainer.tokens_seen > 0
+    # The same adapter moved on from batch 1's weights (it is not a fresh one per batch).
+    changed = [k for k in snapshots[0] if not torch.equal(snapshots[0][k], snapshots[1][k])]
+    assert changed
+    fresh = ShardTrainer(
+        tiny(cache_dir).model,
+        pack_documents(loaded.tokenizer, TEXTS[2:], 16),
+        LoraSettings(rank=4),
+        settings(max_steps=3),
+        seed=0,
+    )
+    while not fresh.done:
+        fresh.step()
+    assert any(not torch.equal(lora_weights(fresh)[k], snapshots[1][k]) for k in snapshots[1])
+
+
+def test_epoch_budget_sets_the_step_count(cache_dir):
+    from adapterswap.training import budget_steps
+
+    assert budget_steps(settings(max_steps=9), n_blocks=10) == 9
+    assert (
+        budget_steps(settings(epochs=2, batch_size=4), n_blocks=10) == 5
+    )  # 20 blocks / 4 per step
+    assert budget_steps(settings(epochs=1, batch_size=4, grad_accum_steps=2), n_blocks=3) == 1
+    loaded = tiny(cache_dir)
+    blocks = pack_documents(loaded.tokenizer, TEXTS * 3, 16)
+    trainer = ShardTrainer(
+        loaded.model, blocks, LoraSettings(rank=2), settings(epochs=1, batch_size=2), seed=0
+    )
+    steps = 0
+    while not trainer.done:
+        steps = trainer.step().step
+    assert steps == -(-len(blocks) // 2) and trainer.last.max_steps == steps

@@ -1,0 +1,86 @@
+"""Training scale-out: wall time for N shards with one worker at a time vs two at once.
+
+    python benchmarks/train_scaleout.py [--model embedded] [--shards 4] [--steps 5]
+
+The same N shards (the example corpus, split sequentially) are trained twice through Ray
+Train on a fresh home: once with 2 CPUs per worker (one worker fits on this 2-core machine,
+so shards run one after another), once with 1 CPU per worker (two shards at once).
+Prints shards per hour for both and their ratio; writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+from _common import write_result
+
+from adapterswap.config import load_config
+from adapterswap.ingest import ingest_files
+from adapterswap.registry import AdapterRegistry
+from adapterswap.train_job import run_training
+
+CORPUS = sorted((Path(__file__).resolve().parents[1] / "examples" / "batch1").glob("*.jsonl"))
+
+
+def timed_run(model: str, shards: int, steps: int, cpus_per_worker: float) -> dict:
+    with tempfile.TemporaryDirectory() as home:
+        config = load_config(
+            home=home,
+            environ={},
+            overrides=[
+                f"model.spec={model}",
+                "model.cache_dir=~/.adapterswap/models",
+                f"training.max_steps={steps}",
+                "sharding.strategy=sequential",
+                f"sharding.max_shard_docs={-(-36 // shards)}",
+                f"ray.train_num_cpus_per_worker={cpus_per_worker}",
+            ],
+        )
+        ingest_files(CORPUS, config, embed=None)
+        started = time.perf_counter()
+        report = run_training(config, AdapterRegistry(config.db_path))
+        wall = time.perf_counter() - started
+    assert not report.failed, report.failed
+    n = len(report.trained)
+    return {
+        "cpus_per_worker": cpus_per_worker,
+        "shards": n,
+        "wall_s": round(wall, 1),
+        "shards_per_hour": round(3600 * n / wall, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    one = timed_run(args.model, args.shards, args.steps, cpus_per_worker=2)
+    two = timed_run(args.model, args.shards, args.steps, cpus_per_worker=1)
+    ray.shutdown()
+    ratio = two["shards_per_hour"] / one["shards_per_hour"]
+    for label, run in (("1 worker at a time", one), ("2 workers at once", two)):
+        print(
+            f"{label:<19} {run['shards']} shards in {run['wall_s']:6.1f} s = {run['shards_per_hour']:6.1f} shards/hour"
+        )
+    print(f"ratio 2 workers / 1 worker, shards per hour: {ratio:.2f}")
+    write_result(
+        "train_scaleout",
+        {
+            "model": args.model,
+            "steps": args.steps,
+            "one_worker": one,
+            "two_workers": two,
+            "ratio": round(ratio, 2),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
