@@ -1,6 +1,6 @@
 """Training scale-out: wall time for N shards with one worker at a time vs two at once.
 
-    python benchmarks/train_scaleout.py [--model embedded] [--shards 4] [--steps 5]
+    python benchmarks/train_scaleout.py [--model embedded] [--shards 6] [--steps 5]
 
 The same N shards (the example corpus, split sequentially) are trained twice through Ray
 Train on a fresh home: once with 2 CPUs per worker (one worker fits on this 2-core machine,
@@ -36,7 +36,8 @@ def timed_run(model: str, shards: int, steps: int, cpus_per_worker: float) -> di
                 "model.cache_dir=~/.adapterswap/models",
                 f"training.max_steps={steps}",
                 "sharding.strategy=sequential",
-                f"sharding.max_shard_docs={-(-36 // shards)}",
+                # The corpus holds 3 groups of 12 documents; shards never mix groups.
+                f"sharding.max_shard_docs={-(-12 // max(1, shards // 3))}",
                 f"ray.train_num_cpus_per_worker={cpus_per_worker}",
             ],
         )
@@ -57,7 +58,7 @@ def timed_run(model: str, shards: int, steps: int, cpus_per_worker: float) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded")
-    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--shards", type=int, default=6, help="a multiple of 3 (groups)")
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

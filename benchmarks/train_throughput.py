@@ -54,13 +54,12 @@ def plain_peft(config, texts: list[str], threads: int) -> dict:
     schedule = get_cosine_schedule_with_warmup(
         optimizer, int(0.1 * training.max_steps), training.max_steps
     )
+    batch = min(training.batch_size, len(blocks))  # as the trainer does on a small shard
     rates = []
     model.train()
     for step in range(training.max_steps):
         t = time.perf_counter()
-        index = torch.arange(step * training.batch_size, (step + 1) * training.batch_size) % len(
-            blocks
-        )
+        index = torch.arange(step * batch, (step + 1) * batch) % len(blocks)
         out = model(
             input_ids=blocks.input_ids[index],
             attention_mask=blocks.attention_mask[index],
