@@ -48,3 +48,19 @@ class InvalidArgument(AdapterSwapError):
 
 class StoreNotRunning(StoreError):
     """The AdapterStore actor is not running in the namespace asked for."""
+
+
+class Unauthorized(AdapterSwapError):
+    """The API key is missing, unknown or revoked (HTTP 401)."""
+
+
+class Forbidden(AdapterSwapError):
+    """The caller lacks the admin role an endpoint needs (HTTP 403)."""
+
+
+class PayloadTooLarge(AdapterSwapError):
+    """A body or prompt is over the configured limit (HTTP 413)."""
+
+
+class Overloaded(AdapterSwapError):
+    """No capacity or no model loaded yet (HTTP 503)."""
