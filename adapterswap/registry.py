@@ -446,6 +446,14 @@ class AdapterRegistry:
             rows = self._conn.execute(sql + _VERSION_ORDER, (json.dumps(list(groups)),))
             return [_version_from_row(r) for r in rows.fetchall()]
 
+    def active_snapshot(self) -> tuple[int, list[AdapterVersion]]:
+        """The epoch and every active version, read in one snapshot (what a replica syncs to)."""
+        sql = _VERSION_SELECT + " WHERE v.status = 'active'" + _VERSION_ORDER
+        with self._read() as conn:
+            epoch = int(self._meta(conn, "epoch"))
+            rows = conn.execute(sql).fetchall()
+        return epoch, [_version_from_row(r) for r in rows]
+
     def versions_containing(self, doc_id: str) -> list[AdapterVersion]:
         """Every version (any status) whose lineage includes ``doc_id``."""
         sql = _VERSION_SELECT + (

@@ -498,3 +498,14 @@ os.kill(os.getpid(), signal.SIGKILL)  # no close, no checkpoint
     assert isinstance(reg.get_version(HR, 1), AdapterVersion)
     assert reg.get_version(HR, 1).status is ACTIVE and reg.epoch() == 1
     reg.close()
+
+
+def test_active_snapshot_pairs_the_epoch_with_its_active_set(reg: AdapterRegistry) -> None:
+    assert reg.active_snapshot() == (0, [])
+    v1 = _version_in(reg, AdapterStatus.ACTIVE)
+    _version_in(reg, AdapterStatus.TRAINING, "eng.b0001.000")
+    epoch, active = reg.active_snapshot()
+    assert epoch == reg.epoch() == 1
+    assert [(v.adapter_id, v.version) for v in active] == [(HR, v1)]
+    reg.revoke(HR, v1)
+    assert reg.active_snapshot() == (2, [])
