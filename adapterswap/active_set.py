@@ -49,6 +49,11 @@ class ActiveSet:
             self.epoch = epoch
             return SyncResult(epoch, tuple(dropped))
 
+    def refs(self) -> set[AdapterRef]:
+        """Every active version in this view, whatever its group (for the model replica)."""
+        with self._lock:
+            return {v.ref for v in self._by_id.values()}
+
     def visible(self, groups: Iterable[str]) -> list[AdapterVersion]:
         """Active versions of ``groups`` only, sorted by id."""
         wanted = set(groups)

@@ -1,0 +1,256 @@
+"""The ingress logic: authenticate, route, call the model, shape OpenAI responses. No Ray here.
+
+The FastAPI app (``http_app.py``) is a thin layer over :class:`Gateway`; the Ray Serve
+ingress deployment builds a Gateway whose collaborators are Ray handles, and tests build
+one over a local :class:`~adapterswap.replica.ModelReplica` and a registry.
+
+Isolation: every candidate the router sees, every adapter an explicit list may name and
+every adapter a response reports comes from ``ActiveSet.visible(groups)`` /
+``ActiveSet.resolve(id, groups)`` with the groups of the caller's key (narrowed by the
+request's ``groups``), never from the request alone.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from adapterswap.active_set import ActiveSet
+from adapterswap.auth import Authenticator, effective_groups
+from adapterswap.config import AdapterSwapConfig
+from adapterswap.errors import PayloadTooLarge
+from adapterswap.generation import GenerationResult, PromptScores, SamplingParams
+from adapterswap.keys import Principal
+from adapterswap.registry import AdapterRef
+from adapterswap.replica import InferenceJob, Mixture
+from adapterswap.router import Candidate, RoutingDecision, route, routing_texts
+from adapterswap.router_stats import ShardStats
+from adapterswap.schemas import ChatRequest, CompletionRequest, _InferenceBody
+
+
+class ModelClient(Protocol):
+    """How the gateway reaches model replicas (locally, or through a Serve handle)."""
+
+    async def generate(self, jobs: list[InferenceJob]) -> list[GenerationResult]: ...
+
+    async def score(self, jobs: list[InferenceJob], top_logprobs: int) -> list[PromptScores]: ...
+
+    def stream(self, job: InferenceJob) -> AsyncIterator[str]: ...
+
+
+class Gateway:
+    """Everything the HTTP endpoints do, given its collaborators."""
+
+    def __init__(
+        self,
+        config: AdapterSwapConfig,
+        *,
+        model: ModelClient,
+        model_id: str,
+        authenticator: Authenticator,
+        active: ActiveSet,
+        stats: Callable[[Any], ShardStats],
+        embed: Callable[[Sequence[str]], np.ndarray],
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.model_id = model_id
+        self.auth = authenticator
+        self.active = active
+        self._stats = stats
+        self._embed = embed
+
+    # -- routing ----------------------------------------------------------------------
+
+    def _route(
+        self, principal: Principal, body: _InferenceBody, texts: list[str]
+    ) -> tuple[Mixture, dict[str, Any]]:
+        """The request's mixture and the response's ``adapterswap`` block."""
+        self.active.sync()
+        groups = effective_groups(principal, body.groups)
+        if body.adapters == "none":
+            return (), {"adapters": [], "router": {"reason": "adapters: none"}}
+        if isinstance(body.adapters, list):
+            chosen = [(self.active.resolve(a.id, groups), a.weight) for a in body.adapters]
+            mixture = tuple((v.ref, w) for v, w in chosen if w > 0)
+            listed = [_describe(v.ref, v.group, w) for v, w in chosen]
+            return mixture, {"adapters": listed, "router": {"reason": "adapters given"}}
+        decision = self._decide(groups, texts, body.top_k)
+        mixture = tuple((a.ref, a.weight) for a in decision.adapters)
+        listed = [_describe(a.ref, a.group, a.weight) for a in decision.adapters]
+        return mixture, {"adapters": listed, "router": decision.as_dict()}
+
+    def _decide(
+        self, groups: Sequence[str], texts: list[str], top_k: int | None
+    ) -> RoutingDecision:
+        candidates = [Candidate(v, self._stats(v.ref)) for v in self.active.visible(groups)]
+        decision = RoutingDecision((), "nothing to route on", len(candidates), None)
+        for text in texts:
+            decision = route(self._embed([text])[0], candidates, self.config.router, top_k=top_k)
+            if decision.adapters or decision.reason != "nothing relevant":
+                break
+        return decision
+
+    # -- inference ----------------------------------------------------------------------
+
+    def _params(self, body: _InferenceBody) -> SamplingParams:
+        limit = self.config.serve.max_new_tokens
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        if max_tokens > limit:
+            raise PayloadTooLarge(f"max_tokens: {max_tokens} is over serve.max_new_tokens={limit}")
+        return SamplingParams(
+            max_tokens, body.temperature, body.top_p, body.seed, tuple(body.stop or ())
+        )
+
+    def completion_jobs(
+        self, principal: Principal, body: CompletionRequest
+    ) -> tuple[list[InferenceJob], dict[str, Any]]:
+        """One job per prompt; all prompts of a request share its routing (on the first)."""
+        mixture, info = self._route(principal, body, body.prompts[:1])
+        params = self._params(body)
+        return [InferenceJob(prompt=p, params=params, mixture=mixture) for p in body.prompts], info
+
+    def chat_job(
+        self, principal: Principal, body: ChatRequest
+    ) -> tuple[InferenceJob, dict[str, Any]]:
+        messages = tuple(m.model_dump(exclude_none=True, exclude={"name"}) for m in body.messages)
+        mixture, info = self._route(principal, body, routing_texts(messages))
+        return InferenceJob(messages=messages, params=self._params(body), mixture=mixture), info
+
+    async def complete(self, principal: Principal, body: CompletionRequest) -> dict[str, Any]:
+        """``POST /v1/completions`` without streaming."""
+        jobs, info = self.completion_jobs(principal, body)
+        scores: list[PromptScores | None] = [None] * len(jobs)
+        if body.echo:
+            scores = list(await self.model.score(jobs, body.logprobs or 0))
+        results = (
+            await self.model.generate(jobs)
+            if any(j.params.max_tokens for j in jobs)
+            else [None] * len(jobs)
+        )
+        choices = [
+            _completion_choice(i, body, s, r)
+            for i, (s, r) in enumerate(zip(scores, results, strict=True))
+        ]
+        usage = _usage(results, scores)
+        return {
+            **_envelope("text_completion", self.model_id),
+            "choices": choices,
+            "usage": usage,
+            "adapterswap": info,
+        }
+
+    async def chat(self, principal: Principal, body: ChatRequest) -> dict[str, Any]:
+        """``POST /v1/chat/completions`` without streaming."""
+        job, info = self.chat_job(principal, body)
+        (result,) = await self.model.generate([job])
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": result.text},
+            "finish_reason": result.finish_reason,
+            "logprobs": None,
+        }
+        usage = _usage([result], [None])
+        return {
+            **_envelope("chat.completion", self.model_id),
+            "choices": [choice],
+            "usage": usage,
+            "adapterswap": info,
+        }
+
+    async def stream_chunks(
+        self, job: InferenceJob, info: dict[str, Any], chat: bool
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Streaming chunks in OpenAI's shape; the first carries the ``adapterswap`` block."""
+        envelope = _envelope("chat.completion.chunk" if chat else "text_completion", self.model_id)
+        first = True
+        async for delta in self.model.stream(job):
+            piece = {"delta": {"content": delta}} if chat else {"text": delta}
+            chunk = {**envelope, "choices": [{"index": 0, **piece, "finish_reason": None}]}
+            if first:
+                chunk["adapterswap"] = info
+                first = False
+            yield chunk
+        done = {"delta": {}} if chat else {"text": ""}
+        yield {
+            **envelope,
+            "choices": [{"index": 0, **done, "finish_reason": "stop"}],
+            **({"adapterswap": info} if first else {}),
+        }
+
+    def list_adapters(self, principal: Principal) -> dict[str, Any]:
+        """``GET /v1/adapters``: only what the caller's groups may see."""
+        self.active.sync()
+        data = [
+            {
+                "id": v.adapter_id,
+                "version": v.version,
+                "group": v.group,
+                "shard": v.shard,
+                "doc_count": v.doc_count,
+                "created_at": v.created_at,
+                "status": v.status,
+            }
+            for v in self.active.visible(principal.groups)
+        ]
+        return {"object": "list", "data": data}
+
+    def list_models(self) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {"id": self.model_id, "object": "model", "created": 0, "owned_by": "adapterswap"}
+            ],
+        }
+
+
+def _describe(ref: AdapterRef, group: str, weight: float) -> dict[str, Any]:
+    return {"id": ref.id, "version": ref.version, "group": group, "weight": weight}
+
+
+def _envelope(kind: str, model_id: str) -> dict[str, Any]:
+    prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model_id,
+    }
+
+
+def _completion_choice(
+    index: int,
+    body: CompletionRequest,
+    scores: PromptScores | None,
+    result: GenerationResult | None,
+) -> dict[str, Any]:
+    text = (scores.text if scores else "") + (result.text if result else "")
+    logprobs = None
+    if body.logprobs is not None and scores is not None:
+        logprobs = {
+            "tokens": scores.tokens,
+            "token_logprobs": scores.token_logprobs,
+            "text_offset": scores.text_offset,
+            "top_logprobs": scores.top_logprobs,
+        }
+    finish = result.finish_reason if result else "length"
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def _usage(
+    results: Sequence[GenerationResult | None], scores: Sequence[PromptScores | None]
+) -> dict[str, int]:
+    prompt = sum(
+        r.prompt_tokens if r else len(s.token_ids) if s else 0
+        for r, s in zip(results, scores, strict=True)
+    )
+    completion = sum(r.completion_tokens for r in results if r)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }

@@ -1,0 +1,143 @@
+"""The FastAPI app: HTTP in, :class:`~adapterswap.gateway.Gateway` calls, OpenAI-shaped JSON out.
+
+The app holds no state of its own: ``app.state.gateway`` is set by whoever serves it (the
+Ray Serve ingress deployment, or a test). Bodies are size-checked before parsing, parsed and
+validated once, and every error goes through :func:`adapterswap.http_errors.from_exception`,
+so a bad request gets a 4xx with the field named and never takes the server down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from adapterswap.errors import InvalidArgument, PayloadTooLarge
+from adapterswap.gateway import Gateway
+from adapterswap.http_errors import error_body, from_exception
+from adapterswap.keys import Principal
+from adapterswap.schemas import ChatRequest, CompletionRequest
+
+logger = logging.getLogger("adapterswap.http")
+
+
+async def _body(request: Request, model: type[BaseModel], limit: int) -> Any:
+    raw = await request.body()
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"body is {len(raw)} bytes, over serve.max_body_bytes={limit}")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidArgument("body must be a JSON object")
+    return model.model_validate(data)
+
+
+def _gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+def _principal(request: Request) -> Principal:
+    return _gateway(request).auth.authenticate(request.headers.get("authorization"))
+
+
+async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+    except Exception as exc:  # noqa: BLE001 - the status line is gone; report in-stream
+        logger.exception("stream failed")
+        yield f"data: {json.dumps(from_exception(exc)[1])}\n\n".encode()
+    yield b"data: [DONE]\n\n"
+
+
+def create_app() -> FastAPI:
+    """The AdapterSwap HTTP API (see API.md). Set ``app.state.gateway`` before serving."""
+    app = FastAPI(
+        title="AdapterSwap",
+        version="0.1.0",
+        description="OpenAI-compatible API with per-request LoRA composition.",
+    )
+
+    @app.exception_handler(Exception)
+    async def _errors(request: Request, exc: Exception) -> JSONResponse:
+        status, body = from_exception(exc)
+        if status >= 500:
+            logger.exception("request failed", exc_info=exc)
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(ValidationError)
+    async def _invalid(request: Request, exc: ValidationError) -> JSONResponse:
+        status, body = from_exception(exc)
+        return JSONResponse(body, status_code=status)
+
+    @app.middleware("http")
+    async def _log(request: Request, call_next: Any) -> Any:
+        started = time.perf_counter()
+        response = await call_next(request)
+        # One line per request; never the prompt text.
+        logger.info(
+            json.dumps(
+                {
+                    "path": request.url.path,
+                    "status": response.status_code,
+                    "ms": round(1000 * (time.perf_counter() - started), 1),
+                }
+            )
+        )
+        return response
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        _principal(request)
+        return _gateway(request).list_models()
+
+    @app.get("/v1/adapters")
+    async def adapters(request: Request) -> dict[str, Any]:
+        return _gateway(request).list_adapters(_principal(request))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        principal = _principal(request)
+        gateway = _gateway(request)
+        body = await _body(request, CompletionRequest, gateway.config.serve.max_body_bytes)
+        if not body.stream:
+            return await gateway.complete(principal, body)
+        if len(body.prompts) != 1 or body.echo:
+            raise InvalidArgument("stream: supported for a single prompt without echo")
+        jobs, info = gateway.completion_jobs(principal, body)
+        return StreamingResponse(
+            _sse(gateway.stream_chunks(jobs[0], info, chat=False)), media_type="text/event-stream"
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        principal = _principal(request)
+        gateway = _gateway(request)
+        body = await _body(request, ChatRequest, gateway.config.serve.max_body_bytes)
+        if not body.stream:
+            return await gateway.chat(principal, body)
+        job, info = gateway.chat_job(principal, body)
+        return StreamingResponse(
+            _sse(gateway.stream_chunks(job, info, chat=True)), media_type="text/event-stream"
+        )
+
+    @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "DELETE", "PUT", "PATCH"])
+    async def unknown(request: Request, rest: str) -> JSONResponse:
+        _principal(request)
+        return JSONResponse(
+            error_body(f"no endpoint /v1/{rest}", "not_found_error"), status_code=404
+        )
+
+    return app

@@ -1,0 +1,155 @@
+"""Ray Serve: the model and ingress deployments, and ``build_app`` for ``serve run/deploy``.
+
+- ``ModelDeployment`` pins one base model per replica (``num_gpus: 1`` in the GPU config, a
+  CPU share locally) and batches concurrent requests with ``@serve.batch``: each request is
+  one row of the batch, with its own adapter mixture.
+- ``IngressDeployment`` serves the FastAPI app: authentication against the AdapterStore
+  actor, routing, and calls to the model deployment through its handle.
+
+Both are ordinary classes wrapped by ``build_app``; importing this module starts nothing.
+Serve YAML (``serve_configs/``) uses ``import_path: adapterswap.serve_app:build_app`` with
+``args`` validated into :class:`ServeAppArgs`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from actors.adapter_store import get_or_create_store
+from adapterswap.active_set import ActiveSet
+from adapterswap.adapter_source import StorageAdapterSource
+from adapterswap.auth import Authenticator
+from adapterswap.base_model import hash_base_model
+from adapterswap.config import AdapterSwapConfig, load_config
+from adapterswap.embedding import load_embedder
+from adapterswap.gateway import Gateway
+from adapterswap.generation import GenerationResult, PromptScores
+from adapterswap.http_app import create_app
+from adapterswap.replica import InferenceJob, ModelReplica
+
+
+class ServeAppArgs(BaseModel):
+    """``args:`` of the Serve application (serve_configs/*.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    home: str | None = Field(None, description="AdapterSwap home (default: ADAPTERSWAP_HOME).")
+    config: str | None = Field(None, description="YAML config file.")
+    overrides: list[str] = Field(default_factory=list, description="section.field=value items.")
+    num_replicas: int | None = Field(
+        None, ge=1, description="Fixed model replicas (no autoscaling)."
+    )
+    autoscaling: dict[str, Any] | None = Field(
+        None, description="Serve autoscaling_config for the model."
+    )
+
+
+def _store_reader(config: AdapterSwapConfig) -> Any:
+    """The store actor; reads wait out a store restart (they are idempotent)."""
+    return get_or_create_store(config)
+
+
+def _read(store: Any, method: str, *args: Any) -> Any:
+    return ray.get(getattr(store, method).options(max_task_retries=-1).remote(*args))
+
+
+class ModelDeployment:
+    """One base model per replica; concurrent requests are batched, one row each."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = AdapterSwapConfig.model_validate(config)
+        store = _store_reader(self.config)
+        self.replica = ModelReplica(self.config, lambda: _read(store, "active_snapshot"))
+        self.generate_one.set_max_batch_size(self.config.serve.max_batch_size)
+        self.generate_one.set_batch_wait_timeout_s(self.config.serve.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def generate_one(self, jobs: list[InferenceJob]) -> list[GenerationResult]:
+        return await asyncio.to_thread(self.replica.generate, jobs)
+
+    async def score(self, jobs: list[InferenceJob], top_logprobs: int) -> list[PromptScores]:
+        return await asyncio.to_thread(self.replica.score, jobs, top_logprobs)
+
+    async def stream(self, job: InferenceJob) -> AsyncIterator[str]:
+        from adapterswap.model_client import LocalModelClient
+
+        async for delta in LocalModelClient(self.replica).stream(job):
+            yield delta
+
+    async def sync(self) -> int:
+        """Acknowledge the store's current epoch (the deletion barrier builds on this)."""
+        return await asyncio.to_thread(self.replica.sync)
+
+
+class HandleModelClient:
+    """The gateway's ModelClient over the model deployment's handle."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+
+    async def generate(self, jobs: list[InferenceJob]) -> list[GenerationResult]:
+        # One call per job: the deployment's @serve.batch gathers them (and other callers').
+        return list(await asyncio.gather(*(self.handle.generate_one.remote(job) for job in jobs)))
+
+    async def score(self, jobs: list[InferenceJob], top_logprobs: int) -> list[PromptScores]:
+        return await self.handle.score.remote(jobs, top_logprobs)
+
+    async def stream(self, job: InferenceJob) -> AsyncIterator[str]:
+        async for delta in self.handle.options(stream=True).stream.remote(job):
+            yield delta
+
+
+@serve.ingress()
+class IngressDeployment:
+    """Authentication, routing and the OpenAI endpoints; the model runs elsewhere."""
+
+    def __init__(self, model: DeploymentHandle, config: dict[str, Any]) -> None:
+        self.config = AdapterSwapConfig.model_validate(config)
+        store = _store_reader(self.config)
+        source = StorageAdapterSource(
+            self.config.storage, hash_base_model(self.config.model, self.config.model_cache_dir)
+        )
+        self.gateway = Gateway(
+            self.config,
+            model=HandleModelClient(model),
+            model_id=self.config.model.spec,
+            authenticator=Authenticator(
+                lambda key: _read(store, "lookup_key", key), self.config.serve.key_cache_ttl_s
+            ),
+            active=ActiveSet(
+                lambda: _read(store, "active_snapshot"), lambda keep: source.forget(keep) or []
+            ),
+            stats=source.router_stats,
+            embed=load_embedder(self.config.embedding).embed,
+        )
+
+    def __serve_build_asgi_app__(self) -> Any:
+        """The FastAPI app, built on the replica after __init__ so it holds this gateway."""
+        app = create_app()
+        app.state.gateway = self.gateway
+        return app
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The Serve application for ``serve run`` / ``serve deploy`` (args: :class:`ServeAppArgs`)."""
+    settings = ServeAppArgs.model_validate(args or {})
+    config = load_config(settings.config, home=settings.home, overrides=settings.overrides)
+    scaling: dict[str, Any] = (
+        {"num_replicas": settings.num_replicas}
+        if settings.num_replicas
+        else {"autoscaling_config": settings.autoscaling or {"min_replicas": 1, "max_replicas": 1}}
+    )
+    resources = {"num_cpus": config.ray.replica_num_cpus, "num_gpus": config.ray.replica_num_gpus}
+    model = serve.deployment(ModelDeployment, name="Model", ray_actor_options=resources, **scaling)
+    ingress = serve.deployment(
+        IngressDeployment, name="Ingress", ray_actor_options={"num_cpus": 0.1}
+    )
+    payload = config.model_dump()
+    return ingress.bind(model.bind(payload), payload)

@@ -1,0 +1,231 @@
+"""Cost of composing LoRA adapters per request, against the base model and against plain peft.
+
+    python benchmarks/compose_overhead.py [--rounds 5] [--new-tokens 32] [--threads N]
+
+Greedy generation (KV cache) of exactly N new tokens on the embedded SmolLM2-135M with random
+rank-16 adapters on all seven linear kinds, measured side by side in interleaved rounds
+(median per configuration):
+
+- batch 1: the base model; the bank with no mixture; k=3 composed; plain peft per request
+  (add_weighted_adapter(..., "cat") + set_adapter, then generate);
+- batch 8: 8 base rows; 8 distinct 3-adapter mixtures drawn from a pool of 8 adapters; and
+  the worst case, 8 mixtures of 24 pairwise-distinct adapters.
+
+The arithmetic floor is 1 + LoRA FLOPs / base FLOPs per token, the base counting every
+Linear of the model (lm_head included: it is part of the measured time). Also printed: the
+floor over the target layers alone. Cold load: one rank-16 adapter from a local PEFT dir
+into the bank (files in the page cache). Writes benchmarks/results/compose_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import write_result
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from adapterswap.base_model import load_base_model
+from adapterswap.compose import AdapterBank, find_target_linears, load_adapter_dir
+from adapterswap.config import LoraSettings, ModelSettings
+from adapterswap.registry import AdapterRef
+
+TARGETS = LoraSettings().target_modules
+RANK, ALPHA, K = 16, 32.0, 3
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "How many days are in a leap year?",
+    "Explain photosynthesis in one sentence.",
+    "Name three primary colours.",
+    "What does a compiler do?",
+    "Give me a synonym for happy.",
+    "Who wrote Hamlet?",
+]
+
+
+def load_model() -> Any:
+    cache = Path("~/.adapterswap/models").expanduser()
+    return load_base_model(ModelSettings(spec="embedded", device="cpu"), cache)
+
+
+def arithmetic_floor(model: torch.nn.Module, k: int, rank: int) -> dict[str, float]:
+    """1 + LoRA FLOPs / base FLOPs per token (2 FLOPs per multiply-add on both sides)."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    targets = find_target_linears(model, TARGETS).values()
+    base_all = sum(m.in_features * m.out_features for m in linears)
+    base_targets = sum(m.in_features * m.out_features for m in targets)
+    lora = k * rank * sum(m.in_features + m.out_features for m in targets)
+    return {"floor": 1 + lora / base_all, "floor_targets_only": 1 + lora / base_targets}
+
+
+def make_adapters(n: int, root: Path) -> list[Path]:
+    """``n`` random rank-16 PEFT adapter dirs (B != 0), saved as save_pretrained writes them."""
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, init_lora_weights=False)
+    peft_model = get_peft_model(load_model().model, config)
+    dirs = []
+    for i in range(n):
+        torch.manual_seed(i)
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                torch.nn.init.normal_(param, std=0.02)
+        peft_model.save_pretrained(root / f"a{i}")
+        dirs.append(root / f"a{i}")
+    return dirs
+
+
+def generate(model: Any, inputs: dict[str, torch.Tensor], new_tokens: int, pad: int) -> None:
+    with torch.no_grad():
+        model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,  # never stop early at EOS: equal work everywhere
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=pad,
+        )
+
+
+def mixtures(refs: list[AdapterRef], rows: int, disjoint: bool) -> list[list]:
+    """``rows`` distinct k=3 mixtures with distinct weights, from ``refs``."""
+    out = []
+    for b in range(rows):
+        picks = refs[3 * b : 3 * b + 3] if disjoint else [refs[(b + j * 3) % 8] for j in range(3)]
+        out.append(list(zip(picks, (0.6 - 0.02 * b, 0.3, 0.1 + 0.02 * b), strict=True)))
+    return out
+
+
+def cold_load_ms(bank: AdapterBank, dirs: list[Path]) -> list[float]:
+    times = []
+    for i, path in enumerate(dirs):
+        t = time.perf_counter()
+        bank.load(AdapterRef(f"cold{i}", 1), *load_adapter_dir(path))
+        times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def peft_per_request(peft_model: Any, names: list[str], weights: list[float]) -> Callable:
+    """Plain peft's per-request path: build the weighted 'cat' adapter, activate, generate."""
+
+    def run(inputs: dict, new_tokens: int, pad: int) -> None:
+        peft_model.add_weighted_adapter(names, weights, "mix", combination_type="cat")
+        peft_model.set_adapter("mix")
+        generate(peft_model, inputs, new_tokens, pad)
+        peft_model.delete_adapter("mix")
+
+    return run
+
+
+def build_cases(args: argparse.Namespace, root: Path) -> tuple[dict[str, Callable], dict]:
+    """Every configuration as a zero-argument callable, plus facts about the setup."""
+    base, composed_model, peft_base = load_model(), load_model(), load_model()
+    tok = base.tokenizer
+    tok.padding_side = "left"
+    one = tok(PROMPTS[:1], return_tensors="pt")
+    eight = tok(PROMPTS, return_tensors="pt", padding=True)
+    dirs = make_adapters(24, root)
+    bank = AdapterBank(composed_model.model, TARGETS, RANK, 30 * 2**20 * 24)
+    refs = [AdapterRef(f"a{i}", 1) for i in range(24)]
+    for ref, path in zip(refs, dirs, strict=True):
+        bank.load(ref, *load_adapter_dir(path))
+    peft_model = PeftModel.from_pretrained(peft_base.model, dirs[0], adapter_name="a0")
+    for i in (1, 2):
+        peft_model.load_adapter(dirs[i], adapter_name=f"a{i}")
+    n, pad = args.new_tokens, tok.pad_token_id
+    row = [(refs[0], 0.6), (refs[1], 0.3), (refs[2], 0.1)]
+    by_pool, disjoint = mixtures(refs, 8, False), mixtures(refs, 8, True)
+
+    def in_mixture(rows: list, inputs: dict) -> Callable:
+        def run() -> None:
+            with bank.mixture(rows):
+                generate(bank.model, inputs, n, pad)
+
+        return run
+
+    peft_run = peft_per_request(peft_model, ["a0", "a1", "a2"], [0.6, 0.3, 0.1])
+    peft_model.add_weighted_adapter(["a0", "a1", "a2"], [0.6, 0.3, 0.1], "fixed", "cat")
+
+    def peft_generate_only() -> None:
+        peft_model.set_adapter("fixed")
+        generate(peft_model, one, n, pad)
+
+    cases = {
+        "b1_base": lambda: generate(base.model, one, n, pad),
+        "b1_bank_no_mixture": lambda: generate(bank.model, one, n, pad),
+        "b1_composed_k3": in_mixture([row], one),
+        "b1_peft_cat_per_request": lambda: peft_run(one, n, pad),
+        "b1_peft_cat_generate_only": peft_generate_only,
+        "b8_base": lambda: generate(base.model, eight, n, pad),
+        "b8_composed_8_distinct_pool8": in_mixture(by_pool, eight),
+        "b8_composed_8_distinct_disjoint24": in_mixture(disjoint, eight),
+    }
+    facts = {"cold_load_ms": cold_load_ms(bank, dirs[:5]), "slot_bytes": bank.slot_bytes}
+    return cases, facts
+
+
+def measure(cases: dict[str, Callable], rounds: int) -> dict[str, float]:
+    """Median seconds per case over interleaved rounds (after one warm-up round)."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for r in range(rounds + 1):
+        for name, run in cases.items():
+            t = time.perf_counter()
+            run()
+            if r:
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        cases, facts = build_cases(args, Path(tmp))
+        floors = arithmetic_floor(load_model().model, K, RANK)
+        median = measure(cases, args.rounds)
+    ratios = {}
+    for name, seconds in median.items():
+        base = median["b8_base" if name.startswith("b8") else "b1_base"]
+        ratio = seconds / base
+        ratios[name] = {"seconds": seconds, "vs_base": ratio, "vs_floor": ratio / floors["floor"]}
+        print(
+            f"{name:36s} {seconds:7.3f} s  {ratio:5.3f}x base  {ratio / floors['floor']:5.3f}x "
+            f"floor (floor {floors['floor']:.3f}x, targets-only {floors['floor_targets_only']:.3f}x)"
+        )
+    cold = facts["cold_load_ms"]
+    print(f"cold load of one rank-16 adapter: median {statistics.median(cold):.1f} ms {cold}")
+    goals = {
+        "b1_k3_within_1.05x_floor": ratios["b1_composed_k3"]["vs_floor"] <= 1.05,
+        "b8_distinct_within_1.10x_floor": ratios["b8_composed_8_distinct_pool8"]["vs_floor"]
+        <= 1.10,
+        "cold_load_within_50ms": statistics.median(cold) <= 50,
+    }
+    print("goals:", goals)
+    write_result(
+        "compose_overhead",
+        {
+            "model": "embedded",
+            "threads": args.threads,
+            "rounds": args.rounds,
+            "new_tokens": args.new_tokens,
+            "load_average": os.getloadavg(),
+            **floors,
+            **facts,
+            "results": ratios,
+            "goals": goals,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

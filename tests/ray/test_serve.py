@@ -1,0 +1,137 @@
+"""The Serve application on a local cluster, driven by the real `openai` client."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+
+import openai
+import pytest
+import ray
+from ray import serve
+from support import publish_random_adapter
+
+from adapterswap.config import load_config
+from adapterswap.embedding import load_embedder
+from adapterswap.registry import AdapterRegistry
+from adapterswap.serve_app import build_app
+
+OVERRIDES = [
+    "model.spec=tiny-random",
+    "lora.rank=4",
+    "lora.target_modules=[q_proj, v_proj]",
+    "serve.max_new_tokens=16",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    overrides = [*OVERRIDES, f"model.cache_dir={root / 'models'}"]
+    config = load_config(home=str(root / "home"), environ={}, overrides=overrides)
+    registry = AdapterRegistry(config.db_path)
+    embed = load_embedder(config.embedding).embed
+    publish_random_adapter(
+        config, registry, embed, "hr.b0001.000", "hr", ["New parents get 23 weeks of leave."], 1
+    )
+    publish_random_adapter(
+        config,
+        registry,
+        embed,
+        "finance.b0001.000",
+        "finance",
+        ["Invoices are paid in 37 days."],
+        2,
+    )
+    key = registry.create_key("hana", ["hr"])[0]
+    port = free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(
+        build_app({"home": config.home, "overrides": overrides, "num_replicas": 1}),
+        name="adapterswap",
+        route_prefix="/",
+    )
+    try:
+        yield openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120
+        )
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_chat_and_completions_through_the_openai_client(served):
+    chat = served.chat.completions.create(
+        model="tiny-random",
+        messages=[{"role": "user", "content": "How long is parental leave?"}],
+        max_tokens=5,
+        temperature=0,
+    )
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+    extra = chat.model_extra["adapterswap"]
+    assert all(a["group"] == "hr" for a in extra["adapters"])
+    completion = served.completions.create(
+        model="tiny-random", prompt="Parental leave", max_tokens=4, temperature=0
+    )
+    assert (
+        completion.choices[0].text
+        == served.completions.create(
+            model="tiny-random", prompt="Parental leave", max_tokens=4, temperature=0
+        )
+        .choices[0]
+        .text
+    )
+
+
+def test_streaming_matches_the_plain_answer(served):
+    kwargs = {
+        "model": "tiny-random",
+        "messages": [{"role": "user", "content": "Tell me about leave."}],
+        "max_tokens": 6,
+        "temperature": 0,
+    }
+    full = served.chat.completions.create(**kwargs).choices[0].message.content
+    streamed = "".join(
+        chunk.choices[0].delta.content or ""
+        for chunk in served.chat.completions.create(stream=True, **kwargs)
+    )
+    assert streamed == full
+
+
+def test_concurrent_requests_are_batched_and_all_answered(served):
+    def ask(i: int) -> str:
+        return (
+            served.completions.create(
+                model="tiny-random",
+                prompt=f"Invoice number {i}",
+                max_tokens=4,
+                temperature=0,
+                seed=i,
+            )
+            .choices[0]
+            .text
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert len(answers) == 8 and all(isinstance(a, str) for a in answers)
+    assert answers == [ask(i) for i in range(8)]  # batching does not change greedy answers
+
+
+def test_errors_come_back_in_openai_shape(served):
+    with pytest.raises(openai.NotFoundError) as info:
+        served.completions.create(
+            model="tiny-random", prompt="hi", extra_body={"adapters": [{"id": "finance.b0001.000"}]}
+        )
+    assert "not found" in info.value.body["message"]
+    bad = openai.OpenAI(base_url=served.base_url, api_key="as_bad_key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert served.models.list().data[0].id == "tiny-random"

@@ -1,0 +1,48 @@
+"""Helpers shared by tests: publishing real adapter versions without training them."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from adapterswap.artifacts import version_location, write_adapter_version
+from adapterswap.base_model import hash_base_model, load_base_model
+from adapterswap.config import AdapterSwapConfig
+from adapterswap.registry import AdapterRef, AdapterRegistry
+from adapterswap.router_stats import compute_shard_stats, save_shard_stats
+
+
+def publish_random_adapter(
+    config: AdapterSwapConfig,
+    registry: AdapterRegistry,
+    embed,
+    adapter_id: str,
+    group: str,
+    texts: list[str],
+    seed: int,
+) -> AdapterRef:
+    """Publish a version whose LoRA is random (B != 0) but whose files, manifest, router
+    statistics and store records are the real thing, as training would leave them."""
+    torch.manual_seed(seed)
+    model = load_base_model(config.model, config.model_cache_dir).model
+    lora = LoraConfig(
+        r=config.lora.rank,
+        lora_alpha=config.lora.alpha,
+        target_modules=config.lora.target_modules,
+        init_lora_weights=False,
+    )
+    peft_model = get_peft_model(model, lora)
+    version = registry.register_version(
+        adapter_id, group, "x", [f"{adapter_id}-{i}" for i in range(len(texts))]
+    ).version
+    stats = compute_shard_stats(texts, embed, "embedded:all-MiniLM-L6-v2")
+    base = {"id": config.model.spec, "hash": hash_base_model(config.model, config.model_cache_dir)}
+    manifest = {"adapter_id": adapter_id, "version": version, "group": group, "base_model": base}
+    write_adapter_version(
+        version_location(config.storage, adapter_id, version),
+        peft_model,
+        save_shard_stats(stats),
+        manifest,
+    )
+    registry.activate(adapter_id, version)
+    return AdapterRef(adapter_id, version)

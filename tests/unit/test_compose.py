@@ -1,0 +1,405 @@
+"""Composition: unmerged per-row LoRA mixtures against peft and hand-merged references.
+
+Every equality test is preceded by a check that the adapters change the output, since a
+fresh LoRA (B = 0) would make any equality pass. References are independent of the code
+under test: peft's own PeftModel, and a copy of the base model whose Linear weights were
+merged by hand as ``W + Σ w s B A``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from adapterswap import compose
+from adapterswap.base_model import LoadedModel, load_base_model
+from adapterswap.compose import (
+    AdapterBank,
+    AdapterNotLoaded,
+    InvalidAdapter,
+    InvalidMixture,
+    SlotsExhausted,
+    load_adapter_dir,
+)
+from adapterswap.config import LoraSettings, ModelSettings, ServeSettings
+from adapterswap.registry import AdapterRef
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+A, B, C = AdapterRef("a", 1), AdapterRef("b", 1), AdapterRef("c", 2)
+# Different ranks, alphas, targets, and rsLoRA on one of them.
+SPECS = {
+    A: {"r": 4, "lora_alpha": 8, "target_modules": ALL},
+    B: {"r": 8, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+    C: {"r": 2, "lora_alpha": 3, "target_modules": ["k_proj", "o_proj", "gate_proj", "up_proj"]},
+}
+SPECS[B]["use_rslora"] = True
+R_MAX = 8
+BIG = 1 << 20  # 16 slots of the tiny model at r_max=8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: the tiny model gains nothing from more, and on a busy machine
+    every small parallel op would wait milliseconds for a descheduled second thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    return load_base_model(ModelSettings(spec="tiny-random"), tmp_path_factory.mktemp("models"))
+
+
+def _save_adapter(base: torch.nn.Module, out: Path, seed: int, **spec) -> Path:
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **spec))
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dirs(tiny: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> dict[AdapterRef, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        ref: _save_adapter(tiny.model, root / ref.id, seed, **spec)
+        for seed, (ref, spec) in enumerate(SPECS.items())
+    }
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return torch.randint(3, 1000, (4, 7), generator=torch.Generator().manual_seed(0))
+
+
+def make_bank(tiny: LoadedModel, cache_bytes: int = BIG, r_max: int = R_MAX) -> AdapterBank:
+    return AdapterBank(copy.deepcopy(tiny.model), ALL, r_max, cache_bytes)
+
+
+def loaded_bank(tiny: LoadedModel, dirs: dict, cache_bytes: int = BIG) -> AdapterBank:
+    bank = make_bank(tiny, cache_bytes)
+    for ref, path in dirs.items():
+        bank.load(ref, *load_adapter_dir(path))
+    return bank
+
+
+def hand_merged(base: torch.nn.Module, dirs: dict, mix: list[tuple[AdapterRef, float]]):
+    """A copy of ``base`` with ``W += w · s · B A`` written into its Linear weights."""
+    model = copy.deepcopy(base)
+    for ref, weight in mix:
+        config = json.loads((dirs[ref] / "adapter_config.json").read_text())
+        r, alpha = config["r"], config["lora_alpha"]
+        scale = alpha / (math.sqrt(r) if config["use_rslora"] else r)
+        tensors = load_file(dirs[ref] / "adapter_model.safetensors")
+        for key, a in tensors.items():
+            if ".lora_A." in key:
+                b = tensors[key.replace(".lora_A.", ".lora_B.")]
+                module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+                with torch.no_grad():
+                    model.get_submodule(module).weight += weight * scale * (b @ a)
+    return model
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The final (normed) hidden states: the logits are a fixed, untargeted projection of
+    them, and comparing (B, T, 64) instead of (B, T, 49152) keeps the tests fast."""
+    return model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+
+
+@torch.no_grad()
+def bank_logits(bank: AdapterBank, rows: list, ids: torch.Tensor) -> torch.Tensor:
+    with bank.mixture(rows):
+        return logits(bank.model, ids)
+
+
+def differs(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return (x - y).abs().max().item() > 1e-2
+
+
+# --------------------------------------------------------------------------- exactness
+
+
+def test_adapters_change_the_output(tiny, dirs, ids):
+    base = logits(tiny.model, ids)
+    for ref in dirs:
+        assert differs(logits(hand_merged(tiny.model, dirs, [(ref, 1.0)]), ids), base), ref
+    assert differs(bank_logits(loaded_bank(tiny, dirs), [[(A, 1.0)]] * 4, ids), base)
+
+
+@pytest.mark.parametrize("ref", [A, B, C])
+def test_one_adapter_matches_peft(tiny, dirs, ids, ref):
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny.model), dirs[ref])
+    expected = logits(peft_model, ids)
+    assert differs(expected, logits(tiny.model, ids))
+    got = bank_logits(loaded_bank(tiny, dirs), [[(ref, 1.0)]] * len(ids), ids)
+    torch.testing.assert_close(got, expected)
+
+
+def test_rank_and_alpha_patterns_match_peft(tiny, ids, tmp_path):
+    spec = {"r": 4, "lora_alpha": 8, "target_modules": ALL}
+    patterns = {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"down_proj": 32}}
+    path = _save_adapter(tiny.model, tmp_path / "p", 7, **spec, **patterns)
+    expected = logits(PeftModel.from_pretrained(copy.deepcopy(tiny.model), path), ids)
+    bank = make_bank(tiny)
+    bank.load(A, *load_adapter_dir(path))
+    torch.testing.assert_close(bank_logits(bank, [[(A, 1.0)]] * len(ids), ids), expected)
+
+
+@pytest.mark.parametrize(
+    "mix", [[(A, 0.7)], [(B, 1.3)], [(A, 0.5), (B, 0.3), (C, 0.2)], [(C, 2.0), (A, 0.1)]]
+)
+def test_mixture_matches_hand_merged(tiny, dirs, ids, mix):
+    expected = logits(hand_merged(tiny.model, dirs, mix), ids)
+    assert differs(expected, logits(tiny.model, ids))
+    got = bank_logits(loaded_bank(tiny, dirs), [mix] * len(ids), ids)
+    torch.testing.assert_close(got, expected)
+
+
+M1, M2, M3 = [(A, 0.6), (B, 0.4)], [(B, 1.0)], [(A, 0.2), (B, 0.3), (C, 0.5)]
+LAYOUTS = {
+    "all_same": [M3, M3, M3, M3],
+    "all_different": [M1, M2, M3, [(C, 0.9)]],
+    "skewed": [M3, M3, M3, M2],
+    "base_only_rows": [[], M1, [], M3],
+    "single_row": [M3],
+}
+
+
+@pytest.mark.parametrize("path", ["auto", "flat", "gather"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_mixed_batch_rows_match_each_row_alone(tiny, dirs, ids, monkeypatch, layout, path):
+    rows = LAYOUTS[layout]
+    ids = ids[: len(rows)]
+    bank = loaded_bank(tiny, dirs)
+    alone = [bank_logits(bank, [row], ids[b : b + 1])[0] for b, row in enumerate(rows)]
+    if path != "auto":
+        monkeypatch.setattr(compose, "_prefer_gather", lambda *a: path == "gather")
+    got = bank_logits(bank, rows, ids)
+    base = logits(tiny.model, ids)
+    for b, row in enumerate(rows):
+        torch.testing.assert_close(got[b], alone[b])
+        merged = logits(hand_merged(tiny.model, dirs, row), ids[b : b + 1])[0]
+        torch.testing.assert_close(got[b], merged)
+        if row:
+            assert differs(got[b], base[b])
+        else:
+            assert torch.equal(got[b], base[b])  # base-only rows are untouched, bit for bit
+
+
+def test_base_only_batch_is_bit_identical_and_weights_untouched(tiny, dirs, ids):
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    bank = loaded_bank(tiny, dirs)
+    base = logits(tiny.model, ids)
+    assert torch.equal(logits(bank.model, ids), base)  # no mixture set
+    assert torch.equal(bank_logits(bank, [[]] * len(ids), ids), base)
+    bank_logits(bank, [M3] * len(ids), ids)
+    assert torch.equal(bank_logits(bank, [[(A, 0.0)]] * len(ids), ids), base)
+    after = {k.replace(".base.", "."): v for k, v in bank.model.state_dict().items()}
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    # The injected layer wraps the very same weight tensor as the original module.
+    layer = bank.layers["model.layers.0.self_attn.q_proj"]
+    assert layer.base.weight is bank.model.model.layers[0].self_attn.q_proj.base.weight
+
+
+@pytest.mark.parametrize("rows", [[M3], [M1, M3, [], M2]])
+def test_generate_with_kv_cache_matches_hand_merged(tiny, dirs, ids, rows):
+    ids = ids[: len(rows)]
+    bank = loaded_bank(tiny, dirs)
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "use_cache": True}
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), bank.mixture(rows):
+        got = bank.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    for b, row in enumerate(rows):
+        merged = hand_merged(tiny.model, dirs, row)
+        with torch.no_grad():
+            want = merged.generate(
+                input_ids=ids[b : b + 1], attention_mask=mask[b : b + 1], **kwargs
+            )
+        assert torch.equal(got[b], want[0])
+
+
+def test_peft_key_variant_with_adapter_name_loads(tiny, dirs, ids):
+    state, config = load_adapter_dir(dirs[A])
+    renamed = {k.replace(".weight", ".default.weight"): v for k, v in state.items()}
+    bank = make_bank(tiny)
+    bank.load(A, renamed, config)
+    expected = logits(hand_merged(tiny.model, dirs, [(A, 1.0)]), ids)
+    torch.testing.assert_close(bank_logits(bank, [[(A, 1.0)]] * len(ids), ids), expected)
+
+
+# --------------------------------------------------------------------------- the LRU
+
+
+def slot_is_zero(bank: AdapterBank, slot: int) -> bool:
+    return all(
+        not layer.lora_A[slot].any() and not layer.lora_B[slot].any() and layer.scale[slot] == 0
+        for layer in bank.layers.values()
+    )
+
+
+def two_slot_bank(tiny: LoadedModel) -> AdapterBank:
+    one = make_bank(tiny, cache_bytes=1)
+    assert one.capacity == 1  # at least one slot, whatever the budget
+    return make_bank(tiny, cache_bytes=2 * one.slot_bytes + 1)
+
+
+def test_lru_evicts_least_recently_used_and_zeroes_it(tiny, dirs):
+    bank = two_slot_bank(tiny)
+    assert bank.capacity == 2
+    loader = lambda ref: load_adapter_dir(dirs[ref])  # noqa: E731
+    slot_a, slot_b = bank.get_or_load(A, loader), bank.get_or_load(B, loader)
+    assert bank.get_or_load(A, loader) == slot_a  # a hit: A is now the most recent
+    assert bank.get_or_load(C, loader) == slot_b  # B, the LRU one, made room
+    assert (bank.hits, bank.misses, bank.evictions) == (1, 3, 1)
+    assert bank.loaded() == [A, C]
+    # Nothing of B is left in its old slot: C does not target q/v/down, and has rank 2 < 8.
+    for name, layer in bank.layers.items():
+        if name.endswith(("q_proj", "v_proj", "down_proj")):
+            assert not layer.lora_A[slot_b].any() and not layer.lora_B[slot_b].any()
+        else:
+            assert not layer.lora_A[slot_b, 2:].any() and not layer.lora_B[slot_b, :, 2:].any()
+
+
+def test_explicit_eviction_zeroes_the_slot(tiny, dirs):
+    bank = loaded_bank(tiny, dirs)
+    slot = bank.slot_of(B)
+    assert not slot_is_zero(bank, slot)
+    assert bank.evict(B) and not bank.evict(B)
+    assert slot_is_zero(bank, slot) and B not in bank
+    assert bank.evict_all_except([A]) == [C]
+    assert bank.loaded() == [A]
+    with pytest.raises(AdapterNotLoaded, match="adapter b v1 is not loaded"):
+        bank.mixture([[(B, 1.0)]]).__enter__()
+
+
+def test_pinned_slots_are_never_evicted(tiny, dirs):
+    bank = two_slot_bank(tiny)
+    bank.load(A, *load_adapter_dir(dirs[A]))
+    bank.load(B, *load_adapter_dir(dirs[B]))
+    with bank.mixture([[(A, 0.5), (B, 0.5)]]):
+        with pytest.raises(SlotsExhausted, match="all 2 adapter slots are pinned"):
+            bank.load(C, *load_adapter_dir(dirs[C]))
+        assert bank.loaded() == [A, B] and bank.evictions == 0
+    bank.load(C, *load_adapter_dir(dirs[C]))  # pins released: A (least recent) goes
+    assert bank.loaded() == [B, C] and bank.evictions == 1
+
+
+def test_a_batch_needing_more_slots_than_exist_fails_cleanly(tiny, dirs):
+    bank = two_slot_bank(tiny)
+    loader = lambda ref: load_adapter_dir(dirs[ref])  # noqa: E731
+    with pytest.raises(SlotsExhausted), bank.mixture([[(A, 1.0)], [(B, 1.0)], [(C, 1.0)]], loader):
+        pass
+    assert all(layer._mix is None for layer in bank.layers.values())
+    with bank.mixture([[(C, 1.0)]], loader):  # pins were released
+        pass
+
+
+def test_evicting_an_in_flight_adapter_zeroes_it_now_and_frees_it_after(tiny, dirs, ids):
+    bank = two_slot_bank(tiny)
+    bank.load(A, *load_adapter_dir(dirs[A]))
+    slot = bank.slot_of(A)
+    with torch.no_grad(), bank.mixture([[(A, 1.0)]]):
+        before = logits(bank.model, ids[:1])
+        assert bank.evict(A) and slot_is_zero(bank, slot)
+        torch.testing.assert_close(logits(bank.model, ids[:1]), before)  # admitted: finishes
+    bank.load(B, *load_adapter_dir(dirs[B]))
+    bank.load(C, *load_adapter_dir(dirs[C]))
+    assert bank.evictions == 0  # A's slot came back free
+
+
+def test_mixture_is_cleared_on_exception_and_not_nested(tiny, dirs):
+    bank = loaded_bank(tiny, dirs)
+    with pytest.raises(KeyError), bank.mixture([M3]):
+        assert all(layer._mix is not None for layer in bank.layers.values())
+        with pytest.raises(RuntimeError, match="already active"), bank.mixture([M1]):
+            pass
+        raise KeyError("boom")
+    assert all(layer._mix is None for layer in bank.layers.values())
+    assert not bank._pinned
+
+
+def test_from_settings_uses_the_cache_budget(tiny):
+    serve = ServeSettings(adapter_cache_bytes=10**6)
+    bank = AdapterBank.from_settings(copy.deepcopy(tiny.model), LoraSettings(rank=8), serve)
+    assert bank.capacity == 10**6 // bank.slot_bytes and bank.r_max == 8
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _corrupt(dirs, ref, edit):
+    state, config = load_adapter_dir(dirs[ref])
+    edit(state, config)
+    return state, config
+
+
+KEY_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (
+            lambda s, c: s.__setitem__(KEY_A, torch.ones(4, 65)),
+            f"adapter a v1: {KEY_A} has shape \\(4, 65\\), expected \\(4, 64\\)",
+        ),
+        (
+            lambda s, c: s.__setitem__(KEY_A.replace("layers.0", "layers.5"), s[KEY_A]),
+            "adapter a v1: unknown target key .*layers.5.self_attn.q_proj",
+        ),
+        (lambda s, c: s[KEY_A].__setitem__((0, 0), math.nan), f"adapter a v1: {KEY_A} holds NaN"),
+        (lambda s, c: s.pop(KEY_A), "adapter a v1: .*q_proj has lora_B only"),
+        (lambda s, c: c.__setitem__("use_dora", True), "adapter a v1: .*use_dora=True"),
+        (lambda s, c: s.__setitem__("lm_head.weight", s[KEY_A]), "unexpected key lm_head.weight"),
+    ],
+)
+def test_bad_adapters_are_refused_before_taking_a_slot(tiny, dirs, edit, match):
+    bank = make_bank(tiny)
+    with pytest.raises(InvalidAdapter, match=match):
+        bank.load(A, *_corrupt(dirs, A, edit))
+    assert bank.loaded() == [] and slot_is_zero(bank, 0)
+    assert issubclass(InvalidAdapter, ValueError)
+
+
+def test_rank_above_r_max_is_refused(tiny, dirs):
+    bank = make_bank(tiny, r_max=4)
+    with pytest.raises(InvalidAdapter, match="adapter b v1: .*rank 8, above the bank's r_max=4"):
+        bank.load(B, *load_adapter_dir(dirs[B]))
+
+
+@pytest.mark.parametrize("weight", [-0.1, math.nan, math.inf])
+def test_bad_mixture_weights_are_refused(tiny, dirs, weight):
+    bank = loaded_bank(tiny, dirs)
+    with pytest.raises(InvalidMixture, match="weights must be finite and >= 0"):
+        bank.mixture([[(A, 1.0)], [(B, weight)]]).__enter__()
+    assert not bank._pinned
+
+
+def test_overflowing_weight_is_refused(tiny, dirs):
+    bank = loaded_bank(tiny, dirs)
+    with pytest.raises(InvalidMixture, match="mixture row 1: weight 1e\\+39 .* overflow"):
+        bank.mixture([[(A, 1.0)], [(B, 1e39)]]).__enter__()
+    assert not bank._pinned
+
+
+def test_batch_size_must_match_the_mixture(tiny, dirs, ids):
+    bank = loaded_bank(tiny, dirs)
+    with bank.mixture([M1, M2]), pytest.raises(RuntimeError, match="set for 2 rows"):
+        logits(bank.model, ids)
+
+
+def test_only_safetensors_are_loaded(tmp_path, dirs):
+    (tmp_path / "adapter_config.json").write_bytes((dirs[A] / "adapter_config.json").read_bytes())
+    (tmp_path / "adapter_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(InvalidAdapter, match="adapter_model.bin, a pickle file, which is never"):
+        load_adapter_dir(tmp_path)

@@ -1,0 +1,236 @@
+"""The HTTP API in one process: auth, isolation, routing, composition, scoring, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from support import publish_random_adapter
+
+from adapterswap.active_set import ActiveSet
+from adapterswap.auth import Authenticator
+from adapterswap.config import load_config
+from adapterswap.embedding import load_embedder
+from adapterswap.gateway import Gateway
+from adapterswap.http_app import create_app
+from adapterswap.model_client import LocalModelClient
+from adapterswap.registry import AdapterRegistry
+from adapterswap.replica import ModelReplica
+
+HR_TEXTS = [
+    "New parents get 23 weeks of paid parental leave.",
+    "Parental leave can be split into three blocks.",
+]
+FIN_TEXTS = [
+    "Vendor invoices are paid within 37 days.",
+    "Expense claims above 40 crowns need a receipt.",
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    config = load_config(
+        home=str(root / "home"),
+        environ={},
+        overrides=[
+            "model.spec=tiny-random",
+            f"model.cache_dir={root / 'models'}",
+            "lora.rank=4",
+            "lora.target_modules=[q_proj, v_proj, down_proj]",
+            "serve.max_prompt_tokens=64",
+            "serve.max_new_tokens=32",
+            "serve.max_body_bytes=4000",
+        ],
+    )
+    registry = AdapterRegistry(config.db_path)
+    embedder = load_embedder(config.embedding)
+    refs = {
+        "hr": publish_random_adapter(
+            config, registry, embedder.embed, "hr.b0001.000", "hr", HR_TEXTS, 1
+        ),
+        "finance": publish_random_adapter(
+            config, registry, embedder.embed, "finance.b0001.000", "finance", FIN_TEXTS, 2
+        ),
+    }
+    replica = ModelReplica(config, registry.active_snapshot)
+    active = ActiveSet(registry.active_snapshot, lambda keep: replica.source.forget(keep) or [])
+    app = create_app()
+    app.state.gateway = Gateway(
+        config,
+        model=LocalModelClient(replica),
+        model_id=replica.model_id,
+        authenticator=Authenticator(registry.lookup_key, config.serve.key_cache_ttl_s),
+        active=active,
+        stats=replica.source.router_stats,
+        embed=embedder.embed,
+    )
+    keys = {
+        "hr": registry.create_key("hana", ["hr"])[0],
+        "finance": registry.create_key("finn", ["finance"])[0],
+        "legal": registry.create_key("lee", ["legal"])[0],
+    }
+    return TestClient(app, raise_server_exceptions=False), keys, refs, replica
+
+
+def post(client, key, path, body):
+    return client.post(path, headers={"Authorization": f"Bearer {key}"}, json=body)
+
+
+def test_health_needs_no_key_everything_else_does(world):
+    client, keys, _, _ = world
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "Bearer as_0_0"}).status_code == 401
+    models = client.get("/v1/models", headers={"Authorization": f"Bearer {keys['hr']}"}).json()
+    assert models["data"][0]["id"] == "tiny-random"
+
+
+def test_routing_uses_only_the_callers_adapters(world):
+    client, keys, refs, _ = world
+    body = {
+        "prompt": "How many weeks of parental leave do new parents get?",
+        "max_tokens": 4,
+        "temperature": 0,
+    }
+    hr = post(client, keys["hr"], "/v1/completions", body).json()
+    assert [a["id"] for a in hr["adapterswap"]["adapters"]] == ["hr.b0001.000"]
+    assert (
+        hr["choices"][0]["finish_reason"] in {"stop", "length"}
+        and hr["usage"]["completion_tokens"] >= 1
+    )
+    fin = post(client, keys["finance"], "/v1/completions", body).json()
+    assert all(a["group"] == "finance" for a in fin["adapterswap"]["adapters"])
+    listing = client.get(
+        "/v1/adapters", headers={"Authorization": f"Bearer {keys['finance']}"}
+    ).json()
+    assert [a["id"] for a in listing["data"]] == ["finance.b0001.000"]
+
+
+def test_a_caller_without_adapters_gets_exactly_the_base_model(world):
+    client, keys, _, _ = world
+    body = {
+        "prompt": "How many weeks of parental leave do new parents get?",
+        "max_tokens": 0,
+        "echo": True,
+        "logprobs": 0,
+    }
+    legal = post(client, keys["legal"], "/v1/completions", body).json()
+    base = post(client, keys["hr"], "/v1/completions", {**body, "adapters": "none"}).json()
+    routed = post(client, keys["hr"], "/v1/completions", body).json()
+    assert legal["adapterswap"]["adapters"] == []
+    assert (
+        legal["choices"][0]["logprobs"]["token_logprobs"]
+        == base["choices"][0]["logprobs"]["token_logprobs"]
+    )
+    assert (
+        routed["choices"][0]["logprobs"]["token_logprobs"]
+        != base["choices"][0]["logprobs"]["token_logprobs"]
+    )
+
+
+def test_echo_logprobs_equal_a_direct_log_softmax_under_the_mixture(world):
+    client, keys, refs, replica = world
+    prompt = "Parental leave can be split"
+    body = {
+        "prompt": prompt,
+        "max_tokens": 0,
+        "echo": True,
+        "logprobs": 0,
+        "adapters": [{"id": "hr.b0001.000", "weight": 0.7}],
+    }
+    got = post(client, keys["hr"], "/v1/completions", body).json()["choices"][0]
+    assert got["text"] == prompt
+    ids = replica.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad(), replica.bank.mixture([[(refs["hr"], 0.7)]], replica.source.load):
+        logits = replica.loaded.model(input_ids=torch.tensor([ids])).logits[0]
+    expected = torch.log_softmax(logits.float(), -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[
+        :, 0
+    ]
+    lp = got["logprobs"]["token_logprobs"]
+    assert lp[0] is None
+    torch.testing.assert_close(torch.tensor(lp[1:]), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_hidden_and_missing_adapters_answer_the_same_404(world):
+    client, keys, _, _ = world
+    hidden = post(
+        client,
+        keys["hr"],
+        "/v1/completions",
+        {"prompt": "hi", "adapters": [{"id": "finance.b0001.000"}]},
+    )
+    missing = post(
+        client,
+        keys["hr"],
+        "/v1/completions",
+        {"prompt": "hi", "adapters": [{"id": "nope.b0001.000"}]},
+    )
+    assert hidden.status_code == missing.status_code == 404
+    assert hidden.json()["error"]["message"].replace("finance.b0001.000", "X") == missing.json()[
+        "error"
+    ]["message"].replace("nope.b0001.000", "X")
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "fragment"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "JSON object"),
+        (json.dumps({"prompt": 5}).encode(), 400, "prompt"),
+        (
+            json.dumps(
+                {"prompt": "hi", "adapters": [{"id": "hr.b0001.000", "weight": -1}]}
+            ).encode(),
+            400,
+            "finite and non-negative",
+        ),
+        (
+            b'{"prompt": "hi", "adapters": [{"id": "hr.b0001.000", "weight": NaN}]}',
+            400,
+            "finite and non-negative",
+        ),
+        (
+            json.dumps({"prompt": "hi", "groups": ["finance"]}).encode(),
+            400,
+            "not one of your groups",
+        ),
+        (json.dumps({"prompt": "x" * 5000}).encode(), 413, "max_body_bytes"),
+        (json.dumps({"prompt": "word " * 200}).encode(), 413, "max_prompt_tokens"),
+        (json.dumps({"prompt": "hi", "max_tokens": 500}).encode(), 413, "max_new_tokens"),
+    ],
+)
+def test_bad_requests_get_clear_errors_and_the_server_stays_up(world, raw, status, fragment):
+    client, keys, _, _ = world
+    response = client.post(
+        "/v1/completions",
+        headers={"Authorization": f"Bearer {keys['hr']}", "Content-Type": "application/json"},
+        content=raw,
+    )
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"]["message"]
+    assert client.get("/healthz").status_code == 200
+
+
+def test_chat_and_its_stream_agree(world):
+    client, keys, _, _ = world
+    body = {
+        "messages": [{"role": "user", "content": "Tell me about parental leave."}],
+        "max_tokens": 6,
+        "temperature": 0,
+    }
+    full = post(client, keys["hr"], "/v1/chat/completions", body).json()
+    text = full["choices"][0]["message"]["content"]
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {keys['hr']}"},
+        json={**body, "stream": True},
+    ) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text
+    assert chunks[0]["adapterswap"]["adapters"] == full["adapterswap"]["adapters"]

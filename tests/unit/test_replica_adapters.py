@@ -1,0 +1,115 @@
+"""A replica's adapters: loaded from storage by (id, version), synced to the store's epoch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from adapterswap.active_set import ActiveSet
+from adapterswap.adapter_source import StorageAdapterSource
+from adapterswap.artifacts import BaseModelMismatch, version_location, write_adapter_version
+from adapterswap.base_model import load_base_model
+from adapterswap.compose import AdapterBank
+from adapterswap.config import ModelSettings
+from adapterswap.errors import NotFound
+from adapterswap.registry import AdapterRef, AdapterRegistry
+from adapterswap.router_stats import compute_shard_stats, save_shard_stats
+
+TARGETS = ["q_proj", "v_proj"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+def publish(storage, registry, embed, cache_dir, adapter_id, group, seed):
+    """Train nothing: a random (B != 0) LoRA stands in for a trained one, published for real."""
+    torch.manual_seed(seed)
+    model = load_base_model(ModelSettings(spec="tiny-random"), cache_dir).model
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    )
+    version = registry.register_version(adapter_id, group, "x", [f"{adapter_id}-doc"]).version
+    stats = compute_shard_stats(
+        [f"notes about {group} number {seed}"], embed, "embedded:all-MiniLM-L6-v2"
+    )
+    manifest = {
+        "adapter_id": adapter_id,
+        "version": version,
+        "base_model": {"id": "tiny-random", "hash": "H"},
+    }
+    write_adapter_version(
+        version_location(storage, adapter_id, version),
+        peft_model,
+        save_shard_stats(stats),
+        manifest,
+    )
+    registry.activate(adapter_id, version)
+    return AdapterRef(adapter_id, version)
+
+
+@pytest.fixture
+def world(tmp_path, embed, cache_dir):
+    storage = str(tmp_path / "storage")
+    registry = AdapterRegistry(tmp_path / "store.sqlite")
+    hr = publish(storage, registry, embed, cache_dir, "hr.b1.000", "hr", 1)
+    fin = publish(storage, registry, embed, cache_dir, "finance.b1.000", "finance", 2)
+    base = load_base_model(ModelSettings(spec="tiny-random"), cache_dir).model
+    bank = AdapterBank(base, TARGETS, r_max=4, cache_bytes=10**8)
+    return storage, registry, bank, hr, fin
+
+
+def test_loads_from_storage_into_the_bank(world):
+    storage, _, bank, hr, _ = world
+    source = StorageAdapterSource(storage, base_model_hash="H")
+    bank.get_or_load(hr, source.load)
+    assert hr in bank and bank.misses == 1
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        base_out = bank.model(input_ids=ids).logits
+        with bank.mixture([[(hr, 1.0)]]):
+            adapted = bank.model(input_ids=ids).logits
+    assert not torch.allclose(base_out, adapted)
+    assert source.router_stats(hr).n_chunks == 1
+
+
+def test_refuses_an_adapter_of_another_base_model(world):
+    storage, _, bank, hr, _ = world
+    with pytest.raises(
+        BaseModelMismatch, match="hr.b1.000 v1 was trained on base model tiny-random"
+    ):
+        bank.get_or_load(hr, StorageAdapterSource(storage, base_model_hash="OTHER").load)
+    assert hr not in bank
+
+
+def test_visibility_and_not_found_look_the_same(world):
+    _, registry, bank, hr, fin = world
+    active = ActiveSet(registry.active_snapshot, bank.evict_all_except)
+    assert active.sync().epoch == registry.epoch()
+    assert [v.adapter_id for v in active.visible(["hr"])] == ["hr.b1.000"]
+    assert active.resolve("hr.b1.000", ["hr"]).ref == hr
+    with pytest.raises(NotFound) as hidden:
+        active.resolve("finance.b1.000", ["hr"])
+    with pytest.raises(NotFound) as missing:
+        active.resolve("nope.b1.000", ["hr"])
+    assert str(hidden.value).replace("finance.b1.000", "X") == str(missing.value).replace(
+        "nope.b1.000", "X"
+    )
+
+
+def test_revocation_is_dropped_before_the_epoch_is_acknowledged(world):
+    storage, registry, bank, hr, fin = world
+    source = StorageAdapterSource(storage, base_model_hash="H")
+    active = ActiveSet(registry.active_snapshot, bank.evict_all_except)
+    active.sync()
+    bank.get_or_load(hr, source.load)
+    bank.get_or_load(fin, source.load)
+    registry.revoke(hr.id, hr.version, reason="delete")
+    result = active.sync()
+    assert result.epoch == registry.epoch() and result.dropped == (hr,)
+    assert hr not in bank and fin in bank
+    with pytest.raises(NotFound):
+        active.resolve("hr.b1.000", ["hr"])
+    assert active.sync().dropped == ()  # nothing new: no work
