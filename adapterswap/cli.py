@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--batch", help="batch label (default: the next bNNNN)")
     ingest.set_defaults(handler=_cmd_ingest)
 
+    serve_cmd = sub.add_parser("serve", parents=[common], help="serve the HTTP API until stopped")
+    serve_cmd.add_argument("--host", help="bind address (default serve.host, 127.0.0.1)")
+    serve_cmd.add_argument("--port", type=int, help="port (default serve.port, 8000)")
+    serve_cmd.set_defaults(handler=_cmd_serve)
+
     train = sub.add_parser(
         "train", parents=[common], help="train every shard whose content changed"
     )
@@ -126,6 +131,15 @@ def _cmd_ingest(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[st
         "shards": [asdict(p) for p in result.shards],
     }
     return "\n".join(lines), payload
+
+
+def _cmd_serve(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
+    from adapterswap.serve_cli import serve_until_stopped
+
+    host = args.host or config.serve.host
+    port = args.port or config.serve.port
+    serve_until_stopped(config, host, port, config_file=args.config, overrides=args.overrides)
+    return "stopped", {"stopped": True}
 
 
 def _cmd_train(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:

@@ -135,3 +135,27 @@ def test_errors_come_back_in_openai_shape(served):
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
     assert served.models.list().data[0].id == "tiny-random"
+
+
+def test_the_python_client(served):
+    from adapterswap import Client
+    from adapterswap.client import APIError
+
+    with Client(str(served.base_url).removesuffix("/v1/"), api_key=served.api_key) as client:
+        assert client.health() == {"status": "ok"}
+        assert [a["id"] for a in client.adapters()] == ["hr.b0001.000"]
+        answer = client.chat(
+            [{"role": "user", "content": "Parental leave?"}], max_tokens=4, temperature=0
+        )
+        streamed = "".join(
+            client.stream_chat(
+                [{"role": "user", "content": "Parental leave?"}], max_tokens=4, temperature=0
+            )
+        )
+        assert streamed == answer["choices"][0]["message"]["content"]
+        try:
+            client.completions("hi", adapters=[{"id": "finance.b0001.000"}])
+        except APIError as exc:
+            assert exc.status == 404
+        else:
+            raise AssertionError("a hidden adapter must answer 404")
