@@ -12,24 +12,30 @@ request's ``groups``), never from the request alone.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import asdict
 from typing import Any, Protocol
 
 import numpy as np
+import pyarrow.compute as pc
 
 from adapterswap.active_set import ActiveSet
-from adapterswap.auth import Authenticator, effective_groups
+from adapterswap.auth import Authenticator, effective_groups, require_admin
+from adapterswap.catalog import Catalog
 from adapterswap.config import AdapterSwapConfig
-from adapterswap.errors import PayloadTooLarge
+from adapterswap.errors import InvalidArgument, NotFound, PayloadTooLarge
 from adapterswap.generation import GenerationResult, PromptScores, SamplingParams
+from adapterswap.ingest import ingest_records
 from adapterswap.keys import Principal
+from adapterswap.readers import RawRecord
 from adapterswap.registry import AdapterRef
 from adapterswap.replica import InferenceJob, Mixture
 from adapterswap.router import Candidate, RoutingDecision, route, routing_texts
 from adapterswap.router_stats import ShardStats
-from adapterswap.schemas import ChatRequest, CompletionRequest, _InferenceBody
+from adapterswap.schemas import ChatRequest, CompletionRequest, DocumentsRequest, _InferenceBody
 
 
 class ModelClient(Protocol):
@@ -55,7 +61,9 @@ class Gateway:
         active: ActiveSet,
         stats: Callable[[Any], ShardStats],
         embed: Callable[[Sequence[str]], np.ndarray],
+        store: Any,
     ) -> None:
+        """``store`` answers the registry's methods synchronously (a registry or an actor proxy)."""
         self.config = config
         self.model = model
         self.model_id = model_id
@@ -63,6 +71,7 @@ class Gateway:
         self.active = active
         self._stats = stats
         self._embed = embed
+        self.store = store
 
     # -- routing ----------------------------------------------------------------------
 
@@ -198,6 +207,56 @@ class Gateway:
             for v in self.active.visible(principal.groups)
         ]
         return {"object": "list", "data": data}
+
+    # -- knowledge management (admin) -------------------------------------------------------
+
+    def ingest(self, principal: Principal, body: DocumentsRequest) -> dict[str, Any]:
+        """``POST /v1/documents``: validated as a whole, like ``adapterswap ingest``."""
+        require_admin(principal)
+        if body.replace:
+            raise InvalidArgument(
+                "replace: replacing documents needs deletion, which this server does not offer yet"
+            )
+        records = [
+            RawRecord(f"documents[{i}]", d.model_dump(exclude_none=True))
+            for i, d in enumerate(body.documents)
+        ]
+        result = ingest_records(
+            records, self.config, embed=self._embed, audit=self.store, actor=f"api:{principal.user}"
+        )
+        return {
+            "accepted": result.accepted,
+            "batch": result.batch,
+            "shards": [p.shard for p in result.shards],
+        }
+
+    def document(self, principal: Principal, doc_id: str) -> dict[str, Any]:
+        """``GET /v1/documents/{id}``: metadata, placement and the versions that saw it."""
+        require_admin(principal)
+        rows = (
+            Catalog(self.config.storage)
+            .read(
+                ["id", "group", "batch", "shard", "content_hash", "ingested_at", "metadata"],
+                filter=pc.field("id") == doc_id,
+            )
+            .to_pylist()
+        )
+        if not rows:
+            raise NotFound(f"document {doc_id!r} not found")
+        row = rows[0]
+        versions = [
+            {"id": v.adapter_id, "version": v.version, "status": v.status}
+            for v in self.store.versions_containing(doc_id)
+        ]
+        row["metadata"] = json.loads(row["metadata"])
+        row["ingested_at"] = row["ingested_at"].isoformat()
+        return {**row, "status": "active", "adapters": versions}
+
+    def audit(self, principal: Principal, since: int, limit: int) -> dict[str, Any]:
+        """``GET /v1/audit``: the append-only log, oldest first, after ``since``."""
+        require_admin(principal)
+        entries = self.store.audit_log(since, min(max(limit, 1), 1000))
+        return {"object": "list", "data": [asdict(e) for e in entries]}
 
     def list_models(self) -> dict[str, Any]:
         return {

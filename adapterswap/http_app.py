@@ -8,6 +8,7 @@ so a bad request gets a 4xx with the field named and never takes the server down
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -22,7 +23,7 @@ from adapterswap.errors import InvalidArgument, PayloadTooLarge
 from adapterswap.gateway import Gateway
 from adapterswap.http_errors import error_body, from_exception
 from adapterswap.keys import Principal
-from adapterswap.schemas import ChatRequest, CompletionRequest
+from adapterswap.schemas import ChatRequest, CompletionRequest, DocumentsRequest
 
 logger = logging.getLogger("adapterswap.http")
 
@@ -132,6 +133,21 @@ def create_app() -> FastAPI:
         return StreamingResponse(
             _sse(gateway.stream_chunks(job, info, chat=True)), media_type="text/event-stream"
         )
+
+    @app.post("/v1/documents")
+    async def ingest(request: Request) -> dict[str, Any]:
+        principal = _principal(request)
+        gateway = _gateway(request)
+        body = await _body(request, DocumentsRequest, gateway.config.serve.max_body_bytes)
+        return await asyncio.to_thread(gateway.ingest, principal, body)
+
+    @app.get("/v1/documents/{doc_id}")
+    async def document(request: Request, doc_id: str) -> dict[str, Any]:
+        return await asyncio.to_thread(_gateway(request).document, _principal(request), doc_id)
+
+    @app.get("/v1/audit")
+    async def audit(request: Request, since: int = 0, limit: int = 100) -> dict[str, Any]:
+        return await asyncio.to_thread(_gateway(request).audit, _principal(request), since, limit)
 
     @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "DELETE", "PUT", "PATCH"])
     async def unknown(request: Request, rest: str) -> JSONResponse:

@@ -60,6 +60,16 @@ def _read(store: Any, method: str, *args: Any) -> Any:
     return ray.get(getattr(store, method).options(max_task_retries=-1).remote(*args))
 
 
+class StoreProxy:
+    """The store actor's methods as synchronous calls, for code written against the registry."""
+
+    def __init__(self, actor: Any) -> None:
+        self._actor = actor
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: ray.get(getattr(self._actor, name).remote(*args, **kwargs))
+
+
 class ModelDeployment:
     """One base model per replica; concurrent requests are batched, one row each."""
 
@@ -128,6 +138,7 @@ class IngressDeployment:
             ),
             stats=source.router_stats,
             embed=load_embedder(self.config.embedding).embed,
+            store=StoreProxy(store),
         )
 
     def __serve_build_asgi_app__(self) -> Any:

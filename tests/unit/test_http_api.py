@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from fastapi.testclient import TestClient
 from support import publish_random_adapter
 
@@ -66,12 +68,16 @@ def world(tmp_path_factory):
         active=active,
         stats=replica.source.router_stats,
         embed=embedder.embed,
+        store=registry,
     )
     keys = {
         "hr": registry.create_key("hana", ["hr"])[0],
         "finance": registry.create_key("finn", ["finance"])[0],
         "legal": registry.create_key("lee", ["legal"])[0],
+        "admin": registry.create_key("root", ["hr"], admin=True)[0],
     }
+    for combo in (("finance", "hr"), ("hr", "legal"), ("finance", "hr", "legal")):
+        keys["+".join(combo)] = registry.create_key("multi", list(combo))[0]
     return TestClient(app, raise_server_exceptions=False), keys, refs, replica
 
 
@@ -234,3 +240,81 @@ def test_chat_and_its_stream_agree(world):
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text
     assert chunks[0]["adapterswap"]["adapters"] == full["adapterswap"]["adapters"]
+
+
+ADAPTER_GROUPS = {"hr.b0001.000": "hr", "finance.b0001.000": "finance"}
+QUERIES = [
+    "How many weeks of parental leave?",
+    "When are vendor invoices paid?",
+    "Hello there",
+    "Receipts and leave",
+]
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    key_name=st.sampled_from(
+        ["hr", "finance", "legal", "finance+hr", "hr+legal", "finance+hr+legal"]
+    ),
+    query=st.sampled_from(QUERIES),
+    narrow=st.one_of(st.none(), st.sets(st.sampled_from(["hr", "finance", "legal"]))),
+    explicit=st.one_of(
+        st.none(),
+        st.lists(st.sampled_from([*ADAPTER_GROUPS, "nope.b0001.000"]), min_size=1, max_size=3),
+    ),
+)
+def test_no_response_ever_involves_another_groups_adapter(world, key_name, query, narrow, explicit):
+    client, keys, _, _ = world
+    held = set(key_name.split("+"))
+    body = {"prompt": query, "max_tokens": 1, "temperature": 0}
+    if narrow is not None:
+        body["groups"] = sorted(narrow)
+    if explicit is not None:
+        body["adapters"] = [{"id": a, "weight": 0.5} for a in explicit]
+    response = post(client, keys[key_name], "/v1/completions", body)
+    allowed = held if narrow is None else held & narrow
+    if narrow is not None and not narrow <= held:
+        assert response.status_code == 400  # groups may only narrow
+        return
+    if explicit is not None and any(ADAPTER_GROUPS.get(a) not in allowed for a in explicit):
+        assert response.status_code == 404  # hidden and missing look the same
+        return
+    assert response.status_code == 200, response.text
+    for adapter in response.json()["adapterswap"]["adapters"]:
+        assert adapter["group"] in allowed and ADAPTER_GROUPS[adapter["id"]] == adapter["group"]
+    listing = client.get(
+        "/v1/adapters", headers={"Authorization": f"Bearer {keys[key_name]}"}
+    ).json()["data"]
+    assert {a["group"] for a in listing} <= held
+
+
+def test_admin_endpoints_need_an_admin_and_ingest_is_all_or_nothing(world):
+    client, keys, _, _ = world
+    docs = {
+        "documents": [{"id": "api-1", "text": "The Skarvik office has 14 desks.", "group": "hr"}]
+    }
+    assert post(client, keys["hr"], "/v1/documents", docs).status_code == 403
+    bad = {"documents": [*docs["documents"], {"id": "api-2", "text": "x", "group": "Not A Group"}]}
+    rejected = post(client, keys["admin"], "/v1/documents", bad)
+    assert (
+        rejected.status_code == 400
+        and "documents[1]: field 'group'" in rejected.json()["error"]["message"]
+    )
+    admin = {"Authorization": f"Bearer {keys['admin']}"}
+    assert (
+        client.get("/v1/documents/api-1", headers=admin).status_code == 404
+    )  # nothing was written
+    accepted = post(client, keys["admin"], "/v1/documents", docs).json()
+    assert accepted["accepted"] == 1 and accepted["shards"][0].startswith("hr.")
+    doc = client.get("/v1/documents/api-1", headers=admin).json()
+    assert doc["group"] == "hr" and doc["shard"] == accepted["shards"][0] and "text" not in doc
+    again = post(client, keys["admin"], "/v1/documents", docs)
+    assert again.status_code == 400 and "already exists" in again.json()["error"]["message"]
+    log = client.get("/v1/audit?limit=1000", headers=admin).json()["data"]
+    assert any(e["action"] == "ingest" and e["actor"] == "api:root" for e in log)
+    assert (
+        client.get("/v1/audit", headers={"Authorization": f"Bearer {keys['hr']}"}).status_code
+        == 403
+    )
