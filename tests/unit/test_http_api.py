@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from fastapi.testclient import TestClient
 from support import publish_random_adapter
 
 from adapterswap.active_set import ActiveSet
