@@ -158,9 +158,20 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         else {"autoscaling_config": settings.autoscaling or {"min_replicas": 1, "max_replicas": 1}}
     )
     resources = {"num_cpus": config.ray.replica_num_cpus, "num_gpus": config.ray.replica_num_gpus}
-    model = serve.deployment(ModelDeployment, name="Model", ray_actor_options=resources, **scaling)
+    # Enough requests in flight per model replica to fill two batches (one running, one forming).
+    ongoing = 2 * config.serve.max_batch_size
+    model = serve.deployment(
+        ModelDeployment,
+        name="Model",
+        ray_actor_options=resources,
+        max_ongoing_requests=ongoing,
+        **scaling,
+    )
     ingress = serve.deployment(
-        IngressDeployment, name="Ingress", ray_actor_options={"num_cpus": 0.1}
+        IngressDeployment,
+        name="Ingress",
+        ray_actor_options={"num_cpus": 0.1},
+        max_ongoing_requests=256,
     )
     payload = config.model_dump()
     return ingress.bind(model.bind(payload), payload)
