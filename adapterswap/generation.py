@@ -11,6 +11,7 @@ calls; nothing here knows about adapters. No Ray, no HTTP.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Sequence
@@ -143,7 +144,7 @@ def _new_row(index: int, request: GenerationRequest, tokenizer: Any) -> _Row:
     params = request.params
     # An empty stop string would match at once; the HTTP layer rejects it, we ignore it.
     if any(not s for s in params.stop):
-        params = SamplingParams(**{**params.__dict__, "stop": tuple(s for s in params.stop if s)})
+        params = dataclasses.replace(params, stop=tuple(s for s in params.stop if s))
     generator = None
     if params.temperature > 0:
         generator = torch.Generator()
