@@ -13,6 +13,7 @@ request's ``groups``), never from the request alone.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -36,6 +37,8 @@ from adapterswap.replica import InferenceJob, Mixture
 from adapterswap.router import Candidate, RoutingDecision, route, routing_texts
 from adapterswap.router_stats import ShardStats
 from adapterswap.schemas import ChatRequest, CompletionRequest, DocumentsRequest, _InferenceBody
+
+logger = logging.getLogger("adapterswap.requests")
 
 
 class ModelClient(Protocol):
@@ -132,6 +135,7 @@ class Gateway:
 
     async def complete(self, principal: Principal, body: CompletionRequest) -> dict[str, Any]:
         """``POST /v1/completions`` without streaming."""
+        started = time.perf_counter()
         jobs, info = self.completion_jobs(principal, body)
         scores: list[PromptScores | None] = [None] * len(jobs)
         if body.echo:
@@ -146,6 +150,7 @@ class Gateway:
             for i, (s, r) in enumerate(zip(scores, results, strict=True))
         ]
         usage = _usage(results, scores)
+        log_request("completions", principal, info, started, usage)
         return {
             **_envelope("text_completion", self.model_id),
             "choices": choices,
@@ -155,6 +160,7 @@ class Gateway:
 
     async def chat(self, principal: Principal, body: ChatRequest) -> dict[str, Any]:
         """``POST /v1/chat/completions`` without streaming."""
+        started = time.perf_counter()
         job, info = self.chat_job(principal, body)
         (result,) = await self.model.generate([job])
         choice = {
@@ -164,6 +170,7 @@ class Gateway:
             "logprobs": None,
         }
         usage = _usage([result], [None])
+        log_request("chat", principal, info, started, usage)
         return {
             **_envelope("chat.completion", self.model_id),
             "choices": [choice],
@@ -265,6 +272,21 @@ class Gateway:
                 {"id": self.model_id, "object": "model", "created": 0, "owned_by": "adapterswap"}
             ],
         }
+
+
+def log_request(
+    endpoint: str, principal: Principal, info: dict[str, Any], started: float, usage: dict[str, int]
+) -> None:
+    """One structured line per request: who, which adapter versions, how long. Never the text."""
+    adapters = [f"{a['id']}@v{a['version']}" for a in info["adapters"]]
+    line = {
+        "endpoint": endpoint,
+        "user": principal.user,
+        "adapters": adapters,
+        "ms": round(1000 * (time.perf_counter() - started), 1),
+        **usage,
+    }
+    logger.info(json.dumps(line))
 
 
 def _describe(ref: AdapterRef, group: str, weight: float) -> dict[str, Any]:

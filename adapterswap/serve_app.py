@@ -33,6 +33,7 @@ from adapterswap.gateway import Gateway
 from adapterswap.generation import GenerationResult, PromptScores
 from adapterswap.http_app import create_app
 from adapterswap.replica import InferenceJob, ModelReplica
+from adapterswap.schemas import ChatRequest, CompletionRequest
 
 
 class ServeAppArgs(BaseModel):
@@ -140,6 +141,19 @@ class IngressDeployment:
             embed=load_embedder(self.config.embedding).embed,
             store=StoreProxy(store),
         )
+
+    # The same operations for Python callers inside the cluster:
+    #   handle = serve.get_app_handle("adapterswap"); await handle.completions.remote(key, {...})
+    async def completions(self, api_key: str, body: dict[str, Any]) -> dict[str, Any]:
+        principal = self.gateway.auth.authenticate(f"Bearer {api_key}")
+        return await self.gateway.complete(principal, CompletionRequest.model_validate(body))
+
+    async def chat(self, api_key: str, body: dict[str, Any]) -> dict[str, Any]:
+        principal = self.gateway.auth.authenticate(f"Bearer {api_key}")
+        return await self.gateway.chat(principal, ChatRequest.model_validate(body))
+
+    async def adapters(self, api_key: str) -> dict[str, Any]:
+        return self.gateway.list_adapters(self.gateway.auth.authenticate(f"Bearer {api_key}"))
 
     def __serve_build_asgi_app__(self) -> Any:
         """The FastAPI app, built on the replica after __init__ so it holds this gateway."""

@@ -159,3 +159,18 @@ def test_the_python_client(served):
             assert exc.status == 404
         else:
             raise AssertionError("a hidden adapter must answer 404")
+
+
+def test_python_handle_gives_the_same_operations(served):
+    handle = serve.get_app_handle("adapterswap")
+    body = {"prompt": "Parental leave", "max_tokens": 4, "temperature": 0}
+    via_handle = handle.completions.remote(served.api_key, body).result()
+    via_http = served.completions.create(model="tiny-random", **body)
+    assert via_handle["choices"][0]["text"] == via_http.choices[0].text
+    assert [a["id"] for a in handle.adapters.remote(served.api_key).result()["data"]] == [
+        "hr.b0001.000"
+    ]
+    chat = handle.chat.remote(
+        served.api_key, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    ).result()
+    assert chat["object"] == "chat.completion"

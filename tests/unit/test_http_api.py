@@ -318,3 +318,15 @@ def test_admin_endpoints_need_an_admin_and_ingest_is_all_or_nothing(world):
         client.get("/v1/audit", headers={"Authorization": f"Bearer {keys['hr']}"}).status_code
         == 403
     )
+
+
+def test_one_structured_log_line_per_request_without_the_prompt(world, caplog):
+    client, keys, _, _ = world
+    secret = "How many weeks of parental leave? zebra-secret-7"
+    with caplog.at_level("INFO", logger="adapterswap.requests"):
+        post(client, keys["hr"], "/v1/completions", {"prompt": secret, "max_tokens": 2})
+    (record,) = [r for r in caplog.records if r.name == "adapterswap.requests"]
+    line = json.loads(record.getMessage())
+    assert line["user"] == "hana" and line["endpoint"] == "completions" and line["ms"] > 0
+    assert all("@v" in a for a in line["adapters"])
+    assert "zebra-secret-7" not in record.getMessage()
