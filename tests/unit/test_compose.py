@@ -109,16 +109,16 @@ def hand_merged(base: torch.nn.Module, dirs: dict, mix: list[tuple[AdapterRef, f
 
 
 @torch.no_grad()
-def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def hidden(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """The final (normed) hidden states: the logits are a fixed, untargeted projection of
-    them, and comparing (B, T, 64) instead of (B, T, 49152) keeps the tests fast."""
+    them, and comparing (B, T, 64) rather than (B, T, 49152) keeps the tests fast."""
     return model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
 
 
 @torch.no_grad()
-def bank_logits(bank: AdapterBank, rows: list, ids: torch.Tensor) -> torch.Tensor:
+def bank_hidden(bank: AdapterBank, rows: list, ids: torch.Tensor) -> torch.Tensor:
     with bank.mixture(rows):
-        return logits(bank.model, ids)
+        return hidden(bank.model, ids)
 
 
 def differs(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -129,18 +129,18 @@ def differs(x: torch.Tensor, y: torch.Tensor) -> bool:
 
 
 def test_adapters_change_the_output(tiny, dirs, ids):
-    base = logits(tiny.model, ids)
+    base = hidden(tiny.model, ids)
     for ref in dirs:
-        assert differs(logits(hand_merged(tiny.model, dirs, [(ref, 1.0)]), ids), base), ref
-    assert differs(bank_logits(loaded_bank(tiny, dirs), [[(A, 1.0)]] * 4, ids), base)
+        assert differs(hidden(hand_merged(tiny.model, dirs, [(ref, 1.0)]), ids), base), ref
+    assert differs(bank_hidden(loaded_bank(tiny, dirs), [[(A, 1.0)]] * 4, ids), base)
 
 
 @pytest.mark.parametrize("ref", [A, B, C])
 def test_one_adapter_matches_peft(tiny, dirs, ids, ref):
     peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny.model), dirs[ref])
-    expected = logits(peft_model, ids)
-    assert differs(expected, logits(tiny.model, ids))
-    got = bank_logits(loaded_bank(tiny, dirs), [[(ref, 1.0)]] * len(ids), ids)
+    expected = hidden(peft_model, ids)
+    assert differs(expected, hidden(tiny.model, ids))
+    got = bank_hidden(loaded_bank(tiny, dirs), [[(ref, 1.0)]] * len(ids), ids)
     torch.testing.assert_close(got, expected)
 
 
@@ -148,19 +148,19 @@ def test_rank_and_alpha_patterns_match_peft(tiny, ids, tmp_path):
     spec = {"r": 4, "lora_alpha": 8, "target_modules": ALL}
     patterns = {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"down_proj": 32}}
     path = _save_adapter(tiny.model, tmp_path / "p", 7, **spec, **patterns)
-    expected = logits(PeftModel.from_pretrained(copy.deepcopy(tiny.model), path), ids)
+    expected = hidden(PeftModel.from_pretrained(copy.deepcopy(tiny.model), path), ids)
     bank = make_bank(tiny)
     bank.load(A, *load_adapter_dir(path))
-    torch.testing.assert_close(bank_logits(bank, [[(A, 1.0)]] * len(ids), ids), expected)
+    torch.testing.assert_close(bank_hidden(bank, [[(A, 1.0)]] * len(ids), ids), expected)
 
 
 @pytest.mark.parametrize(
     "mix", [[(A, 0.7)], [(B, 1.3)], [(A, 0.5), (B, 0.3), (C, 0.2)], [(C, 2.0), (A, 0.1)]]
 )
 def test_mixture_matches_hand_merged(tiny, dirs, ids, mix):
-    expected = logits(hand_merged(tiny.model, dirs, mix), ids)
-    assert differs(expected, logits(tiny.model, ids))
-    got = bank_logits(loaded_bank(tiny, dirs), [mix] * len(ids), ids)
+    expected = hidden(hand_merged(tiny.model, dirs, mix), ids)
+    assert differs(expected, hidden(tiny.model, ids))
+    got = bank_hidden(loaded_bank(tiny, dirs), [mix] * len(ids), ids)
     torch.testing.assert_close(got, expected)
 
 
@@ -180,14 +180,14 @@ def test_mixed_batch_rows_match_each_row_alone(tiny, dirs, ids, monkeypatch, lay
     rows = LAYOUTS[layout]
     ids = ids[: len(rows)]
     bank = loaded_bank(tiny, dirs)
-    alone = [bank_logits(bank, [row], ids[b : b + 1])[0] for b, row in enumerate(rows)]
+    alone = [bank_hidden(bank, [row], ids[b : b + 1])[0] for b, row in enumerate(rows)]
     if path != "auto":
         monkeypatch.setattr(compose, "_prefer_gather", lambda *a: path == "gather")
-    got = bank_logits(bank, rows, ids)
-    base = logits(tiny.model, ids)
+    got = bank_hidden(bank, rows, ids)
+    base = hidden(tiny.model, ids)
     for b, row in enumerate(rows):
         torch.testing.assert_close(got[b], alone[b])
-        merged = logits(hand_merged(tiny.model, dirs, row), ids[b : b + 1])[0]
+        merged = hidden(hand_merged(tiny.model, dirs, row), ids[b : b + 1])[0]
         torch.testing.assert_close(got[b], merged)
         if row:
             assert differs(got[b], base[b])
@@ -198,11 +198,13 @@ def test_mixed_batch_rows_match_each_row_alone(tiny, dirs, ids, monkeypatch, lay
 def test_base_only_batch_is_bit_identical_and_weights_untouched(tiny, dirs, ids):
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
     bank = loaded_bank(tiny, dirs)
-    base = logits(tiny.model, ids)
-    assert torch.equal(logits(bank.model, ids), base)  # no mixture set
-    assert torch.equal(bank_logits(bank, [[]] * len(ids), ids), base)
-    bank_logits(bank, [M3] * len(ids), ids)
-    assert torch.equal(bank_logits(bank, [[(A, 0.0)]] * len(ids), ids), base)
+    base = hidden(tiny.model, ids)
+    assert torch.equal(hidden(bank.model, ids), base)  # no mixture set
+    assert torch.equal(bank_hidden(bank, [[]] * len(ids), ids), base)
+    bank_hidden(bank, [M3] * len(ids), ids)
+    assert torch.equal(bank_hidden(bank, [[(A, 0.0)]] * len(ids), ids), base)
+    with torch.no_grad(), bank.mixture([[]] * len(ids)):
+        assert torch.equal(bank.model(input_ids=ids).logits, tiny.model(input_ids=ids).logits)
     after = {k.replace(".base.", "."): v for k, v in bank.model.state_dict().items()}
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
@@ -233,8 +235,8 @@ def test_peft_key_variant_with_adapter_name_loads(tiny, dirs, ids):
     renamed = {k.replace(".weight", ".default.weight"): v for k, v in state.items()}
     bank = make_bank(tiny)
     bank.load(A, renamed, config)
-    expected = logits(hand_merged(tiny.model, dirs, [(A, 1.0)]), ids)
-    torch.testing.assert_close(bank_logits(bank, [[(A, 1.0)]] * len(ids), ids), expected)
+    expected = hidden(hand_merged(tiny.model, dirs, [(A, 1.0)]), ids)
+    torch.testing.assert_close(bank_hidden(bank, [[(A, 1.0)]] * len(ids), ids), expected)
 
 
 # --------------------------------------------------------------------------- the LRU
@@ -309,9 +311,9 @@ def test_evicting_an_in_flight_adapter_zeroes_it_now_and_frees_it_after(tiny, di
     bank.load(A, *load_adapter_dir(dirs[A]))
     slot = bank.slot_of(A)
     with torch.no_grad(), bank.mixture([[(A, 1.0)]]):
-        before = logits(bank.model, ids[:1])
+        before = hidden(bank.model, ids[:1])
         assert bank.evict(A) and slot_is_zero(bank, slot)
-        torch.testing.assert_close(logits(bank.model, ids[:1]), before)  # admitted: finishes
+        torch.testing.assert_close(hidden(bank.model, ids[:1]), before)  # admitted: finishes
     bank.load(B, *load_adapter_dir(dirs[B]))
     bank.load(C, *load_adapter_dir(dirs[C]))
     assert bank.evictions == 0  # A's slot came back free
@@ -395,7 +397,7 @@ def test_overflowing_weight_is_refused(tiny, dirs):
 def test_batch_size_must_match_the_mixture(tiny, dirs, ids):
     bank = loaded_bank(tiny, dirs)
     with bank.mixture([M1, M2]), pytest.raises(RuntimeError, match="set for 2 rows"):
-        logits(bank.model, ids)
+        hidden(bank.model, ids)
 
 
 def test_only_safetensors_are_loaded(tmp_path, dirs):
