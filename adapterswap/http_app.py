@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from adapterswap.errors import InvalidArgument, PayloadTooLarge
+from adapterswap.errors import AdapterSwapError, InvalidArgument, PayloadTooLarge
 from adapterswap.gateway import Gateway
 from adapterswap.http_errors import error_body, from_exception
 from adapterswap.keys import Principal
@@ -59,6 +59,32 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     yield b"data: [DONE]\n\n"
 
 
+_BODIES = (CompletionRequest, ChatRequest, DocumentsRequest)
+
+
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI for a body we parse ourselves (size check first), so /openapi.json documents it."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def _with_body_components(app: FastAPI) -> None:
+    """Add the body models (and the models they use) to the OpenAPI components."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in _BODIES:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+        return app.openapi_schema or schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app() -> FastAPI:
     """The AdapterSwap HTTP API (see API.md). Set ``app.state.gateway`` before serving."""
     app = FastAPI(
@@ -67,15 +93,17 @@ def create_app() -> FastAPI:
         description="OpenAI-compatible API with per-request LoRA composition.",
     )
 
-    @app.exception_handler(Exception)
-    async def _errors(request: Request, exc: Exception) -> JSONResponse:
+    # Expected errors (4xx, 503) are answered here. Starlette treats an `Exception` handler as
+    # the 500 handler, which re-raises after answering, so only the unexpected go there.
+    @app.exception_handler(AdapterSwapError)
+    @app.exception_handler(ValidationError)
+    async def _expected(request: Request, exc: Exception) -> JSONResponse:
         status, body = from_exception(exc)
-        if status >= 500:
-            logger.exception("request failed", exc_info=exc)
         return JSONResponse(body, status_code=status)
 
-    @app.exception_handler(ValidationError)
-    async def _invalid(request: Request, exc: ValidationError) -> JSONResponse:
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("request failed", exc_info=exc)
         status, body = from_exception(exc)
         return JSONResponse(body, status_code=status)
 
@@ -108,7 +136,7 @@ def create_app() -> FastAPI:
     async def adapters(request: Request) -> dict[str, Any]:
         return _gateway(request).list_adapters(_principal(request))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request) -> Any:
         principal = _principal(request)
         gateway = _gateway(request)
@@ -122,7 +150,7 @@ def create_app() -> FastAPI:
             _sse(gateway.stream_chunks(jobs[0], info, chat=False)), media_type="text/event-stream"
         )
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatRequest))
     async def chat(request: Request) -> Any:
         principal = _principal(request)
         gateway = _gateway(request)
@@ -134,7 +162,7 @@ def create_app() -> FastAPI:
             _sse(gateway.stream_chunks(job, info, chat=True)), media_type="text/event-stream"
         )
 
-    @app.post("/v1/documents")
+    @app.post("/v1/documents", openapi_extra=_body_schema(DocumentsRequest))
     async def ingest(request: Request) -> dict[str, Any]:
         principal = _principal(request)
         gateway = _gateway(request)
@@ -149,11 +177,16 @@ def create_app() -> FastAPI:
     async def audit(request: Request, since: int = 0, limit: int = 100) -> dict[str, Any]:
         return await asyncio.to_thread(_gateway(request).audit, _principal(request), since, limit)
 
-    @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "DELETE", "PUT", "PATCH"])
+    @app.api_route(
+        "/v1/{rest:path}",
+        methods=["GET", "POST", "DELETE", "PUT", "PATCH"],
+        include_in_schema=False,
+    )
     async def unknown(request: Request, rest: str) -> JSONResponse:
         _principal(request)
         return JSONResponse(
             error_body(f"no endpoint /v1/{rest}", "not_found_error"), status_code=404
         )
 
+    _with_body_components(app)
     return app
