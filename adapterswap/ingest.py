@@ -6,10 +6,8 @@ serialised by a lock file, so the duplicate-id check and the shard numbering can
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -17,6 +15,7 @@ from typing import Protocol
 from adapterswap.catalog import Catalog
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.documents import validate_records
+from adapterswap.locks import home_lock
 from adapterswap.planner import Embed, ShardPlan, assignments, plan_shards
 from adapterswap.readers import RawRecord, read_inputs
 
@@ -43,18 +42,6 @@ def next_batch_label(existing: set[str]) -> str:
     return f"b{max(numbers, default=0) + 1:04d}"
 
 
-@contextlib.contextmanager
-def ingest_lock(home: Path) -> Iterator[None]:
-    """Hold the home's ingest lock (a POSIX advisory lock on <home>/ingest.lock)."""
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / "ingest.lock", "a+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ingest_records(
     records: Sequence[RawRecord],
     config: AdapterSwapConfig,
@@ -72,7 +59,7 @@ def ingest_records(
     record, or any entry of ``problems`` from the readers, is bad.
     """
     catalog = Catalog(config.storage)
-    with ingest_lock(config.home_path):
+    with home_lock(config.home_path, "ingest"):
         existing = catalog.read(["id", "shard", "batch"])
         docs = validate_records(
             records,

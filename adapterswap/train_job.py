@@ -16,11 +16,8 @@ their files first, along with any version directory the store does not know.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from adapterswap.artifacts import (
@@ -33,6 +30,7 @@ from adapterswap.artifacts import (
 from adapterswap.base_model import hash_base_model
 from adapterswap.catalog import Catalog
 from adapterswap.config import AdapterSwapConfig
+from adapterswap.locks import home_lock
 from adapterswap.registry import AdapterRegistry, AdapterStatus
 from adapterswap.storage import resolve
 from adapterswap.train_plan import ShardWork, shards_to_train
@@ -49,18 +47,6 @@ class TrainReport:
     failed: list[dict[str, Any]] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)
     message: str = ""
-
-
-@contextlib.contextmanager
-def training_lock(home: Path) -> Iterator[None]:
-    """One training job per home at a time (a POSIX advisory lock on <home>/train.lock)."""
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / "train.lock", "a+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def delete_checkpoints(config: AdapterSwapConfig, adapter_id: str, version: int) -> None:
@@ -129,7 +115,7 @@ def run_training(
     from adapterswap.ray_train import train_shards_with_ray
 
     report = TrainReport()
-    with training_lock(config.home_path):
+    with home_lock(config.home_path, "train"):
         report.recovered = recover_interrupted(config, registry)
         work = shards_to_train(Catalog(config.storage), registry)
         if not work:
