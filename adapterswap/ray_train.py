@@ -42,7 +42,6 @@ class ShardOutcome:
     """How one shard's Ray Train run ended."""
 
     run: ShardRun
-    metrics: dict[str, Any] | None
     error: str | None
 
 
@@ -137,10 +136,10 @@ def train_shards_with_ray(
             marker = config.home_path / "faults" / f"{run.adapter_id}-v{run.version}"
             loop_config |= {"fail_once_at_step": fail_once_at_step, "fault_marker": str(marker)}
         try:
-            result = _trainer_for(run, config, loop_config).fit()
-            outcomes[run.adapter_id] = ShardOutcome(run, dict(result.metrics or {}), None)
+            _trainer_for(run, config, loop_config).fit()
+            outcomes[run.adapter_id] = ShardOutcome(run, None)
         except Exception as exc:  # noqa: BLE001 - every failure becomes that shard's outcome
-            outcomes[run.adapter_id] = ShardOutcome(run, None, f"{type(exc).__name__}: {exc}")
+            outcomes[run.adapter_id] = ShardOutcome(run, f"{type(exc).__name__}: {exc}")
 
     threads = [threading.Thread(target=fit, args=(run,), daemon=True) for run in runs]
     for thread in threads:
