@@ -65,6 +65,7 @@ class Gateway:
         stats: Callable[[Any], ShardStats],
         embed: Callable[[Sequence[str]], np.ndarray],
         store: Any,
+        on_routed: Callable[[float, int], None] | None = None,
     ) -> None:
         """``store`` answers the registry's methods synchronously (a registry or an actor proxy)."""
         self.config = config
@@ -75,6 +76,7 @@ class Gateway:
         self._stats = stats
         self._embed = embed
         self.store = store
+        self._on_routed = on_routed  # (milliseconds, adapters): metrics, when served by Ray
 
     # -- routing ----------------------------------------------------------------------
 
@@ -91,7 +93,10 @@ class Gateway:
             mixture = tuple((v.ref, w) for v, w in chosen if w > 0)
             listed = [_describe(v.ref, v.group, w) for v, w in chosen]
             return mixture, {"adapters": listed, "router": {"reason": "adapters given"}}
+        started = time.perf_counter()
         decision = self._decide(groups, texts, body.top_k)
+        if self._on_routed is not None:
+            self._on_routed(1000 * (time.perf_counter() - started), len(decision.adapters))
         mixture = tuple((a.ref, a.weight) for a in decision.adapters)
         listed = [_describe(a.ref, a.group, a.weight) for a in decision.adapters]
         return mixture, {"adapters": listed, "router": decision.as_dict()}

@@ -11,6 +11,7 @@ its view is refused rather than served.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -62,6 +63,7 @@ class ModelReplica:
         self.source = StorageAdapterSource(config.storage, base_hash)
         self.active = ActiveSet(snapshot, self._drop)
         self.max_prompt_tokens = config.serve.max_prompt_tokens
+        self.last_composition_ms = 0.0  # mixture setup of the latest batch (a metric)
         self._lock = threading.Lock()  # the bank holds one mixture at a time
 
     @property
@@ -105,7 +107,9 @@ class ModelReplica:
         requests = [GenerationRequest(self.prompt_ids(job), job.params) for job in jobs]
         with self._lock:
             self._check_active(jobs)
+            started = time.perf_counter()
             with self.bank.mixture([list(job.mixture) for job in jobs], self.source.load):
+                self.last_composition_ms = 1000 * (time.perf_counter() - started)
                 return generate_batch(
                     self.loaded.model, self.tokenizer, requests, on_token=on_token
                 )

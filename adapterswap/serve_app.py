@@ -32,6 +32,7 @@ from adapterswap.embedding import load_embedder
 from adapterswap.gateway import Gateway
 from adapterswap.generation import GenerationResult, PromptScores
 from adapterswap.http_app import create_app
+from adapterswap.metrics import ServeMetrics
 from adapterswap.replica import InferenceJob, ModelReplica
 from adapterswap.schemas import ChatRequest, CompletionRequest
 
@@ -78,12 +79,19 @@ class ModelDeployment:
         self.config = AdapterSwapConfig.model_validate(config)
         store = _store_reader(self.config)
         self.replica = ModelReplica(self.config, lambda: _read(store, "active_snapshot"))
+        self.metrics = ServeMetrics()
         self.generate_one.set_max_batch_size(self.config.serve.max_batch_size)
         self.generate_one.set_batch_wait_timeout_s(self.config.serve.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def generate_one(self, jobs: list[InferenceJob]) -> list[GenerationResult]:
-        return await asyncio.to_thread(self.replica.generate, jobs)
+        bank = self.replica.bank
+        hits, misses = bank.hits, bank.misses
+        results = await asyncio.to_thread(self.replica.generate, jobs)
+        self.metrics.record_batch(
+            bank.hits - hits, bank.misses - misses, self.replica.last_composition_ms
+        )
+        return results
 
     async def score(self, jobs: list[InferenceJob], top_logprobs: int) -> list[PromptScores]:
         return await asyncio.to_thread(self.replica.score, jobs, top_logprobs)
@@ -140,6 +148,7 @@ class IngressDeployment:
             stats=source.router_stats,
             embed=load_embedder(self.config.embedding).embed,
             store=StoreProxy(store),
+            on_routed=ServeMetrics().record_routing,
         )
 
     # The same operations for Python callers inside the cluster:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import socket
+import time
+import urllib.request
 
 import openai
 import pytest
@@ -16,6 +18,7 @@ from adapterswap.embedding import load_embedder
 from adapterswap.registry import AdapterRegistry
 from adapterswap.serve_app import build_app
 
+METRICS_URL: list[str] = []  # Ray's Prometheus endpoint of the module's cluster
 OVERRIDES = [
     "model.spec=tiny-random",
     "lora.rank=4",
@@ -51,13 +54,22 @@ def served(tmp_path_factory):
     )
     key = registry.create_key("hana", ["hr"])[0]
     port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    metrics_port = free_port()
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 500},
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(
         build_app({"home": config.home, "overrides": overrides, "num_replicas": 1}),
         name="adapterswap",
         route_prefix="/",
     )
+    METRICS_URL.append(f"http://127.0.0.1:{metrics_port}/metrics")
     try:
         yield openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120
@@ -174,3 +186,22 @@ def test_python_handle_gives_the_same_operations(served):
         served.api_key, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     ).result()
     assert chat["object"] == "chat.completion"
+
+
+def test_adapterswap_metrics_reach_prometheus(served):
+    served.completions.create(
+        model="tiny-random", prompt="How long is parental leave?", max_tokens=2
+    )
+    wanted = [
+        "adapterswap_router_latency_ms",
+        "adapterswap_adapters_per_request",
+        "adapterswap_composition_setup_ms",
+    ]
+    deadline = time.monotonic() + 60
+    while True:
+        with urllib.request.urlopen(METRICS_URL[-1], timeout=5) as response:
+            text = response.read().decode()
+        if all(name in text for name in wanted):
+            break
+        assert time.monotonic() < deadline, [name for name in wanted if name not in text]
+        time.sleep(1)
