@@ -15,7 +15,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
@@ -97,6 +98,7 @@ def create_app() -> FastAPI:
     # the 500 handler, which re-raises after answering, so only the unexpected go there.
     @app.exception_handler(AdapterSwapError)
     @app.exception_handler(ValidationError)
+    @app.exception_handler(RequestValidationError)
     async def _expected(request: Request, exc: Exception) -> JSONResponse:
         status, body = from_exception(exc)
         return JSONResponse(body, status_code=status)
@@ -174,7 +176,13 @@ def create_app() -> FastAPI:
         return await asyncio.to_thread(_gateway(request).document, _principal(request), doc_id)
 
     @app.get("/v1/audit")
-    async def audit(request: Request, since: int = 0, limit: int = 100) -> dict[str, Any]:
+    async def audit(
+        request: Request,
+        since: int = Query(
+            0, ge=0, le=2**63 - 1, description="Entries after this sequence number."
+        ),
+        limit: int = Query(100, ge=1, le=1000, description="At most this many entries."),
+    ) -> dict[str, Any]:
         return await asyncio.to_thread(_gateway(request).audit, _principal(request), since, limit)
 
     @app.api_route(

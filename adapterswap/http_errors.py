@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from adapterswap.errors import (
@@ -43,7 +44,9 @@ def error_body(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def from_validation_error(exc: ValidationError) -> tuple[int, dict[str, Any]]:
+def from_validation_error(
+    exc: ValidationError | RequestValidationError,
+) -> tuple[int, dict[str, Any]]:
     """A 400 naming the bad field and what is wrong with it.
 
     For a union (``adapters`` is "auto", "none" or a list), the deepest error is the one
@@ -61,7 +64,7 @@ def from_validation_error(exc: ValidationError) -> tuple[int, dict[str, Any]]:
 
 def from_exception(exc: Exception) -> tuple[int, dict[str, Any]]:
     """Status and body for any exception raised while handling a request."""
-    if isinstance(exc, ValidationError):
+    if isinstance(exc, ValidationError | RequestValidationError):
         return from_validation_error(exc)
     for kind, status, name in _STATUS:
         if isinstance(exc, kind):
