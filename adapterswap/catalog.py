@@ -81,9 +81,6 @@ class Catalog:
     def documents_of_shard(self, shard: str) -> pa.Table:
         return self.read(filter=pc.field("shard") == shard)
 
-    def batches(self) -> set[str]:
-        return set(self.read(["batch"]).column("batch").to_pylist())
-
     def shard_summaries(self) -> list[ShardSummary]:
         """Every shard with its group, batch, document count and estimated tokens, by shard id."""
         table = self.read(["shard", "group", "batch", "text"])

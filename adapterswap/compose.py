@@ -242,14 +242,6 @@ def inject_mixture_layers(
     return layers
 
 
-def remove_mixture_layers(model: nn.Module) -> None:
-    """Put the original ``nn.Linear`` modules back, dropping every slot."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraMixtureLinear):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, module.base)
-
-
 # --------------------------------------------------------------------------- adapter files
 
 

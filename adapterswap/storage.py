@@ -15,7 +15,6 @@ import os
 import posixpath
 import uuid
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
@@ -42,23 +41,6 @@ def resolve(uri: str) -> Location:
         return Location(fs, fs.normalize_path(os.path.abspath(os.path.expanduser(uri))))
     fs, path = pafs.FileSystem.from_uri(uri)
     return Location(fs, path.rstrip("/"))
-
-
-def join_uri(uri: str, *parts: str) -> str:
-    """Join path parts onto a URI, keeping any query options at the end."""
-    if "://" not in uri:
-        return posixpath.join(uri, *parts)
-    split = urlsplit(uri)
-    return urlunsplit(split._replace(path=posixpath.join(split.path or "/", *parts)))
-
-
-def ensure_dir(loc: Location) -> None:
-    """Create a directory (a no-op prefix on object stores)."""
-    loc.fs.create_dir(loc.path, recursive=True)
-
-
-def exists(loc: Location) -> bool:
-    return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
 
 
 def read_bytes(loc: Location) -> bytes:
