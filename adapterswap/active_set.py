@@ -29,17 +29,27 @@ class ActiveSet:
     """The active versions a replica may serve, by adapter id, as of an acknowledged epoch."""
 
     def __init__(
-        self, snapshot: Snapshot, on_drop: Callable[[set[AdapterRef]], list[AdapterRef]]
+        self,
+        snapshot: Snapshot,
+        on_drop: Callable[[set[AdapterRef]], list[AdapterRef]],
+        epoch: Callable[[], int] | None = None,
     ) -> None:
-        """``snapshot`` reads the store; ``on_drop(keep)`` evicts everything not in ``keep``."""
+        """``snapshot`` reads the store; ``on_drop(keep)`` evicts everything not in ``keep``.
+
+        ``epoch``, if given, reads the store's epoch alone: a sync that finds it unchanged
+        (the common case, once per request or batch) transfers nothing else.
+        """
         self._snapshot = snapshot
         self._on_drop = on_drop
+        self._epoch = epoch
         self._by_id: dict[str, AdapterVersion] = {}
         self.epoch = -1
         self._lock = threading.Lock()
 
     def sync(self) -> SyncResult:
         """Catch up with the store; returns the acknowledged epoch and what was dropped."""
+        if self._epoch is not None and self._epoch() == self.epoch:
+            return SyncResult(self.epoch, ())  # the epoch moves with every change to the set
         epoch, versions = self._snapshot()
         with self._lock:
             if epoch == self.epoch:

@@ -2,7 +2,8 @@
 
 Every ingest appends one fragment file, written atomically (see
 :func:`adapterswap.storage.write_bytes_atomic`), so a failed or rejected ingest leaves
-the catalog exactly as it was. Reading goes through ``pyarrow.dataset``; the same code
+the catalog exactly as it was. A deletion rewrites, in place and atomically, only the
+fragments holding the deleted rows, so the text is gone from storage, not just hidden. Reading goes through ``pyarrow.dataset``; the same code
 serves a local directory and an ``s3://`` prefix.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import io
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -121,3 +122,26 @@ class Catalog:
         target = self.location.child(name)
         write_bytes_atomic(target, sink.getvalue())
         return target.path
+
+    def remove(self, doc_ids: Iterable[str]) -> list[str]:
+        """Rewrite each fragment holding any of ``doc_ids`` without those rows; returns them.
+
+        A fragment left empty is deleted. Ids the catalog does not hold are ignored, so a
+        removal interrupted after some fragments is finished by calling it again.
+        """
+        wanted = pa.array(sorted(set(doc_ids)), pa.string())
+        fs, touched = self.location.fs, []
+        for path in self.fragments():
+            ids = pq.read_table(path, columns=["id"], filesystem=fs).column("id")
+            if not pc.any(pc.is_in(ids, value_set=wanted)).as_py():
+                continue
+            table = pq.read_table(path, filesystem=fs, schema=SCHEMA)
+            kept = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=wanted)))
+            if kept.num_rows == 0:
+                fs.delete_file(path)
+            else:
+                sink = io.BytesIO()
+                pq.write_table(kept, sink, compression="zstd")
+                write_bytes_atomic(Location(fs, path), sink.getvalue())
+            touched.append(path)
+        return touched

@@ -21,6 +21,10 @@ from adapterswap.errors import AdapterSwapError
 Handler = Callable[[argparse.Namespace, AdapterSwapConfig], tuple[str, Any]]
 
 
+class UsageError(Exception):
+    """Wrong usage that argparse cannot express: exit code 2."""
+
+
 def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     # Common options are accepted before and after the sub-command; SUPPRESS keeps the
     # sub-command's copy from overwriting a value given before it.
@@ -73,8 +77,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(handler=_cmd_train)
 
+    delete = sub.add_parser(
+        "delete", parents=[common], help="delete documents: revoke now, retrain and purge"
+    )
+    delete.add_argument("doc_ids", nargs="*", metavar="DOC_ID")
+    delete.add_argument(
+        "--wait",
+        action="store_true",
+        help="retrain and purge here (default: a Ray job when a cluster is running)",
+    )
+    delete.add_argument(
+        "--finish", action="store_true", help="finish every deletion a crash left unfinished"
+    )
+    delete.set_defaults(handler=_cmd_delete)
+
+    audit = sub.add_parser("audit", parents=[common], help="the append-only audit log")
+    audit.add_argument("--since", type=int, default=0, help="entries after this sequence number")
+    audit.add_argument("--limit", type=int, default=100, help="at most this many entries")
+    audit.set_defaults(handler=_cmd_audit)
+
     status = sub.add_parser(
-        "status", parents=[common], help="documents, shards, adapters, versions"
+        "status", parents=[common], help="documents, shards, adapters, versions, jobs"
     )
     status.set_defaults(handler=_cmd_status)
 
@@ -160,6 +183,32 @@ def _forwarded_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
+def _cmd_delete(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
+    from adapterswap.delete_cli import delete_documents, finish_deletions
+
+    if args.finish == bool(args.doc_ids):
+        raise UsageError("delete: give DOC_ID... or --finish (not both)")
+    if args.finish:
+        return finish_deletions(config, _registry(config), None, quiet=args.json)
+    return delete_documents(
+        config,
+        _registry(config),
+        args.doc_ids,
+        wait=args.wait,
+        forward=_forwarded_flags(args),
+        quiet=args.json,
+    )
+
+
+def _cmd_audit(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
+    entries = _registry(config).audit_log(args.since, args.limit)
+    lines = [
+        f"{e.seq:>6} {e.ts} {e.actor:<14} {e.action:<18} {json.dumps(e.details, sort_keys=True)}"
+        for e in entries
+    ]
+    return "\n".join(lines) or "no audit entries", [asdict(e) for e in entries]
+
+
 def _cmd_status(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
     from adapterswap.status import collect_status, format_status
 
@@ -207,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config, home=args.home, overrides=args.overrides)
         text, payload = args.handler(args, config)
+    except UsageError as exc:
+        print(f"adapterswap: error: {exc}", file=sys.stderr)
+        return 2
     except AdapterSwapError as exc:
         if args.json:
             print(json.dumps({"error": {"message": str(exc), "type": type(exc).__name__}}))

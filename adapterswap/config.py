@@ -151,12 +151,29 @@ class ServeSettings(_Section):
     max_prompt_tokens: int = Field(2048, ge=1, description="Longest accepted prompt.")
     max_new_tokens: int = Field(512, ge=0, description="Largest accepted max_tokens.")
     max_batch_size: int = Field(8, ge=1, description="Requests batched per forward pass.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="Wait for a batch to fill.")
+    batch_wait_timeout_s: float = Field(
+        0.05, ge=0, description="How long a batch waits to fill once its first request is in."
+    )
     key_cache_ttl_s: float = Field(
         5.0, ge=0, description="Bound on how long a revoked key may still be accepted."
     )
     adapter_cache_bytes: int = Field(
         512 * 2**20, ge=0, description="Memory for loaded adapters per replica (LRU)."
+    )
+    epoch_poll_s: float = Field(
+        0.1, gt=0, description="How often a model replica checks the store's epoch."
+    )
+    replica_heartbeat_s: float = Field(
+        2.0, gt=0, description="How often a replica re-acknowledges an unchanged epoch."
+    )
+    revocation_timeout_s: float = Field(
+        30.0, gt=0, description="How long a delete waits for every replica to acknowledge."
+    )
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads of a model replica on CPU; default: every CPU of the node "
+        "(Ray would pin a fractional-CPU replica to one).",
     )
 
 

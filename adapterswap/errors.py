@@ -62,5 +62,9 @@ class PayloadTooLarge(AdapterSwapError):
     """A body or prompt is over the configured limit (HTTP 413)."""
 
 
+class RevocationTimeout(AdapterSwapError):
+    """A live replica did not acknowledge a revocation in time (it stays revoked)."""
+
+
 class Overloaded(AdapterSwapError):
     """No capacity or no model loaded yet (HTTP 503)."""

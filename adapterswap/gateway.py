@@ -12,6 +12,7 @@ request's ``groups``), never from the request alone.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -27,9 +28,12 @@ from adapterswap.active_set import ActiveSet
 from adapterswap.auth import Authenticator, effective_groups, require_admin
 from adapterswap.catalog import Catalog
 from adapterswap.config import AdapterSwapConfig
+from adapterswap.deletion import request_delete, wait_for_replicas
+from adapterswap.epoch_watch import live_window_s
 from adapterswap.errors import InvalidArgument, NotFound, PayloadTooLarge
 from adapterswap.generation import GenerationResult, PromptScores, SamplingParams
 from adapterswap.ingest import ingest_records
+from adapterswap.jobs import Jobs
 from adapterswap.keys import Principal
 from adapterswap.readers import RawRecord
 from adapterswap.registry import AdapterRef
@@ -65,6 +69,7 @@ class Gateway:
         stats: Callable[[Any], ShardStats],
         embed: Callable[[Sequence[str]], np.ndarray],
         store: Any,
+        jobs: Jobs,
         on_routed: Callable[[float, int], None] | None = None,
     ) -> None:
         """``store`` answers the registry's methods synchronously (a registry or an actor proxy)."""
@@ -76,6 +81,7 @@ class Gateway:
         self._stats = stats
         self._embed = embed
         self.store = store
+        self.jobs = jobs
         self._on_routed = on_routed  # (milliseconds, adapters): metrics, when served by Ray
 
     # -- routing ----------------------------------------------------------------------
@@ -120,7 +126,12 @@ class Gateway:
         if max_tokens > limit:
             raise PayloadTooLarge(f"max_tokens: {max_tokens} is over serve.max_new_tokens={limit}")
         return SamplingParams(
-            max_tokens, body.temperature, body.top_p, body.seed, tuple(body.stop or ())
+            max_tokens,
+            body.temperature,
+            body.top_p,
+            body.seed,
+            tuple(body.stop or ()),
+            body.ignore_eos,
         )
 
     def completion_jobs(
@@ -141,7 +152,9 @@ class Gateway:
     async def complete(self, principal: Principal, body: CompletionRequest) -> dict[str, Any]:
         """``POST /v1/completions`` without streaming."""
         started = time.perf_counter()
-        jobs, info = self.completion_jobs(principal, body)
+        # Routing reads the store and embeds the query: off the event loop, so concurrent
+        # requests reach the model deployment together and share a batch.
+        jobs, info = await asyncio.to_thread(self.completion_jobs, principal, body)
         scores: list[PromptScores | None] = [None] * len(jobs)
         if body.echo:
             scores = list(await self.model.score(jobs, body.logprobs or 0))
@@ -166,7 +179,7 @@ class Gateway:
     async def chat(self, principal: Principal, body: ChatRequest) -> dict[str, Any]:
         """``POST /v1/chat/completions`` without streaming."""
         started = time.perf_counter()
-        job, info = self.chat_job(principal, body)
+        job, info = await asyncio.to_thread(self.chat_job, principal, body)
         (result,) = await self.model.generate([job])
         choice = {
             "index": 0,
@@ -263,6 +276,60 @@ class Gateway:
         row["metadata"] = json.loads(row["metadata"])
         row["ingested_at"] = row["ingested_at"].isoformat()
         return {**row, "status": "active", "adapters": versions}
+
+    def delete_document(self, principal: Principal, doc_id: str) -> dict[str, Any]:
+        """``DELETE /v1/documents/{id}``: answers once every live replica dropped its versions.
+
+        Retraining and purging go on in the returned job. A repeat while the deletion is in
+        progress is a no-op answering the same job; an unknown id, or one whose deletion has
+        finished, is a 404.
+        """
+        require_admin(principal)
+        serve = self.config.serve
+        request = request_delete(
+            self.store,
+            Catalog(self.config.storage),
+            [doc_id],
+            self.jobs.runner,
+            f"api:{principal.user}",
+        )
+        if request.job is not None:
+            self.jobs.start_deletion(request.job)
+        self.active.sync()  # the ingress's own routing view and statistics cache, too
+        waited = wait_for_replicas(
+            self.store,
+            request.epoch,
+            timeout_s=serve.revocation_timeout_s,
+            live_within_s=live_window_s(serve.replica_heartbeat_s),
+        )
+        return {
+            "revoked": request.revoked,
+            "job": request.job_id,
+            "acknowledged_after_s": round(waited, 3),
+        }
+
+    def submit_training(self, principal: Principal) -> dict[str, Any]:
+        """``POST /v1/train``: a job that trains every shard whose content changed."""
+        require_admin(principal)
+        job = self.jobs.submit_training(principal.user)
+        return {"job": job.job_id, "state": job.state.value}
+
+    def job(self, principal: Principal, job_id: str) -> dict[str, Any]:
+        """``GET /v1/jobs/{id}``: state, progress, result and error of a job."""
+        require_admin(principal)
+        job = self.jobs.get(job_id)
+        return {
+            "id": job.job_id,
+            "object": "job",
+            "kind": job.kind,
+            "state": job.state.value,
+            "submitted_by": job.actor,
+            "created_at": job.created_at,
+            "updated_at": job.updated_at,
+            "progress": job.progress,
+            "result": job.result,
+            "error": job.error,
+        }
 
     def audit(self, principal: Principal, since: int, limit: int) -> dict[str, Any]:
         """``GET /v1/audit``: the append-only log, oldest first, after ``since``."""

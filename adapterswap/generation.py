@@ -44,6 +44,7 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus: sample among the fewest top tokens whose mass reaches top_p
     seed: int | None = None  # None: nondeterministic
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks, load tests)
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,7 @@ def _forward_last(
 def _advance(row: _Row, token: int, eos: frozenset[int], on_token: TokenCallback | None) -> None:
     """Apply one sampled token to a row: EOS, stop strings, max_tokens, then stream."""
     row.produced += 1
-    if token in eos:
+    if token in eos and not row.params.ignore_eos:
         _finish(row, "stop", row.detok.text, on_token)
         return
     row.detok.push(token)

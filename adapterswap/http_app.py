@@ -46,8 +46,10 @@ def _gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-def _principal(request: Request) -> Principal:
-    return _gateway(request).auth.authenticate(request.headers.get("authorization"))
+async def _principal(request: Request) -> Principal:
+    """The caller; off the event loop, since a key-cache miss reads the store."""
+    header = request.headers.get("authorization")
+    return await asyncio.to_thread(_gateway(request).auth.authenticate, header)
 
 
 async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
@@ -131,49 +133,66 @@ def create_app() -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
-        _principal(request)
+        await _principal(request)
         return _gateway(request).list_models()
 
     @app.get("/v1/adapters")
     async def adapters(request: Request) -> dict[str, Any]:
-        return _gateway(request).list_adapters(_principal(request))
+        principal = await _principal(request)
+        return await asyncio.to_thread(_gateway(request).list_adapters, principal)
 
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request) -> Any:
-        principal = _principal(request)
+        principal = await _principal(request)
         gateway = _gateway(request)
         body = await _body(request, CompletionRequest, gateway.config.serve.max_body_bytes)
         if not body.stream:
             return await gateway.complete(principal, body)
         if len(body.prompts) != 1 or body.echo:
             raise InvalidArgument("stream: supported for a single prompt without echo")
-        jobs, info = gateway.completion_jobs(principal, body)
+        jobs, info = await asyncio.to_thread(gateway.completion_jobs, principal, body)
         return StreamingResponse(
             _sse(gateway.stream_chunks(jobs[0], info, chat=False)), media_type="text/event-stream"
         )
 
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatRequest))
     async def chat(request: Request) -> Any:
-        principal = _principal(request)
+        principal = await _principal(request)
         gateway = _gateway(request)
         body = await _body(request, ChatRequest, gateway.config.serve.max_body_bytes)
         if not body.stream:
             return await gateway.chat(principal, body)
-        job, info = gateway.chat_job(principal, body)
+        job, info = await asyncio.to_thread(gateway.chat_job, principal, body)
         return StreamingResponse(
             _sse(gateway.stream_chunks(job, info, chat=True)), media_type="text/event-stream"
         )
 
     @app.post("/v1/documents", openapi_extra=_body_schema(DocumentsRequest))
     async def ingest(request: Request) -> dict[str, Any]:
-        principal = _principal(request)
+        principal = await _principal(request)
         gateway = _gateway(request)
         body = await _body(request, DocumentsRequest, gateway.config.serve.max_body_bytes)
         return await asyncio.to_thread(gateway.ingest, principal, body)
 
     @app.get("/v1/documents/{doc_id}")
     async def document(request: Request, doc_id: str) -> dict[str, Any]:
-        return await asyncio.to_thread(_gateway(request).document, _principal(request), doc_id)
+        principal = await _principal(request)
+        return await asyncio.to_thread(_gateway(request).document, principal, doc_id)
+
+    @app.delete("/v1/documents/{doc_id}")
+    async def delete(request: Request, doc_id: str) -> dict[str, Any]:
+        principal = await _principal(request)
+        return await asyncio.to_thread(_gateway(request).delete_document, principal, doc_id)
+
+    @app.post("/v1/train")
+    async def train(request: Request) -> dict[str, Any]:
+        principal = await _principal(request)
+        return await asyncio.to_thread(_gateway(request).submit_training, principal)
+
+    @app.get("/v1/jobs/{job_id}")
+    async def job(request: Request, job_id: str) -> dict[str, Any]:
+        principal = await _principal(request)
+        return await asyncio.to_thread(_gateway(request).job, principal, job_id)
 
     @app.get("/v1/audit")
     async def audit(
@@ -183,7 +202,8 @@ def create_app() -> FastAPI:
         ),
         limit: int = Query(100, ge=1, le=1000, description="At most this many entries."),
     ) -> dict[str, Any]:
-        return await asyncio.to_thread(_gateway(request).audit, _principal(request), since, limit)
+        principal = await _principal(request)
+        return await asyncio.to_thread(_gateway(request).audit, principal, since, limit)
 
     @app.api_route(
         "/v1/{rest:path}",
@@ -191,7 +211,7 @@ def create_app() -> FastAPI:
         include_in_schema=False,
     )
     async def unknown(request: Request, rest: str) -> JSONResponse:
-        _principal(request)
+        await _principal(request)
         return JSONResponse(
             error_body(f"no endpoint /v1/{rest}", "not_found_error"), status_code=404
         )

@@ -22,6 +22,7 @@ from adapterswap.errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    RevocationTimeout,
     Unauthorized,
 )
 
@@ -31,6 +32,7 @@ _STATUS: list[tuple[type[Exception], int, str]] = [
     (NotFound, 404, "not_found_error"),
     (PayloadTooLarge, 413, "invalid_request_error"),
     (Overloaded, 503, "overloaded_error"),
+    (RevocationTimeout, 503, "timeout_error"),
     (IllegalTransition, 409, "conflict_error"),
     (InvalidDocument, 400, "invalid_request_error"),
     (InvalidArgument, 400, "invalid_request_error"),

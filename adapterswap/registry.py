@@ -21,6 +21,23 @@ Everything else raises IllegalTransition: a revoked, failed or purged version ne
 back (register a new version instead); a training version is stopped with ``fail``, not
 ``revoke``; an active version must be revoked before it is purged.
 
+A document deletion is a row that only moves forward, so a crashed delete is finished by
+running the delete job again (``adapterswap.deletion``)::
+
+    deleting   begin_delete: revoke every active version whose lineage holds the document,
+               fail every training one, bump the epoch, create the job (one transaction)
+    removed    the document's row is gone from the catalog
+    retrained  its shard was retrained without it (or retired, if it is now empty)
+    purged     every version that saw it is purged: files gone, status purged. Done.
+
+While a document is ``deleting`` no version whose lineage holds it can be activated.
+Serving replicas acknowledge epochs (``ack_epoch``) so a delete can wait until every live
+replica has dropped the revoked versions (``replicas_behind``).
+
+Jobs (training, deletion) are rows too: ``pending -> running -> succeeded | failed`` (or
+``pending -> failed``), with progress and a result, so ``GET /v1/jobs/{id}`` and
+``adapterswap status`` read them wherever the job runs.
+
 The epoch is a counter bumped by one in every transaction that changes the set of active
 versions (activate, revoke). Serving replicas compare it to tell whether their view is current.
 """
@@ -30,6 +47,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +74,29 @@ class AdapterStatus(StrEnum):
     REVOKED = "revoked"
     FAILED = "failed"
     PURGED = "purged"
+
+
+class JobState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class DeletionState(StrEnum):
+    DELETING = "deleting"
+    REMOVED = "removed"
+    RETRAINED = "retrained"
+    PURGED = "purged"
+
+
+_DELETION_ORDER = list(DeletionState)
+
+_JOB_FROM: dict[JobState, tuple[JobState, ...]] = {
+    JobState.RUNNING: (JobState.PENDING, JobState.RUNNING),  # running again: a progress update
+    JobState.SUCCEEDED: (JobState.RUNNING,),
+    JobState.FAILED: (JobState.PENDING, JobState.RUNNING),
+}
 
 
 # target status -> the statuses a version may move to it from (see the module docstring).
@@ -98,6 +140,19 @@ CREATE TABLE IF NOT EXISTS api_keys (
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, actor TEXT NOT NULL,
     action TEXT NOT NULL, details TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY, kind TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ({", ".join(f"'{s}'" for s in JobState)})),
+    runner TEXT NOT NULL, actor TEXT NOT NULL, created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL, progress TEXT NOT NULL, result TEXT, error TEXT) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS deletions (
+    doc_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ({", ".join(f"'{s}'" for s in DeletionState)})),
+    job_id TEXT NOT NULL, actor TEXT NOT NULL, epoch INTEGER NOT NULL, revoked TEXT NOT NULL,
+    requested_at TEXT NOT NULL, updated_at TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS replicas (
+    replica_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, seen_at REAL NOT NULL) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
@@ -149,6 +204,69 @@ class AuditEntry:
     actor: str
     action: str
     details: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job: what it is, where it runs, how far it got and how it ended."""
+
+    job_id: str
+    kind: str  # train, delete
+    state: JobState
+    runner: str  # where it runs: "ray-actor" (named "<job_id>-runner"), "process:<host>:<pid>"
+    actor: str  # who submitted it
+    created_at: str
+    updated_at: str
+    progress: dict[str, Any]
+    result: dict[str, Any] | None
+    error: str | None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (JobState.SUCCEEDED, JobState.FAILED)
+
+
+def _job_from_row(row: sqlite3.Row) -> JobRecord:
+    result = row["result"]
+    return JobRecord(
+        row["job_id"],
+        row["kind"],
+        JobState(row["state"]),
+        row["runner"],
+        row["actor"],
+        row["created_at"],
+        row["updated_at"],
+        json.loads(row["progress"]),
+        None if result is None else json.loads(result),
+        row["error"],
+    )
+
+
+@dataclass(frozen=True)
+class DeletionRecord:
+    """One document's deletion: how far it got, and the versions it revoked."""
+
+    doc_id: str
+    state: DeletionState
+    job_id: str
+    actor: str
+    epoch: int  # the epoch its revocation moved the store to: replicas must reach it
+    revoked: list[AdapterRef]
+    requested_at: str
+    updated_at: str
+
+
+def _deletion_from_row(row: sqlite3.Row) -> DeletionRecord:
+    return DeletionRecord(
+        row["doc_id"],
+        DeletionState(row["state"]),
+        row["job_id"],
+        row["actor"],
+        row["epoch"],
+        [AdapterRef(i, v) for i, v in json.loads(row["revoked"])],
+        row["requested_at"],
+        row["updated_at"],
+    )
 
 
 @dataclass(frozen=True)
@@ -363,6 +481,16 @@ class AdapterRegistry:
             current = self._version(conn, adapter_id, version)
             if current.status != AdapterStatus.TRAINING:  # checked before touching the old one
                 raise _illegal(current.status, AdapterStatus.ACTIVE, current.ref)
+            deleting = conn.execute(
+                "SELECT l.doc_id FROM lineage l JOIN deletions d ON d.doc_id = l.doc_id "
+                "WHERE l.adapter_id = ? AND l.version = ? AND d.state = 'deleting' LIMIT 1",
+                (adapter_id, version),
+            ).fetchone()
+            if deleting is not None:
+                raise IllegalTransition(
+                    f"{adapter_id} v{version} cannot be activated: its lineage holds document "
+                    f"{deleting[0]!r}, which is being deleted; retrain the shard without it"
+                )
             if manifest is not None:
                 conn.execute(
                     "UPDATE versions SET manifest = ? WHERE adapter_id = ? AND version = ?",
@@ -456,13 +584,16 @@ class AdapterRegistry:
 
     def versions_containing(self, doc_id: str) -> list[AdapterVersion]:
         """Every version (any status) whose lineage includes ``doc_id``."""
+        with self._read() as conn:
+            return self._versions_containing(conn, doc_id)
+
+    @staticmethod
+    def _versions_containing(conn: sqlite3.Connection, doc_id: str) -> list[AdapterVersion]:
         sql = _VERSION_SELECT + (
             " JOIN lineage l ON l.adapter_id = v.adapter_id AND l.version = v.version"
             " WHERE l.doc_id = ?"
         )
-        with self._lock:
-            rows = self._conn.execute(sql + _VERSION_ORDER, (doc_id,)).fetchall()
-        return [_version_from_row(r) for r in rows]
+        return [_version_from_row(r) for r in conn.execute(sql + _VERSION_ORDER, (doc_id,))]
 
     def lineage(self, adapter_id: str, version: int) -> list[str]:
         """The sorted doc ids a version was trained on."""
@@ -575,6 +706,205 @@ class AdapterRegistry:
             return None
         groups = tuple(json.loads(row["groups"]))
         return Principal(key_id=key_id, user=row["user"], groups=groups, admin=bool(row["admin"]))
+
+    # -- deletions -----------------------------------------------------------------------
+
+    def begin_delete(
+        self, doc_ids: Iterable[str], runner: str, *, actor: str = "system"
+    ) -> tuple[JobRecord | None, list[DeletionRecord]]:
+        """Start deleting documents, in ONE transaction: revoke, fail, record, epoch, job.
+
+        Every active version whose lineage holds one of ``doc_ids`` is revoked, every training
+        one failed, each document recorded ``deleting`` and the epoch bumped; a ``pending``
+        delete job is created to carry out the rest. A document already being deleted is
+        left as it is (its record is returned). Returns (the new job or None, records).
+        """
+        docs = sorted(set(doc_ids))
+        with self._write() as conn:
+            records, fresh = [], []
+            for doc_id in docs:
+                row = conn.execute("SELECT * FROM deletions WHERE doc_id = ?", (doc_id,)).fetchone()
+                if row is not None and row["state"] != DeletionState.PURGED:
+                    records.append(_deletion_from_row(row))
+                else:
+                    fresh.append(doc_id)
+            if not fresh:
+                return None, records
+            job = self._insert_job(conn, "delete", runner, actor)
+            epoch = self._bump_epoch(conn)
+            now = _now()
+            for doc_id in fresh:
+                revoked = []
+                for version in self._versions_containing(conn, doc_id):
+                    if version.status == AdapterStatus.ACTIVE:
+                        self._move(conn, version.adapter_id, version.version, AdapterStatus.REVOKED)
+                        revoked.append(version.ref)
+                        details = {"id": version.adapter_id, "version": version.version}
+                        details |= {"epoch": epoch, "reason": f"delete {doc_id}"}
+                        self._audit(conn, actor, "revoke", details)
+                    elif version.status == AdapterStatus.TRAINING:
+                        self._move(conn, version.adapter_id, version.version, AdapterStatus.FAILED)
+                        details = {"id": version.adapter_id, "version": version.version}
+                        self._audit(conn, actor, "fail", details | {"reason": f"delete {doc_id}"})
+                conn.execute(
+                    "INSERT OR REPLACE INTO deletions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        doc_id,
+                        DeletionState.DELETING.value,
+                        job.job_id,
+                        actor,
+                        epoch,
+                        json.dumps([[r.id, r.version] for r in revoked]),
+                        now,
+                        now,
+                    ),
+                )
+                details = {"doc_id": doc_id, "job_id": job.job_id, "epoch": epoch}
+                details |= {"revoked": [f"{r.id}@v{r.version}" for r in revoked]}
+                self._audit(conn, actor, "delete_requested", details)
+            records += [self._deletion(conn, d) for d in fresh]
+            return job, sorted(records, key=lambda r: r.doc_id)
+
+    def advance_deletion(
+        self, doc_ids: Iterable[str], state: DeletionState, *, actor: str = "system", **details: Any
+    ) -> list[DeletionRecord]:
+        """Move deletions forward to ``state`` (those already there or beyond are left)."""
+        state = DeletionState(state)
+        with self._write() as conn:
+            moved = []
+            for doc_id in sorted(set(doc_ids)):
+                current = self._deletion(conn, doc_id)
+                if _DELETION_ORDER.index(current.state) >= _DELETION_ORDER.index(state):
+                    continue
+                conn.execute(
+                    "UPDATE deletions SET state = ?, updated_at = ? WHERE doc_id = ?",
+                    (state.value, _now(), doc_id),
+                )
+                self._audit(conn, actor, f"delete_{state.value}", {"doc_id": doc_id, **details})
+                moved.append(self._deletion(conn, doc_id))
+            return moved
+
+    def deletion(self, doc_id: str) -> DeletionRecord:
+        with self._read() as conn:
+            return self._deletion(conn, doc_id)
+
+    def unfinished_deletions(self) -> list[DeletionRecord]:
+        """Deletions not yet purged, oldest first: the work a delete job (re)does."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT * FROM deletions WHERE state != 'purged' ORDER BY requested_at, doc_id"
+            ).fetchall()
+        return [_deletion_from_row(r) for r in rows]
+
+    @staticmethod
+    def _deletion(conn: sqlite3.Connection, doc_id: str) -> DeletionRecord:
+        row = conn.execute("SELECT * FROM deletions WHERE doc_id = ?", (doc_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"document {doc_id!r} has no deletion")
+        return _deletion_from_row(row)
+
+    # -- serving replicas' acknowledged epochs ---------------------------------------------
+
+    def ack_epoch(self, replica_id: str, epoch: int) -> None:
+        """A serving replica has dropped everything revoked up to ``epoch`` (and is alive)."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO replicas VALUES (?, ?, ?)", (replica_id, epoch, time.time())
+            )
+
+    def forget_replica(self, replica_id: str) -> None:
+        """A replica that shut down: no delete waits for it."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM replicas WHERE replica_id = ?", (replica_id,))
+
+    def replicas_behind(self, epoch: int, live_within_s: float) -> list[tuple[str, int]]:
+        """(replica, acknowledged epoch) of live replicas (seen within the window) below it."""
+        since = time.time() - live_within_s
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT replica_id, epoch FROM replicas WHERE seen_at >= ? AND epoch < ? "
+                "ORDER BY replica_id",
+                (since, epoch),
+            ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    def create_job(self, kind: str, runner: str, *, actor: str = "system") -> JobRecord:
+        """Record a new ``pending`` job; its id is ``<kind>-<12 hex digits>``."""
+        with self._write() as conn:
+            return self._insert_job(conn, kind, runner, actor)
+
+    def _insert_job(
+        self, conn: sqlite3.Connection, kind: str, runner: str, actor: str
+    ) -> JobRecord:
+        job_id = f"{kind}-{uuid.uuid4().hex[:12]}"
+        now = _now()
+        conn.execute(
+            "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, '{}', NULL, NULL)",
+            (job_id, kind, JobState.PENDING.value, runner, actor, now, now),
+        )
+        self._audit(conn, actor, "submit_job", {"job_id": job_id, "kind": kind})
+        return self._job(conn, job_id)
+
+    def update_job(
+        self,
+        job_id: str,
+        state: JobState,
+        *,
+        progress: dict[str, Any] | None = None,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+        actor: str = "system",
+    ) -> JobRecord:
+        """Move a job to ``state`` (running again: a progress update); audits the end."""
+        state = JobState(state)
+        with self._write() as conn:
+            current = self._job(conn, job_id)
+            if current.state not in _JOB_FROM[state]:
+                raise IllegalTransition(
+                    f"job {job_id} is {current.state}; it cannot become {state}"
+                )
+            conn.execute(
+                "UPDATE jobs SET state = ?, updated_at = ?, progress = ?, result = ?, error = ? "
+                "WHERE job_id = ?",
+                (
+                    state.value,
+                    _now(),
+                    json.dumps(current.progress if progress is None else progress),
+                    None if result is None else json.dumps(result),
+                    error,
+                    job_id,
+                ),
+            )
+            if state in (JobState.SUCCEEDED, JobState.FAILED):
+                details = {"job_id": job_id, "kind": current.kind, "state": state.value}
+                self._audit(
+                    conn, actor, "finish_job", details | ({"error": error} if error else {})
+                )
+            return self._job(conn, job_id)
+
+    def get_job(self, job_id: str) -> JobRecord:
+        with self._read() as conn:
+            return self._job(conn, job_id)
+
+    def list_jobs(self, states: Iterable[str] | None = None, limit: int = 100) -> list[JobRecord]:
+        """Jobs, newest first, optionally only in ``states``."""
+        wanted = [JobState(s).value for s in states] if states is not None else list(JobState)
+        marks = ", ".join("?" * len(wanted))
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created_at DESC LIMIT ?",
+                (*wanted, limit),
+            ).fetchall()
+        return [_job_from_row(r) for r in rows]
+
+    @staticmethod
+    def _job(conn: sqlite3.Connection, job_id: str) -> JobRecord:
+        row = conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"job_id: no job {job_id!r}")
+        return _job_from_row(row)
 
     # -- audit log -----------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from adapterswap.active_set import ActiveSet, Snapshot
@@ -54,14 +54,19 @@ class ModelReplica:
     """One base model per replica, composing adapters per row of each batch."""
 
     def __init__(
-        self, config: AdapterSwapConfig, snapshot: Snapshot, loaded: LoadedModel | None = None
+        self,
+        config: AdapterSwapConfig,
+        snapshot: Snapshot,
+        loaded: LoadedModel | None = None,
+        epoch: Callable[[], int] | None = None,
     ) -> None:
+        """``snapshot`` and ``epoch`` read the store (see :class:`ActiveSet`)."""
         self.loaded = loaded or load_base_model(config.model, config.model_cache_dir)
         self.tokenizer = self.loaded.tokenizer
         self.bank = AdapterBank.from_settings(self.loaded.model, config.lora, config.serve)
         base_hash = hash_base_model(config.model, config.model_cache_dir)
         self.source = StorageAdapterSource(config.storage, base_hash)
-        self.active = ActiveSet(snapshot, self._drop)
+        self.active = ActiveSet(snapshot, self._drop, epoch)
         self.max_prompt_tokens = config.serve.max_prompt_tokens
         self.last_composition_ms = 0.0  # mixture setup of the latest batch (a metric)
         self._lock = threading.Lock()  # the bank holds one mixture at a time

@@ -49,6 +49,7 @@ class _InferenceBody(_Body):
     stop: str | list[str] | None = Field(None, description="Up to 4 stop sequences.")
     seed: int | None = Field(None, description="Seed for reproducible sampling.")
     stream: bool = Field(False, description="Server-sent events.")
+    ignore_eos: bool = Field(False, description="Keep generating past EOS to max_tokens (vLLM).")
     adapters: Adapters = Field("auto", description="'auto', 'none' or a weighted list.")
     top_k: int | None = Field(None, ge=0, le=16, description="Most adapters the router may use.")
     groups: list[Annotated[str, Field(pattern=f"^{GROUP_PATTERN}$")]] | None = Field(

@@ -14,21 +14,25 @@ Serve YAML (``serve_configs/``) uses ``import_path: adapterswap.serve_app:build_
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from actors.adapter_store import get_or_create_store
+from actors.job_runner import RayJobs
 from adapterswap.active_set import ActiveSet
 from adapterswap.adapter_source import StorageAdapterSource
 from adapterswap.auth import Authenticator
 from adapterswap.base_model import hash_base_model
 from adapterswap.config import AdapterSwapConfig, load_config
 from adapterswap.embedding import load_embedder
+from adapterswap.epoch_watch import EpochWatcher
 from adapterswap.gateway import Gateway
 from adapterswap.generation import GenerationResult, PromptScores
 from adapterswap.http_app import create_app
@@ -77,9 +81,23 @@ class ModelDeployment:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = AdapterSwapConfig.model_validate(config)
+        # Ray sets OMP_NUM_THREADS=floor(num_cpus) or 1 for a fractional replica; a CPU replica
+        # that shares a node with a store and trainers still wants every core for its batches.
+        torch.set_num_threads(self.config.serve.cpu_threads or os.cpu_count() or 1)
         store = _store_reader(self.config)
-        self.replica = ModelReplica(self.config, lambda: _read(store, "active_snapshot"))
+        self.replica = ModelReplica(
+            self.config,
+            lambda: _read(store, "active_snapshot"),
+            epoch=lambda: _read(store, "epoch"),
+        )
         self.metrics = ServeMetrics()
+        self.watcher = EpochWatcher(
+            self.replica.sync,
+            StoreProxy(store),
+            replica_id=serve.get_replica_context().replica_id.unique_id,
+            poll_s=self.config.serve.epoch_poll_s,
+            heartbeat_s=self.config.serve.replica_heartbeat_s,
+        )
         self.generate_one.set_max_batch_size(self.config.serve.max_batch_size)
         self.generate_one.set_batch_wait_timeout_s(self.config.serve.batch_wait_timeout_s)
 
@@ -102,9 +120,9 @@ class ModelDeployment:
         async for delta in LocalModelClient(self.replica).stream(job):
             yield delta
 
-    async def sync(self) -> int:
-        """Acknowledge the store's current epoch (the deletion barrier builds on this)."""
-        return await asyncio.to_thread(self.replica.sync)
+    def __del__(self) -> None:
+        """Serve shuts the replica down: no delete should wait for it any more."""
+        self.watcher.stop()
 
 
 class HandleModelClient:
@@ -143,26 +161,30 @@ class IngressDeployment:
                 lambda key: _read(store, "lookup_key", key), self.config.serve.key_cache_ttl_s
             ),
             active=ActiveSet(
-                lambda: _read(store, "active_snapshot"), lambda keep: source.forget(keep) or []
+                lambda: _read(store, "active_snapshot"),
+                lambda keep: source.forget(keep) or [],
+                epoch=lambda: _read(store, "epoch"),
             ),
             stats=source.router_stats,
             embed=load_embedder(self.config.embedding).embed,
             store=StoreProxy(store),
+            jobs=RayJobs(self.config, StoreProxy(store)),
             on_routed=ServeMetrics().record_routing,
         )
 
     # The same operations for Python callers inside the cluster:
     #   handle = serve.get_app_handle("adapterswap"); await handle.completions.remote(key, {...})
     async def completions(self, api_key: str, body: dict[str, Any]) -> dict[str, Any]:
-        principal = self.gateway.auth.authenticate(f"Bearer {api_key}")
+        principal = await asyncio.to_thread(self.gateway.auth.authenticate, f"Bearer {api_key}")
         return await self.gateway.complete(principal, CompletionRequest.model_validate(body))
 
     async def chat(self, api_key: str, body: dict[str, Any]) -> dict[str, Any]:
-        principal = self.gateway.auth.authenticate(f"Bearer {api_key}")
+        principal = await asyncio.to_thread(self.gateway.auth.authenticate, f"Bearer {api_key}")
         return await self.gateway.chat(principal, ChatRequest.model_validate(body))
 
     async def adapters(self, api_key: str) -> dict[str, Any]:
-        return self.gateway.list_adapters(self.gateway.auth.authenticate(f"Bearer {api_key}"))
+        principal = await asyncio.to_thread(self.gateway.auth.authenticate, f"Bearer {api_key}")
+        return await asyncio.to_thread(self.gateway.list_adapters, principal)
 
     def __serve_build_asgi_app__(self) -> Any:
         """The FastAPI app, built on the replica after __init__ so it holds this gateway."""

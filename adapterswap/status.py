@@ -27,6 +27,8 @@ def collect_status(config: AdapterSwapConfig, registry: AdapterRegistry) -> dict
         "shards": [asdict(s) for s in shards],
         "adapters": [asdict(v) for v in registry.list_versions()],
         "epoch": registry.epoch(),
+        "jobs": [asdict(j) for j in registry.list_jobs(states=["pending", "running"])],
+        "deletions": [asdict(d) for d in registry.unfinished_deletions()],
     }
 
 
@@ -53,4 +55,14 @@ def format_status(status: dict[str, Any]) -> str:
         f"  {a['adapter_id']:<32} v{a['version']:<4} {a['status']:<9} {a['doc_count']:>5} docs"
         for a in status["adapters"]
     ]
+    lines.append(f"running jobs {len(status['jobs'])}")
+    lines += [
+        f"  {j['job_id']:<24} {j['kind']:<7} {j['state']:<8} since {j['created_at']}"
+        for j in status["jobs"]
+    ]
+    if status["deletions"]:
+        lines.append(f"unfinished deletions {len(status['deletions'])}")
+        lines += [
+            f"  {d['doc_id']:<32} {d['state']:<10} job {d['job_id']}" for d in status["deletions"]
+        ]
     return "\n".join(lines)

@@ -9,32 +9,16 @@ failed. ``ray job submit -- python -m adapterswap train --wait`` is the same ent
 
 from __future__ import annotations
 
-import os
-import shlex
 from typing import Any
 
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import AdapterSwapError
+from adapterswap.jobs import submit_ray_job
 from adapterswap.train_job import TrainReport, run_training
-
-DEFAULT_JOB_SERVER = "http://127.0.0.1:8265"
 
 
 class TrainingFailed(AdapterSwapError):
     """At least one shard failed to train; the others were published."""
-
-
-def submit_training_job(config: AdapterSwapConfig, forward: list[str]) -> str | None:
-    """Submit the training entry point as a Ray job; None when no job server answers."""
-    from ray.job_submission import JobSubmissionClient
-
-    address = os.environ.get("RAY_ADDRESS") or config.ray.address or DEFAULT_JOB_SERVER
-    try:
-        client = JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError, ValueError):
-        return None
-    entrypoint = shlex.join(["python", "-m", "adapterswap", *forward, "train", "--wait"])
-    return client.submit_job(entrypoint=entrypoint)
 
 
 def train_in_foreground(config: AdapterSwapConfig, *, quiet: bool) -> TrainReport:
@@ -67,7 +51,7 @@ def submit_or_train(
 ) -> tuple[str, dict[str, Any]]:
     """The ``train`` command: returns its text and JSON payload; raises TrainingFailed."""
     if not wait:
-        job_id = submit_training_job(config, forward)
+        job_id = submit_ray_job(config, [*forward, "train", "--wait"])
         if job_id is not None:
             return f"submitted training job {job_id}; follow it with: ray job logs -f {job_id}", {
                 "job": job_id
@@ -75,5 +59,10 @@ def submit_or_train(
     report = train_in_foreground(config, quiet=quiet)
     if report.failed:
         raise TrainingFailed(format_report(report))
-    payload = {"message": report.message, "trained": report.trained, "recovered": report.recovered}
+    payload = {
+        "job": report.job,
+        "message": report.message,
+        "trained": report.trained,
+        "recovered": report.recovered,
+    }
     return format_report(report), payload

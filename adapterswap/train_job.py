@@ -16,8 +16,8 @@ their files first, along with any version directory the store does not know.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from adapterswap.artifacts import (
@@ -30,6 +30,8 @@ from adapterswap.artifacts import (
 from adapterswap.base_model import hash_base_model
 from adapterswap.catalog import Catalog
 from adapterswap.config import AdapterSwapConfig
+from adapterswap.errors import IllegalTransition
+from adapterswap.jobs import JobReporter
 from adapterswap.locks import home_lock
 from adapterswap.registry import AdapterRegistry, AdapterStatus
 from adapterswap.storage import resolve
@@ -43,6 +45,7 @@ NOTHING_TO_TRAIN = "nothing to train: every shard's active adapter matches its d
 class TrainReport:
     """What a training job did."""
 
+    job: str = ""
     trained: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)
@@ -97,7 +100,8 @@ def _publish(run: ShardRun, config: AdapterSwapConfig, registry: AdapterRegistry
 def _abandon(
     run: ShardRun, error: str, config: AdapterSwapConfig, registry: AdapterRegistry
 ) -> dict[str, Any]:
-    registry.fail(run.adapter_id, run.version, reason=error[:500], actor="train")
+    if registry.get_version(run.adapter_id, run.version).status == AdapterStatus.TRAINING:
+        registry.fail(run.adapter_id, run.version, reason=error[:500], actor="train")
     delete_version(version_location(config.storage, run.adapter_id, run.version))
     delete_checkpoints(config, run.adapter_id, run.version)
     registry.purge(run.adapter_id, run.version, actor="train")
@@ -110,31 +114,64 @@ def run_training(
     *,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     fail_once_at_step: int | None = None,
+    job_id: str | None = None,
 ) -> TrainReport:
-    """Train and publish every changed shard with Ray Train (joining or starting Ray if needed)."""
+    """Train and publish every changed shard with Ray Train (joining or starting Ray if needed).
+
+    The work is recorded as job ``job_id`` (created ``pending`` by the submitter), or as a
+    new job of this process; jobs queue on the home's train lock.
+    """
+    job = JobReporter.open(registry, "train", job_id)
+    report = TrainReport(job=job.job_id)
+
+    def progress(event: dict[str, Any]) -> None:
+        job.progress(event)
+        if on_progress is not None:
+            on_progress(event)
+
+    with home_lock(config.home_path, "train"):
+        job.start()
+        try:
+            train_changed_shards(config, registry, report, progress, fail_once_at_step)
+        except BaseException as exc:
+            job.finish({}, error=f"{type(exc).__name__}: {exc}")
+            raise
+    failed = ", ".join(f["id"] for f in report.failed)
+    job.finish(asdict(report), error=f"shards failed: {failed}" if failed else None)
+    return report
+
+
+def train_changed_shards(
+    config: AdapterSwapConfig,
+    registry: AdapterRegistry,
+    report: TrainReport,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    fail_once_at_step: int | None = None,
+    only: Collection[str] | None = None,
+) -> None:
+    """The body of a training job (the caller holds the home's train lock): recover, train
+    the changed shards (of ``only``, if given) and publish them, filling ``report``."""
     from adapterswap.ray_train import train_shards_with_ray
 
-    report = TrainReport()
-    with home_lock(config.home_path, "train"):
-        report.recovered = recover_interrupted(config, registry)
-        work = shards_to_train(Catalog(config.storage), registry)
-        if not work:
-            report.message = NOTHING_TO_TRAIN
-            return report
-        base_hash = hash_base_model(config.model, config.model_cache_dir)
-        runs = [_register(w, config, registry, base_hash) for w in work]
-        outcomes = train_shards_with_ray(
-            runs, config, on_progress=on_progress, fail_once_at_step=fail_once_at_step
-        )
-        for outcome in outcomes:
-            error = outcome.error
-            if error is None:
-                try:
-                    report.trained.append(_publish(outcome.run, config, registry))
-                    delete_checkpoints(config, outcome.run.adapter_id, outcome.run.version)
-                    continue
-                except (OSError, ValueError, KeyError) as exc:  # missing or unreadable manifest
-                    error = f"publishing failed: {type(exc).__name__}: {exc}"
-            report.failed.append(_abandon(outcome.run, error, config, registry))
+    report.recovered = recover_interrupted(config, registry)
+    work = shards_to_train(Catalog(config.storage), registry, only)
+    if not work:
+        report.message = NOTHING_TO_TRAIN
+        return
+    base_hash = hash_base_model(config.model, config.model_cache_dir)
+    runs = [_register(w, config, registry, base_hash) for w in work]
+    outcomes = train_shards_with_ray(
+        runs, config, on_progress=on_progress, fail_once_at_step=fail_once_at_step
+    )
+    for outcome in outcomes:
+        error = outcome.error
+        if error is None:
+            try:
+                report.trained.append(_publish(outcome.run, config, registry))
+                delete_checkpoints(config, outcome.run.adapter_id, outcome.run.version)
+                continue
+            except (OSError, ValueError, KeyError, IllegalTransition) as exc:
+                # a missing or unreadable manifest, or a delete that failed the version
+                error = f"publishing failed: {type(exc).__name__}: {exc}"
+        report.failed.append(_abandon(outcome.run, error, config, registry))
     report.message = f"trained {len(report.trained)} shard(s), {len(report.failed)} failed"
-    return report

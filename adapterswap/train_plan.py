@@ -8,6 +8,7 @@ shard is left alone, which is what keeps old adapters byte-for-byte unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import pyarrow.compute as pc
@@ -28,9 +29,16 @@ class ShardWork:
     data_hash: str
 
 
-def shards_to_train(catalog: Catalog, registry: AdapterRegistry) -> list[ShardWork]:
-    """Every shard whose current content has no active version trained on exactly it."""
+def shards_to_train(
+    catalog: Catalog, registry: AdapterRegistry, only: Collection[str] | None = None
+) -> list[ShardWork]:
+    """Every shard (of ``only``, if given) whose content has no active version trained on it.
+
+    A shard the catalog no longer holds any document of (all deleted) is not trained.
+    """
     index = catalog.read(["shard", "group", "id", "content_hash"])
+    if only is not None:
+        index = index.filter(pc.field("shard").isin(sorted(only)))
     hashes: dict[str, list[tuple[str, str]]] = {}
     groups: dict[str, str] = {}
     for row in index.to_pylist():

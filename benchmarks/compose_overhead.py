@@ -65,7 +65,9 @@ def load_model() -> Any:
     return load_base_model(ModelSettings(spec="embedded", device="cpu"), cache)
 
 
-def arithmetic_floor(model: torch.nn.Module, k: int, rank: int) -> dict[str, float]:
+def arithmetic_floor(
+    model: torch.nn.Module, k: int, rank: int, targets: list[str] = TARGETS
+) -> dict[str, float]:
     """1 + LoRA FLOPs / base FLOPs per token (2 FLOPs per multiply-add on both sides).
 
     ``adapter_over_base`` is one adapter's weights over the base's Linear weights: a decode
@@ -73,7 +75,7 @@ def arithmetic_floor(model: torch.nn.Module, k: int, rank: int) -> dict[str, flo
     1 + U · adapter_over_base is the memory floor of an unmerged step.
     """
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    targets = find_target_linears(model, TARGETS).values()
+    targets = find_target_linears(model, targets).values()
     base_all = sum(m.in_features * m.out_features for m in linears)
     base_targets = sum(m.in_features * m.out_features for m in targets)
     one = rank * sum(m.in_features + m.out_features for m in targets)

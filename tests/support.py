@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from adapterswap.artifacts import version_location, write_adapter_version
 from adapterswap.base_model import hash_base_model, load_base_model
 from adapterswap.config import AdapterSwapConfig
-from adapterswap.registry import AdapterRef, AdapterRegistry
+from adapterswap.registry import AdapterRef, AdapterRegistry, JobRecord
 from adapterswap.router_stats import compute_shard_stats, save_shard_stats
 
 
@@ -46,3 +46,24 @@ def publish_random_adapter(
     )
     registry.activate(adapter_id, version)
     return AdapterRef(adapter_id, version)
+
+
+class RecordedJobs:
+    """The gateway's jobs without Ray: submitting records a pending job that nothing runs.
+
+    For HTTP-shape and permission tests; tests/ray/test_serve.py runs real training jobs.
+    """
+
+    def __init__(self, registry: AdapterRegistry) -> None:
+        self.registry = registry
+
+    runner = "test"
+
+    def submit_training(self, actor: str) -> JobRecord:
+        return self.registry.create_job("train", self.runner, actor=actor)
+
+    def start_deletion(self, job: JobRecord) -> None:
+        pass
+
+    def get(self, job_id: str) -> JobRecord:
+        return self.registry.get_job(job_id)

@@ -29,7 +29,7 @@ from adapterswap.base_model import load_base_model
 from adapterswap.catalog import Catalog
 from adapterswap.config import load_config
 from adapterswap.ingest import ingest_files
-from adapterswap.registry import AdapterRegistry, AdapterStatus
+from adapterswap.registry import AdapterRegistry, AdapterStatus, JobState
 from adapterswap.train_job import NOTHING_TO_TRAIN, run_training
 
 FACTS = {
@@ -130,6 +130,14 @@ def test_batch1_trains_concurrently_and_resumes_after_a_worker_failure(env, tmp_
     assert not list(
         Path(config.storage, "checkpoints").glob("*/*")
     )  # checkpoints deleted after publish
+    job = registry.get_job(report.job)  # the run is a job: state, progress and result recorded
+    assert (job.kind, job.state, job.error) == ("train", JobState.SUCCEEDED, None)
+    assert job.runner.startswith("process:")
+    assert {s: p["step"] for s, p in job.progress.items()} == {
+        "hr.b0001.000": 6,
+        "finance.b0001.000": 6,
+    }
+    assert sorted(t["id"] for t in job.result["trained"]) == sorted(steps)
 
 
 def test_published_adapter_loads_in_peft(env, tmp_path):
@@ -144,10 +152,17 @@ def test_published_adapter_loads_in_peft(env, tmp_path):
     assert not torch.allclose(base_logits, adapted_logits)
 
 
-def test_nothing_to_train_is_a_clear_no_op(env):
+def test_nothing_to_train_is_a_clear_no_op_and_fails_jobs_left_running(env):
     config, registry = env
-    report = run_training(config, registry)
+    dead = registry.create_job("train", "process:elsewhere:1")  # its runner died mid-run
+    registry.update_job(dead.job_id, JobState.RUNNING)
+    submitted = registry.create_job("train", "ray-actor", actor="root")
+    report = run_training(config, registry, job_id=submitted.job_id)
     assert report.message == NOTHING_TO_TRAIN and report.trained == []
+    assert report.job == submitted.job_id
+    assert registry.get_job(submitted.job_id).state == JobState.SUCCEEDED
+    stale = registry.get_job(dead.job_id)
+    assert stale.state == JobState.FAILED and "interrupted" in stale.error
 
 
 def test_batch2_failures_never_touch_batch1(env, tmp_path, monkeypatch):
@@ -167,6 +182,8 @@ def test_batch2_failures_never_touch_batch1(env, tmp_path, monkeypatch):
     blocker.write_text("not a directory")
     report = run_training(config, registry)
     assert [f["id"] for f in report.failed] == [new] and report.trained == []
+    job = registry.get_job(report.job)
+    assert job.state == JobState.FAILED and job.error == f"shards failed: {new}"
     assert registry.get_version(new, 1).status == AdapterStatus.PURGED
     assert not registry.list_versions(new, statuses=[AdapterStatus.ACTIVE])
     blocker.unlink()
@@ -179,6 +196,8 @@ def test_batch2_failures_never_touch_batch1(env, tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         run_training(config, registry)
     monkeypatch.undo()
+    job = registry.list_jobs()[0]
+    assert job.state == JobState.FAILED and job.error.startswith("SystemExit")
     assert registry.get_version(new, 2).status == AdapterStatus.TRAINING
     assert (Path(version_location(config.storage, new, 2).path) / ADAPTER_WEIGHTS).exists()
     assert {v.adapter_id for v in registry.active_adapters(["hr", "finance"])} == {

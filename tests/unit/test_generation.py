@@ -110,6 +110,17 @@ def test_eos_finishes_with_stop_and_is_not_in_the_output(tiny, prompts, monkeypa
     assert result.text == _decode(tok, free[:n])
 
 
+def test_ignore_eos_generates_past_eos_to_max_tokens(tiny, prompts, monkeypatch):
+    model, tok = tiny
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    free = _run(tiny, prompts[:1], params)[0].token_ids
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [tok.eos_token_id, free[2]])
+    ignored = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    result = _run(tiny, prompts[:1], ignored)[0]
+    assert (result.finish_reason, result.completion_tokens) == ("length", 8)
+    assert result.token_ids == free  # the same greedy tokens, EOS-like one included
+
+
 def test_max_tokens_zero_returns_without_running_the_model(tiny, prompts):
     _, tok = tiny
 

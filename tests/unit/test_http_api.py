@@ -10,7 +10,7 @@ import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import publish_random_adapter
+from support import RecordedJobs, publish_random_adapter
 
 from adapterswap.active_set import ActiveSet
 from adapterswap.auth import Authenticator
@@ -70,6 +70,7 @@ def world(tmp_path_factory):
         stats=replica.source.router_stats,
         embed=embedder.embed,
         store=registry,
+        jobs=RecordedJobs(registry),
     )
     keys = {
         "hr": registry.create_key("hana", ["hr"])[0],
@@ -319,6 +320,21 @@ def test_admin_endpoints_need_an_admin_and_ingest_is_all_or_nothing(world):
         client.get("/v1/audit", headers={"Authorization": f"Bearer {keys['hr']}"}).status_code
         == 403
     )
+
+
+def test_train_jobs_are_admin_only_and_readable_by_id(world):
+    client, keys, _, _ = world
+    assert post(client, keys["hr"], "/v1/train", {}).status_code == 403
+    submitted = post(client, keys["admin"], "/v1/train", {}).json()
+    assert submitted["state"] == "pending" and submitted["job"].startswith("train-")
+    admin = {"Authorization": f"Bearer {keys['admin']}"}
+    job = client.get(f"/v1/jobs/{submitted['job']}", headers=admin).json()
+    assert (job["id"], job["object"], job["kind"]) == (submitted["job"], "job", "train")
+    assert (job["state"], job["submitted_by"], job["error"]) == ("pending", "root", None)
+    hr = {"Authorization": f"Bearer {keys['hr']}"}
+    assert client.get(f"/v1/jobs/{submitted['job']}", headers=hr).status_code == 403
+    missing = client.get("/v1/jobs/train-000000000000", headers=admin)
+    assert missing.status_code == 404 and "train-000000000000" in missing.json()["error"]["message"]
 
 
 def test_one_structured_log_line_per_request_without_the_prompt(world, caplog):

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from adapterswap.errors import IllegalTransition, InvalidArgument, NotFound, StoreError
-from adapterswap.registry import AdapterRef, AdapterRegistry, AdapterStatus, AdapterVersion
+from adapterswap.registry import (
+    AdapterRef,
+    AdapterRegistry,
+    AdapterStatus,
+    AdapterVersion,
+    JobState,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 HR = "hr.b0001.000"
@@ -509,3 +515,28 @@ def test_active_snapshot_pairs_the_epoch_with_its_active_set(reg: AdapterRegistr
     assert [(v.adapter_id, v.version) for v in active] == [(HR, v1)]
     reg.revoke(HR, v1)
     assert reg.active_snapshot() == (2, [])
+
+
+def test_jobs_move_pending_running_finished_and_audit_the_end(reg):
+    job = reg.create_job("train", "process:h:1", actor="root")
+    assert (job.state, job.progress, job.result, job.finished) == (
+        JobState.PENDING,
+        {},
+        None,
+        False,
+    )
+    reg.update_job(job.job_id, JobState.RUNNING)
+    reg.update_job(job.job_id, JobState.RUNNING, progress={"hr.b0001.000": {"step": 3}})
+    done = reg.update_job(job.job_id, JobState.SUCCEEDED, result={"trained": ["hr.b0001.000"]})
+    assert done.finished and done.progress == {"hr.b0001.000": {"step": 3}}
+    assert done.result == {"trained": ["hr.b0001.000"]}
+    for state in (JobState.RUNNING, JobState.FAILED, JobState.SUCCEEDED):
+        with pytest.raises(IllegalTransition, match="cannot become"):
+            reg.update_job(job.job_id, state)  # a finished job stays as it ended
+    with pytest.raises(IllegalTransition):
+        reg.update_job(reg.create_job("train", "x").job_id, JobState.SUCCEEDED)  # never ran
+    with pytest.raises(NotFound, match="job_id: no job 'train-nope'"):
+        reg.get_job("train-nope")
+    assert [j.job_id for j in reg.list_jobs(states=["succeeded"])] == [job.job_id]
+    actions = [(e.action, e.details.get("job_id")) for e in reg.audit_log()]
+    assert ("submit_job", job.job_id) in actions and ("finish_job", job.job_id) in actions

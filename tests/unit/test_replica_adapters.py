@@ -102,7 +102,13 @@ def test_visibility_and_not_found_look_the_same(world):
 def test_revocation_is_dropped_before_the_epoch_is_acknowledged(world):
     storage, registry, bank, hr, fin = world
     source = StorageAdapterSource(storage, base_model_hash="H")
-    active = ActiveSet(registry.active_snapshot, bank.evict_all_except)
+    snapshots = []
+
+    def snapshot():
+        snapshots.append(registry.epoch())
+        return registry.active_snapshot()
+
+    active = ActiveSet(snapshot, bank.evict_all_except, epoch=registry.epoch)
     active.sync()
     bank.get_or_load(hr, source.load)
     bank.get_or_load(fin, source.load)
@@ -113,3 +119,4 @@ def test_revocation_is_dropped_before_the_epoch_is_acknowledged(world):
     with pytest.raises(NotFound):
         active.resolve("hr.b1.000", ["hr"])
     assert active.sync().dropped == ()  # nothing new: no work
+    assert len(snapshots) == 2  # only the two syncs that found a new epoch read the versions
