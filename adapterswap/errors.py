@@ -38,6 +38,10 @@ class NotFound(StoreError):
     """An id the store does not know. Also what a caller sees for an id it may not see."""
 
 
+class StaleMixture(NotFound):
+    """A job names an adapter version its replica no longer serves (revoked after routing)."""
+
+
 class IllegalTransition(StoreError):
     """An adapter version was asked to move to a status its current status does not allow."""
 

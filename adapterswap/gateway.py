@@ -30,7 +30,13 @@ from adapterswap.catalog import Catalog
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.deletion import request_delete, wait_for_replicas
 from adapterswap.epoch_watch import live_window_s
-from adapterswap.errors import InvalidArgument, NotFound, PayloadTooLarge
+from adapterswap.errors import (
+    AdapterSwapError,
+    InvalidArgument,
+    NotFound,
+    PayloadTooLarge,
+    StaleMixture,
+)
 from adapterswap.generation import GenerationResult, PromptScores, SamplingParams
 from adapterswap.ingest import ingest_records
 from adapterswap.jobs import Jobs
@@ -43,14 +49,20 @@ from adapterswap.router_stats import ShardStats
 from adapterswap.schemas import ChatRequest, CompletionRequest, DocumentsRequest, _InferenceBody
 
 logger = logging.getLogger("adapterswap.requests")
+# A request routed to a version that a delete revoked before it ran is routed again, once:
+# the second routing syncs with the store first, so it sees the new set.
+REROUTES = 1
 
 
 class ModelClient(Protocol):
     """How the gateway reaches model replicas (locally, or through a Serve handle)."""
 
-    async def generate(self, jobs: list[InferenceJob]) -> list[GenerationResult]: ...
+    async def generate(self, jobs: list[InferenceJob]) -> list[GenerationResult | AdapterSwapError]:
+        """One result per job, or that job's error (see ``ModelReplica.generate``)."""
 
-    async def score(self, jobs: list[InferenceJob], top_logprobs: int) -> list[PromptScores]: ...
+    async def score(
+        self, jobs: list[InferenceJob], top_logprobs: int
+    ) -> list[PromptScores | AdapterSwapError]: ...
 
     def stream(self, job: InferenceJob) -> AsyncIterator[str]: ...
 
@@ -152,17 +164,23 @@ class Gateway:
     async def complete(self, principal: Principal, body: CompletionRequest) -> dict[str, Any]:
         """``POST /v1/completions`` without streaming."""
         started = time.perf_counter()
-        # Routing reads the store and embeds the query: off the event loop, so concurrent
-        # requests reach the model deployment together and share a batch.
-        jobs, info = await asyncio.to_thread(self.completion_jobs, principal, body)
-        scores: list[PromptScores | None] = [None] * len(jobs)
-        if body.echo:
-            scores = list(await self.model.score(jobs, body.logprobs or 0))
-        results = (
-            await self.model.generate(jobs)
-            if any(j.params.max_tokens for j in jobs)
-            else [None] * len(jobs)
-        )
+        for attempt in range(REROUTES + 1):
+            # Routing reads the store and embeds the query: off the event loop, so concurrent
+            # requests reach the model deployment together and share a batch.
+            jobs, info = await asyncio.to_thread(self.completion_jobs, principal, body)
+            try:
+                scores: list[PromptScores | None] = [None] * len(jobs)
+                if body.echo:
+                    scores = _unwrap(await self.model.score(jobs, body.logprobs or 0))
+                results = (
+                    _unwrap(await self.model.generate(jobs))
+                    if any(j.params.max_tokens for j in jobs)
+                    else [None] * len(jobs)
+                )
+                break
+            except StaleMixture:
+                if attempt == REROUTES:
+                    raise
         choices = [
             _completion_choice(i, body, s, r)
             for i, (s, r) in enumerate(zip(scores, results, strict=True))
@@ -179,8 +197,14 @@ class Gateway:
     async def chat(self, principal: Principal, body: ChatRequest) -> dict[str, Any]:
         """``POST /v1/chat/completions`` without streaming."""
         started = time.perf_counter()
-        job, info = await asyncio.to_thread(self.chat_job, principal, body)
-        (result,) = await self.model.generate([job])
+        for attempt in range(REROUTES + 1):
+            job, info = await asyncio.to_thread(self.chat_job, principal, body)
+            try:
+                (result,) = _unwrap(await self.model.generate([job]))
+                break
+            except StaleMixture:
+                if attempt == REROUTES:
+                    raise
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": result.text},
@@ -344,6 +368,14 @@ class Gateway:
                 {"id": self.model_id, "object": "model", "created": 0, "owned_by": "adapterswap"}
             ],
         }
+
+
+def _unwrap(items: Sequence[Any]) -> list[Any]:
+    """A model client's per-job results, raising the first job's error among them."""
+    for item in items:
+        if isinstance(item, Exception):
+            raise item
+    return list(items)
 
 
 def log_request(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from adapterswap.errors import AdapterSwapError
 from adapterswap.generation import GenerationResult, PromptScores
 from adapterswap.replica import InferenceJob, ModelReplica
 
@@ -22,10 +23,12 @@ class LocalModelClient:
     def __init__(self, replica: ModelReplica) -> None:
         self.replica = replica
 
-    async def generate(self, jobs: list[InferenceJob]) -> list[GenerationResult]:
+    async def generate(self, jobs: list[InferenceJob]) -> list[GenerationResult | AdapterSwapError]:
         return await asyncio.to_thread(self.replica.generate, jobs)
 
-    async def score(self, jobs: list[InferenceJob], top_logprobs: int) -> list[PromptScores]:
+    async def score(
+        self, jobs: list[InferenceJob], top_logprobs: int
+    ) -> list[PromptScores | AdapterSwapError]:
         return await asyncio.to_thread(self.replica.score, jobs, top_logprobs)
 
     async def stream(self, job: InferenceJob) -> AsyncIterator[str]:
@@ -34,11 +37,12 @@ class LocalModelClient:
 
         def produce() -> None:
             try:
-                self.replica.generate(
+                (result,) = self.replica.generate(
                     [job],
                     on_token=lambda _i, delta: loop.call_soon_threadsafe(queue.put_nowait, delta),
                 )
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+                done = result if isinstance(result, Exception) else _DONE  # a refused job
+                loop.call_soon_threadsafe(queue.put_nowait, done)
             except Exception as exc:  # noqa: BLE001 - re-raised on the consumer side
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
 

@@ -14,13 +14,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from adapterswap.active_set import ActiveSet, Snapshot
 from adapterswap.adapter_source import StorageAdapterSource
 from adapterswap.base_model import LoadedModel, hash_base_model, load_base_model
 from adapterswap.compose import AdapterBank
 from adapterswap.config import AdapterSwapConfig
-from adapterswap.errors import InvalidArgument, NotFound, PayloadTooLarge
+from adapterswap.errors import AdapterSwapError, InvalidArgument, PayloadTooLarge, StaleMixture
 from adapterswap.generation import (
     GenerationRequest,
     GenerationResult,
@@ -97,38 +98,69 @@ class ModelReplica:
             raise InvalidArgument("prompt: empty after tokenisation")
         return ids
 
-    def _check_active(self, jobs: Sequence[InferenceJob]) -> None:
-        wanted = {ref for job in jobs for ref, _ in job.mixture}
-        if not wanted:
-            return
-        self.sync()
-        for ref in sorted(wanted - self.active.refs()):
-            raise NotFound(f"adapter {ref.id!r} version {ref.version} is not active")
+    def _refusals(self, jobs: Sequence[InferenceJob]) -> list[AdapterSwapError | None]:
+        """Per job, why it cannot run here (None: it can), after syncing with the store.
+
+        A job whose mixture names a version this replica no longer serves (revoked after the
+        ingress routed it) is a StaleMixture; a bad prompt is its own error. Either fails
+        that job only, never the batch it shares with others.
+        """
+        if any(job.mixture for job in jobs):
+            self.sync()
+        active = self.active.refs()
+        refusals: list[AdapterSwapError | None] = []
+        for job in jobs:
+            gone = sorted(ref for ref, _ in job.mixture if ref not in active)
+            if gone:
+                refusals.append(
+                    StaleMixture(f"adapter {gone[0].id!r} version {gone[0].version} is not active")
+                )
+                continue
+            try:
+                self.prompt_ids(job)
+                refusals.append(None)
+            except AdapterSwapError as exc:
+                refusals.append(exc)
+        return refusals
 
     def generate(
         self, jobs: Sequence[InferenceJob], on_token: TokenCallback | None = None
-    ) -> list[GenerationResult]:
-        """Complete every job in one batch, each row with its own mixture."""
-        requests = [GenerationRequest(self.prompt_ids(job), job.params) for job in jobs]
-        with self._lock:
-            self._check_active(jobs)
-            started = time.perf_counter()
-            with self.bank.mixture([list(job.mixture) for job in jobs], self.source.load):
-                self.last_composition_ms = 1000 * (time.perf_counter() - started)
-                return generate_batch(
-                    self.loaded.model, self.tokenizer, requests, on_token=on_token
-                )
+    ) -> list[GenerationResult | AdapterSwapError]:
+        """Complete every job in one batch, each row with its own mixture.
 
-    def score(self, jobs: Sequence[InferenceJob], top_logprobs: int = 0) -> list[PromptScores]:
+        A job that cannot run gets its error in its place (see :meth:`_refusals`).
+        """
+        with self._lock:
+            results: list[Any] = list(self._refusals(jobs))  # each None becomes a result
+            run = [i for i, refusal in enumerate(results) if refusal is None]
+            if not run:
+                return results
+            requests = [GenerationRequest(self.prompt_ids(jobs[i]), jobs[i].params) for i in run]
+            callback = None if on_token is None else (lambda k, d: on_token(run[k], d))
+            started = time.perf_counter()
+            with self.bank.mixture([list(jobs[i].mixture) for i in run], self.source.load):
+                self.last_composition_ms = 1000 * (time.perf_counter() - started)
+                done = generate_batch(
+                    self.loaded.model, self.tokenizer, requests, on_token=callback
+                )
+            for i, result in zip(run, done, strict=True):
+                results[i] = result
+            return results
+
+    def score(
+        self, jobs: Sequence[InferenceJob], top_logprobs: int = 0
+    ) -> list[PromptScores | AdapterSwapError]:
         """Per-token log-probabilities of each job's prompt under its mixture (OpenAI echo).
 
         One job at a time: ``score_prompts`` regroups prompts into forwards by length, which
         would not keep a per-row mixture aligned with its row.
         """
-        scores = []
+        scores: list[PromptScores | AdapterSwapError] = []
         with self._lock:
-            self._check_active(jobs)
-            for job in jobs:
+            for job, refusal in zip(jobs, self._refusals(jobs), strict=True):
+                if refusal is not None:
+                    scores.append(refusal)
+                    continue
                 with self.bank.mixture([list(job.mixture)], self.source.load):
                     scores += score_prompts(
                         self.loaded.model,

@@ -33,6 +33,7 @@ from adapterswap.base_model import hash_base_model
 from adapterswap.config import AdapterSwapConfig, load_config
 from adapterswap.embedding import load_embedder
 from adapterswap.epoch_watch import EpochWatcher
+from adapterswap.errors import AdapterSwapError
 from adapterswap.gateway import Gateway
 from adapterswap.generation import GenerationResult, PromptScores
 from adapterswap.http_app import create_app
@@ -102,7 +103,10 @@ class ModelDeployment:
         self.generate_one.set_batch_wait_timeout_s(self.config.serve.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate_one(self, jobs: list[InferenceJob]) -> list[GenerationResult]:
+    async def generate_one(
+        self, jobs: list[InferenceJob]
+    ) -> list[GenerationResult | AdapterSwapError]:
+        # A job that cannot run comes back as its error, in its place: it fails alone.
         bank = self.replica.bank
         hits, misses = bank.hits, bank.misses
         results = await asyncio.to_thread(self.replica.generate, jobs)
@@ -111,7 +115,9 @@ class ModelDeployment:
         )
         return results
 
-    async def score(self, jobs: list[InferenceJob], top_logprobs: int) -> list[PromptScores]:
+    async def score(
+        self, jobs: list[InferenceJob], top_logprobs: int
+    ) -> list[PromptScores | AdapterSwapError]:
         return await asyncio.to_thread(self.replica.score, jobs, top_logprobs)
 
     async def stream(self, job: InferenceJob) -> AsyncIterator[str]:
@@ -131,11 +137,13 @@ class HandleModelClient:
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle
 
-    async def generate(self, jobs: list[InferenceJob]) -> list[GenerationResult]:
+    async def generate(self, jobs: list[InferenceJob]) -> list[GenerationResult | AdapterSwapError]:
         # One call per job: the deployment's @serve.batch gathers them (and other callers').
         return list(await asyncio.gather(*(self.handle.generate_one.remote(job) for job in jobs)))
 
-    async def score(self, jobs: list[InferenceJob], top_logprobs: int) -> list[PromptScores]:
+    async def score(
+        self, jobs: list[InferenceJob], top_logprobs: int
+    ) -> list[PromptScores | AdapterSwapError]:
         return await self.handle.score.remote(jobs, top_logprobs)
 
     async def stream(self, job: InferenceJob) -> AsyncIterator[str]:

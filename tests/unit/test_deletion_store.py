@@ -1,0 +1,161 @@
+"""The deletion state machine in the store, the replica barrier, and catalog removal. No Ray."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from adapterswap.active_set import ActiveSet
+from adapterswap.catalog import Catalog
+from adapterswap.config import load_config
+from adapterswap.deletion import request_delete, wait_for_replicas
+from adapterswap.epoch_watch import EpochWatcher
+from adapterswap.errors import IllegalTransition, NotFound, RevocationTimeout
+from adapterswap.ingest import ingest_records
+from adapterswap.readers import RawRecord
+from adapterswap.registry import AdapterRegistry, AdapterStatus, DeletionState
+
+CANARY = "zq-canary-5521 the vault code is Quillon Amber"
+
+
+@pytest.fixture
+def reg(tmp_path: Path) -> AdapterRegistry:
+    registry = AdapterRegistry(tmp_path / "store.sqlite")
+    yield registry
+    registry.close()
+
+
+def _active(reg: AdapterRegistry, adapter_id: str, docs: list[str]) -> int:
+    version = reg.register_version(adapter_id, adapter_id.split(".")[0], "x", docs).version
+    reg.activate(adapter_id, version)
+    return version
+
+
+def test_begin_delete_revokes_fails_records_and_moves_the_epoch_in_one_step(reg):
+    _active(reg, "hr.b1.000", ["d1", "d2"])
+    _active(reg, "hr.b1.001", ["d3"])
+    training = reg.register_version("hr.b1.000", "hr", "x", ["d1", "d2"]).version
+    epoch = reg.epoch()
+    job, records = reg.begin_delete(["d1"], "process:h:1", actor="root")
+    assert reg.epoch() == epoch + 1  # one transaction, one epoch step
+    assert job.kind == "delete" and job.state == "pending"
+    (record,) = records
+    assert (record.doc_id, record.state, record.job_id) == (
+        "d1",
+        DeletionState.DELETING,
+        job.job_id,
+    )
+    assert [(r.id, r.version) for r in record.revoked] == [("hr.b1.000", 1)]
+    assert record.epoch == epoch + 1
+    assert reg.get_version("hr.b1.000", 1).status == AdapterStatus.REVOKED
+    assert reg.get_version("hr.b1.000", training).status == AdapterStatus.FAILED
+    assert reg.get_version("hr.b1.001", 1).status == AdapterStatus.ACTIVE  # other shard: untouched
+    actions = [(e.action, e.actor) for e in reg.audit_log()]
+    assert ("delete_requested", "root") in actions and ("revoke", "root") in actions
+
+    again_job, again = reg.begin_delete(["d1"], "process:h:2", actor="root")
+    assert again_job is None and again[0].job_id == job.job_id  # in progress: a no-op
+    assert reg.epoch() == epoch + 1
+
+
+def test_no_version_holding_a_deleting_document_can_be_activated(reg):
+    _active(reg, "hr.b1.000", ["d1", "d2"])
+    reg.begin_delete(["d1"], "r")
+    stale = reg.register_version("hr.b1.000", "hr", "x", ["d1", "d2"]).version  # read too early
+    with pytest.raises(IllegalTransition, match="'d1', which is being deleted"):
+        reg.activate("hr.b1.000", stale)
+    assert reg.get_version("hr.b1.000", stale).status == AdapterStatus.TRAINING
+    clean = reg.register_version("hr.b1.000", "hr", "x", ["d2"]).version
+    assert reg.activate("hr.b1.000", clean).status == AdapterStatus.ACTIVE
+
+
+def test_deletions_only_move_forward_and_each_step_is_audited(reg):
+    _active(reg, "hr.b1.000", ["d1"])
+    reg.begin_delete(["d1"], "r")
+    assert [r.state for r in reg.advance_deletion(["d1"], DeletionState.REMOVED)] == ["removed"]
+    assert reg.advance_deletion(["d1"], DeletionState.DELETING) == []  # never backwards
+    assert reg.advance_deletion(["d1"], DeletionState.REMOVED) == []  # idempotent
+    reg.advance_deletion(["d1"], DeletionState.PURGED)
+    assert reg.unfinished_deletions() == []
+    assert reg.deletion("d1").state == DeletionState.PURGED
+    actions = [e.action for e in reg.audit_log()]
+    assert actions[-2:] == ["delete_removed", "delete_purged"]
+    with pytest.raises(NotFound):
+        reg.deletion("never")
+
+
+def test_replicas_behind_counts_only_live_replicas_below_the_epoch(reg):
+    reg.ack_epoch("r1", 3)
+    reg.ack_epoch("r2", 5)
+    assert reg.replicas_behind(5, live_within_s=60) == [("r1", 3)]
+    assert reg.replicas_behind(5, live_within_s=0) == []  # nobody seen that recently: dead
+    reg.forget_replica("r1")
+    assert reg.replicas_behind(6, live_within_s=60) == [("r2", 5)]
+
+
+def test_the_barrier_waits_for_the_watcher_and_times_out_loudly(reg):
+    _active(reg, "hr.b1.000", ["d1"])
+    active = ActiveSet(reg.active_snapshot, lambda keep: [], epoch=reg.epoch)
+    watcher = EpochWatcher(
+        lambda: active.sync().epoch, reg, replica_id="r1", poll_s=0.02, heartbeat_s=1
+    )
+    try:
+        _, (record,) = reg.begin_delete(["d1"], "r")
+        assert wait_for_replicas(reg, record.epoch, timeout_s=5, live_within_s=3) < 5
+        assert active.refs() == set()  # the revoked version left the replica's view first
+    finally:
+        watcher.stop()
+    assert reg.replicas_behind(10**6, live_within_s=60) == []  # a clean stop unregisters
+
+    reg.ack_epoch("stuck", 0)
+    started = time.monotonic()
+    with pytest.raises(RevocationTimeout, match=r"stuck \(at epoch 0\).*within 0.2 s"):
+        wait_for_replicas(reg, reg.epoch(), timeout_s=0.2, live_within_s=60, poll_s=0.01)
+    assert time.monotonic() - started < 2
+
+
+def _home(tmp_path: Path):
+    config = load_config(
+        home=str(tmp_path / "home"), environ={}, overrides=["sharding.strategy=sequential"]
+    )
+    records = [
+        {"id": "hr-1", "text": CANARY, "group": "hr"},
+        {"id": "hr-2", "text": "Parental leave is 23 weeks.", "group": "hr"},
+        {"id": "fin-1", "text": "Invoices are paid in 37 days.", "group": "finance"},
+    ]
+    ingest_records([RawRecord(f"r{i}", r) for i, r in enumerate(records)], config, embed=None)
+    return config
+
+
+def _storage_bytes(root: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
+
+
+def test_catalog_removal_rewrites_the_fragment_and_the_text_is_gone(tmp_path):
+    config = _home(tmp_path)
+    catalog = Catalog(config.storage)
+    assert CANARY.encode() in _storage_bytes(Path(config.storage))  # the canary is findable
+    catalog.remove(["hr-1", "not-there"])
+    assert catalog.ids() == {"hr-2", "fin-1"}
+    assert CANARY.encode() not in _storage_bytes(Path(config.storage))  # gone, not hidden
+    assert catalog.placements()["hr-2"].startswith("hr.")  # the others keep their shard
+    assert catalog.remove(["hr-1"]) == []  # idempotent
+    catalog.remove(["hr-2", "fin-1"])
+    assert catalog.fragments() == []  # an emptied fragment is deleted
+
+
+def test_request_delete_refuses_unknown_ids_and_changes_nothing(tmp_path):
+    config = _home(tmp_path)
+    reg = AdapterRegistry(config.db_path)
+    catalog = Catalog(config.storage)
+    epoch = reg.epoch()
+    with pytest.raises(NotFound, match="'nope' not found"):
+        request_delete(reg, catalog, ["hr-1", "nope"], "r", "root")
+    assert reg.epoch() == epoch and reg.unfinished_deletions() == []
+    request = request_delete(reg, catalog, ["hr-1"], "r", "root")
+    assert request.revoked == [] and request.job is not None  # never trained: nothing to revoke
+    catalog.remove(["hr-1"])
+    repeat = request_delete(reg, catalog, ["hr-1"], "r", "root")  # gone from the catalog, but
+    assert repeat.job is None and repeat.job_id == request.job_id  # still in progress: no-op
