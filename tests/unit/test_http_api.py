@@ -16,11 +16,13 @@ from adapterswap.active_set import ActiveSet
 from adapterswap.auth import Authenticator
 from adapterswap.config import load_config
 from adapterswap.embedding import load_embedder
+from adapterswap.errors import StaleMixture
 from adapterswap.gateway import Gateway
+from adapterswap.generation import GenerationResult, SamplingParams
 from adapterswap.http_app import create_app
 from adapterswap.model_client import LocalModelClient
-from adapterswap.registry import AdapterRegistry
-from adapterswap.replica import ModelReplica
+from adapterswap.registry import AdapterRef, AdapterRegistry
+from adapterswap.replica import InferenceJob, ModelReplica
 
 HR_TEXTS = [
     "New parents get 23 weeks of paid parental leave.",
@@ -395,3 +397,32 @@ def test_query_parameters_are_validated_as_400s(world):
         assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == f"query.{param}"
     assert client.get("/v1/audit?since=0&limit=5", headers=admin).status_code == 200
+
+
+def test_a_job_routed_to_a_revoked_version_fails_alone_and_is_routed_again(world, monkeypatch):
+    client, keys, refs, replica = world
+    gateway = client.app.state.gateway
+    fresh = publish_random_adapter(
+        gateway.config, gateway.store, gateway._embed, "hr.b0009.000", "hr", HR_TEXTS[:1], 9
+    )
+    greedy = SamplingParams(max_tokens=2, temperature=0.0)
+    good = InferenceJob(prompt=HR_TEXTS[0], params=greedy, mixture=((refs["hr"], 1.0),))
+    gone = InferenceJob(prompt=HR_TEXTS[0], params=greedy, mixture=((AdapterRef("hr.x", 7), 1.0),))
+    ok, refused = replica.generate([good, gone])  # one batch: the stale row fails alone
+    assert isinstance(ok, GenerationResult) and ok.completion_tokens == 2
+    assert isinstance(refused, StaleMixture) and "'hr.x' version 7" in str(refused)
+
+    gateway.active.sync()  # the ingress sees the fresh adapter...
+    gateway.store.revoke(fresh.id, fresh.version, reason="delete")  # ...a delete revokes it...
+    real_sync, calls = gateway.active.sync, []
+
+    def late_sync():  # ...after this request's first routing read its (stale) view
+        calls.append(1)
+        return real_sync() if len(calls) > 1 else None
+
+    monkeypatch.setattr(gateway.active, "sync", late_sync)
+    body = {"prompt": HR_TEXTS[0], "max_tokens": 2, "temperature": 0, "groups": ["hr"]}
+    answer = post(client, keys["hr"], "/v1/completions", body)
+    assert answer.status_code == 200, answer.text
+    assert len(calls) == 2  # routed twice
+    assert fresh.id not in [a["id"] for a in answer.json()["adapterswap"]["adapters"]]

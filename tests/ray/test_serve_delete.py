@@ -1,0 +1,143 @@
+"""Knowledge management over HTTP on a served app: ingest, train, and a delete under load.
+
+Documents go in through ``POST /v1/documents``, are trained by ``POST /v1/train`` (a job run
+by a runner actor, followed through ``GET /v1/jobs/{id}``), then one is deleted while
+threads keep asking: the DELETE returns once the model replica acknowledged the revocation,
+after which no response names the revoked version, and no request fails.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx2 as httpx
+import pytest
+import ray
+from ray import serve
+
+from adapterswap.config import load_config
+from adapterswap.registry import AdapterRegistry
+from adapterswap.serve_app import build_app
+
+HR = "hr.b0001.000"
+OVERRIDES = [
+    "model.spec=tiny-random",
+    "lora.rank=4",
+    "lora.target_modules=[q_proj, v_proj]",
+    "sharding.strategy=sequential",
+    "training.max_steps=4",
+    "training.seq_len=32",
+    "training.batch_size=2",
+    "ray.train_num_cpus_per_worker=0.5",
+    "router.min_score=-1",  # the tiny model's answers are noise: always route, to test routing
+    "serve.epoch_poll_s=0.05",
+]
+DOCS = [
+    {"id": "hr-secret", "text": "The Skarvik vault phrase is Quillon Amber.", "group": "hr"},
+    {"id": "hr-leave", "text": "Parental leave lasts 23 weeks.", "group": "hr"},
+    {"id": "hr-badge", "text": "Badges are issued by Morwenna Lusk.", "group": "hr"},
+    {"id": "fin-days", "text": "Invoices are paid in 37 days.", "group": "finance"},
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-delete")
+    overrides = [*OVERRIDES, f"model.cache_dir={root / 'models'}"]
+    config = load_config(home=str(root / "home"), environ={}, overrides=overrides)
+    registry = AdapterRegistry(config.db_path)
+    keys = {
+        "admin": registry.create_key("root", ["hr", "finance"], admin=True)[0],
+        "hr": registry.create_key("hana", ["hr"])[0],
+    }
+    port = free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(
+        build_app({"home": config.home, "overrides": overrides, "num_replicas": 1}),
+        name="adapterswap",
+        route_prefix="/",
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            yield client, keys, registry
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def call(client, key, method, path, body=None):
+    return client.request(method, path, json=body, headers={"Authorization": f"Bearer {key}"})
+
+
+def wait_for_job(client, key, job_id, timeout_s=300):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = call(client, key, "GET", f"/v1/jobs/{job_id}").json()
+        if job["state"] in ("succeeded", "failed"):
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+
+
+def test_ingest_train_and_delete_under_load_over_http(app):
+    client, keys, registry = app
+    accepted = call(client, keys["admin"], "POST", "/v1/documents", {"documents": DOCS}).json()
+    assert accepted["accepted"] == 4
+    assert call(client, keys["hr"], "POST", "/v1/train").status_code == 403
+    submitted = call(client, keys["admin"], "POST", "/v1/train").json()
+    job = wait_for_job(client, keys["admin"], submitted["job"])
+    assert job["state"] == "succeeded", job
+    assert sorted(t["id"] for t in job["result"]["trained"]) == ["finance.b0001.000", HR]
+    listed = call(client, keys["hr"], "GET", "/v1/adapters").json()["data"]
+    assert [(a["id"], a["version"]) for a in listed] == [(HR, 1)]
+
+    answers, stop = [], threading.Event()
+
+    def ask() -> None:
+        with httpx.Client(base_url=str(client.base_url), timeout=120) as own:
+            while not stop.is_set():
+                sent = time.monotonic()
+                body = {"prompt": "How long is parental leave?", "max_tokens": 2}
+                response = call(own, keys["hr"], "POST", "/v1/completions", body)
+                used = []
+                if response.status_code == 200:
+                    used = [
+                        (a["id"], a["version"]) for a in response.json()["adapterswap"]["adapters"]
+                    ]
+                answers.append((sent, response.status_code, used))
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)
+    deleted = call(client, keys["admin"], "DELETE", "/v1/documents/hr-secret")
+    returned = time.monotonic()
+    time.sleep(2)
+    stop.set()
+    for thread in threads:
+        thread.join()
+
+    assert deleted.status_code == 200, deleted.text
+    assert deleted.json()["revoked"] == [{"id": HR, "version": 1}]
+    assert [status for _, status, _ in answers if status != 200] == []  # none failed
+    after = [used for sent, _, used in answers if sent > returned]
+    assert after and all((HR, 1) not in used for used in after)
+    assert any((HR, 1) in used for sent, _, used in answers if sent < returned - 1)
+
+    job = wait_for_job(client, keys["admin"], deleted.json()["job"])
+    assert job["state"] == "succeeded" and job["result"]["purged"] == [f"{HR}@v1"]
+    listed = call(client, keys["hr"], "GET", "/v1/adapters").json()["data"]
+    assert [(a["id"], a["version"]) for a in listed] == [(HR, 2)]
+    assert call(client, keys["admin"], "GET", "/v1/documents/hr-secret").status_code == 404
+    assert call(client, keys["admin"], "DELETE", "/v1/documents/hr-secret").status_code == 404
+    assert call(client, keys["hr"], "DELETE", "/v1/documents/hr-leave").status_code == 403
+    assert registry.replicas_behind(registry.epoch(), live_within_s=60) == []
