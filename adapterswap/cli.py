@@ -91,6 +91,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     delete.set_defaults(handler=_cmd_delete)
 
+    verify = sub.add_parser(
+        "verify-forget",
+        parents=[common],
+        help="check that a deleted document is no more recallable than never-ingested ones",
+    )
+    verify.add_argument("doc_id", metavar="DOC_ID")
+    verify.add_argument(
+        "--source", required=True, type=Path, help="file holding the deleted document's record"
+    )
+    verify.add_argument(
+        "--controls-file",
+        required=True,
+        type=Path,
+        help="never-ingested documents; those of the document's group are the controls",
+    )
+    verify.add_argument("--controls", type=int, default=10, help="use at most N controls")
+    verify.add_argument("--url", default="http://127.0.0.1:8000", help="the serving endpoint")
+    verify.add_argument(
+        "--key", help="a key holding the document's group (env ADAPTERSWAP_API_KEY)"
+    )
+    verify.set_defaults(handler=_cmd_verify_forget)
+
     audit = sub.add_parser("audit", parents=[common], help="the append-only audit log")
     audit.add_argument("--since", type=int, default=0, help="entries after this sequence number")
     audit.add_argument("--limit", type=int, default=100, help="at most this many entries")
@@ -198,6 +220,33 @@ def _cmd_delete(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[st
         forward=_forwarded_flags(args),
         quiet=args.json,
     )
+
+
+def _cmd_verify_forget(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
+    import os
+
+    from adapterswap.client import Client
+    from adapterswap.forget_check import ForgetCheckFailed, http_scorer, verify_forget
+    from adapterswap.readers import read_inputs
+
+    key = args.key or os.environ.get("ADAPTERSWAP_API_KEY")
+    if not key:
+        raise UsageError("verify-forget: give --key or set ADAPTERSWAP_API_KEY")
+    source = [r.fields for r in read_inputs([args.source]).records]
+    doc = next((r for r in source if r.get("id") == args.doc_id), None)
+    if doc is None:
+        raise UsageError(f"verify-forget: {args.source} has no record with id {args.doc_id!r}")
+    group = doc.get("group")
+    controls = [
+        r["text"]
+        for r in (r.fields for r in read_inputs([args.controls_file]).records)
+        if r.get("group") == group and r.get("id") != args.doc_id
+    ][: args.controls]
+    with Client(args.url, key) as client:
+        report = verify_forget(args.doc_id, group, doc["text"], controls, http_scorer(client))
+    if not report.passed:
+        raise ForgetCheckFailed(report.summary())
+    return report.summary(), asdict(report)
 
 
 def _cmd_audit(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:

@@ -67,6 +67,29 @@ class Client:
         """``POST /v1/chat/completions``."""
         return self._call("POST", "/v1/chat/completions", {"messages": messages, **fields})
 
+    # -- knowledge management (admin keys) -------------------------------------------------
+
+    def ingest(self, documents: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+        """``POST /v1/documents``: all accepted or none."""
+        return self._call("POST", "/v1/documents", {"documents": documents, **fields})
+
+    def document(self, doc_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/documents/{doc_id}")
+
+    def delete(self, doc_id: str) -> dict[str, Any]:
+        """``DELETE /v1/documents/{id}``: returns once every replica dropped its adapters."""
+        return self._call("DELETE", f"/v1/documents/{doc_id}")
+
+    def train(self) -> dict[str, Any]:
+        """``POST /v1/train``: ``{"job": id, "state": "pending"}``."""
+        return self._call("POST", "/v1/train")
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/jobs/{job_id}")
+
+    def audit(self, since: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        return self._call("GET", f"/v1/audit?since={since}&limit={limit}")["data"]
+
     def stream_chat(self, messages: list[dict[str, str]], **fields: Any) -> Iterator[str]:
         """Text deltas of a streamed chat completion, as they arrive."""
         body = {"messages": messages, **fields, "stream": True}

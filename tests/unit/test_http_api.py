@@ -17,12 +17,14 @@ from adapterswap.auth import Authenticator
 from adapterswap.config import load_config
 from adapterswap.embedding import load_embedder
 from adapterswap.errors import StaleMixture
+from adapterswap.forget_check import http_scorer
 from adapterswap.gateway import Gateway
 from adapterswap.generation import GenerationResult, SamplingParams
 from adapterswap.http_app import create_app
 from adapterswap.model_client import LocalModelClient
 from adapterswap.registry import AdapterRef, AdapterRegistry
 from adapterswap.replica import InferenceJob, ModelReplica
+from adapterswap.training import mean_token_nll
 
 HR_TEXTS = [
     "New parents get 23 weeks of paid parental leave.",
@@ -426,3 +428,18 @@ def test_a_job_routed_to_a_revoked_version_fails_alone_and_is_routed_again(world
     assert answer.status_code == 200, answer.text
     assert len(calls) == 2  # routed twice
     assert fresh.id not in [a["id"] for a in answer.json()["adapterswap"]["adapters"]]
+
+
+def test_the_forget_scorer_measures_what_the_model_computes(world):
+    client, keys, _, replica = world
+
+    class Over:  # the scorer's client interface, over the in-process app
+        def completions(self, prompt, **fields):
+            return post(
+                client, keys["legal"], "/v1/completions", {"prompt": prompt, **fields}
+            ).json()
+
+    text = "Parental leave lasts twenty-three weeks at the company."
+    (nll,) = http_scorer(Over())([text], "legal")  # legal holds no adapter: the base model
+    expected = mean_token_nll(replica.loaded.model, replica.tokenizer, text)
+    assert nll == pytest.approx(expected, abs=1e-4)
