@@ -1,11 +1,14 @@
-"""Job runners: one detached actor per submitted job, on the head node, gone when it is done.
+"""Job runners: one detached actor per kind of job (``train-runner``, ``delete-runner``).
 
-``POST /v1/train`` records a ``pending`` job in the store, then starts a runner named after
-it; the runner calls :func:`adapterswap.train_job.run_training` with that job id, which
-reports progress and the outcome to the job's row. The runner lives on the head node, where
-the home (its locks, the store's SQLite file) is. A runner that dies leaves its job
-``running``: :meth:`RayJobs.get` fails such a job when its actor is gone, and the next job of
-its kind would too (see ``adapterswap.jobs``).
+``POST /v1/train`` and ``DELETE /v1/documents/{id}`` record a ``pending`` job in the store,
+then queue it on its kind's runner, which runs its jobs one after the other (they would
+queue on the home's lock anyway) with :func:`adapterswap.train_job.run_training` or
+:func:`adapterswap.deletion.run_deletion`; those report progress and the outcome to the
+job's row. One long-lived process per kind, not one per job: a burst of deletes queues
+cheap tasks instead of starting processes. The runners live on the head node, where the
+home (its locks, the store's SQLite file) is. A runner that dies leaves its jobs pending or
+running: :meth:`RayJobs.get` fails them once their runner is gone, and the next job of the
+kind fails a running one too (see ``adapterswap.jobs``).
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ from adapterswap.config import AdapterSwapConfig
 from adapterswap.registry import JobRecord, JobState
 
 _HEAD_NODE = {"node:__internal_head__": 0.001}
-RUNNER = "ray-actor"  # the job's runner column; the actor is named "<job id>-runner"
+RUNNER = "ray-actor"  # the job's runner column; the actor is named "<kind>-runner"
 
 
 @ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)
 class JobRunner:
-    """Runs one job to its end, then exits."""
+    """Runs the jobs of one kind, in the order they were queued."""
 
     def run(self, kind: str, config: dict[str, Any], job_id: str) -> None:
         from adapterswap.deletion import run_deletion
@@ -32,10 +35,7 @@ class JobRunner:
 
         settings = AdapterSwapConfig.model_validate(config)
         work = {"train": run_training, "delete": run_deletion}[kind]
-        try:
-            work(settings, AdapterRegistry(settings.db_path), job_id=job_id)
-        finally:
-            ray.actor.exit_actor()
+        work(settings, AdapterRegistry(settings.db_path), job_id=job_id)
 
 
 class RayJobs:
@@ -58,20 +58,21 @@ class RayJobs:
 
     def _start(self, job: JobRecord) -> None:
         runner = JobRunner.options(
-            name=f"{job.job_id}-runner",
+            name=f"{job.kind}-runner",
             namespace=self.config.ray.namespace,
             lifetime="detached",
+            get_if_exists=True,
             resources=_HEAD_NODE,
         ).remote()
         runner.run.remote(job.kind, self.config.model_dump(), job.job_id)
 
     def get(self, job_id: str) -> JobRecord:
-        """The job's row; a job whose runner actor is gone without finishing it is failed."""
+        """The job's row; an unfinished job whose runner actor is gone is failed."""
         job = self.store.get_job(job_id)
         if job.finished or job.runner != RUNNER:
             return job
         try:
-            ray.get_actor(f"{job.job_id}-runner", namespace=self.config.ray.namespace)
+            ray.get_actor(f"{job.kind}-runner", namespace=self.config.ray.namespace)
         except ValueError:
             job = self.store.get_job(job_id)  # it may have finished and exited meanwhile
             if not job.finished:

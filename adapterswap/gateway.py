@@ -137,6 +137,12 @@ class Gateway:
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         if max_tokens > limit:
             raise PayloadTooLarge(f"max_tokens: {max_tokens} is over serve.max_new_tokens={limit}")
+        if isinstance(body, CompletionRequest):
+            logprobs = body.logprobs
+        else:  # chat: a flag, and how many alternatives
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        if body.stream and logprobs is not None:
+            raise InvalidArgument("logprobs: not supported with stream; ask without streaming")
         return SamplingParams(
             max_tokens,
             body.temperature,
@@ -144,6 +150,7 @@ class Gateway:
             body.seed,
             tuple(body.stop or ()),
             body.ignore_eos,
+            logprobs,
         )
 
     def completion_jobs(
@@ -209,7 +216,7 @@ class Gateway:
             "index": 0,
             "message": {"role": "assistant", "content": result.text},
             "finish_reason": result.finish_reason,
-            "logprobs": None,
+            "logprobs": _chat_logprobs(result.scores) if body.logprobs else None,
         }
         usage = _usage([result], [None])
         log_request("chat", principal, info, started, usage)
@@ -317,15 +324,17 @@ class Gateway:
             self.jobs.runner,
             f"api:{principal.user}",
         )
-        if request.job is not None:
-            self.jobs.start_deletion(request.job)
-        self.active.sync()  # the ingress's own routing view and statistics cache, too
-        waited = wait_for_replicas(
-            self.store,
-            request.epoch,
-            timeout_s=serve.revocation_timeout_s,
-            live_within_s=live_window_s(serve.replica_heartbeat_s),
-        )
+        try:
+            self.active.sync()  # the ingress's own routing view and statistics cache, too
+            waited = wait_for_replicas(
+                self.store,
+                request.epoch,
+                timeout_s=serve.revocation_timeout_s,
+                live_within_s=live_window_s(serve.replica_heartbeat_s),
+            )
+        finally:  # the job runs even when the barrier times out: the revocation stands
+            if request.job is not None:
+                self.jobs.start_deletion(request.job)
         return {
             "revoked": request.revoked,
             "job": request.job_id,
@@ -414,16 +423,42 @@ def _completion_choice(
     result: GenerationResult | None,
 ) -> dict[str, Any]:
     text = (scores.text if scores else "") + (result.text if result else "")
+    parts = [p for p in (scores, result.scores if result else None) if p is not None]
     logprobs = None
-    if body.logprobs is not None and scores is not None:
-        logprobs = {
-            "tokens": scores.tokens,
-            "token_logprobs": scores.token_logprobs,
-            "text_offset": scores.text_offset,
-            "top_logprobs": scores.top_logprobs,
-        }
+    if body.logprobs is not None and parts:  # the echoed prompt's, then the output's
+        logprobs = {"tokens": [], "token_logprobs": [], "text_offset": [], "top_logprobs": []}
+        start = 0
+        for part in parts:
+            logprobs["tokens"] += part.tokens
+            logprobs["token_logprobs"] += part.token_logprobs
+            logprobs["text_offset"] += [start + offset for offset in part.text_offset]
+            logprobs["top_logprobs"] += part.top_logprobs or [None] * len(part.tokens)
+            start += len(part.text)
+        if not body.logprobs:
+            logprobs["top_logprobs"] = None
     finish = result.finish_reason if result else "length"
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def _chat_logprobs(scores: PromptScores | None) -> dict[str, Any] | None:
+    """Chat's ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+    if scores is None:
+        return None
+    tops = scores.top_logprobs or [None] * len(scores.tokens)
+    return {
+        "content": [
+            {
+                "token": token,
+                "logprob": logprob,
+                "bytes": list(token.encode()),
+                "top_logprobs": [
+                    {"token": t, "logprob": v, "bytes": list(t.encode())}
+                    for t, v in (top or {}).items()
+                ],
+            }
+            for token, logprob, top in zip(scores.tokens, scores.token_logprobs, tops, strict=True)
+        ]
+    }
 
 
 def _usage(

@@ -45,6 +45,7 @@ class SamplingParams:
     seed: int | None = None  # None: nondeterministic
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks, load tests)
+    logprobs: int | None = None  # k: each output token's log-probability and the top k
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class GenerationResult:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    scores: PromptScores | None = None  # the output tokens' log-probabilities, if asked
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,10 @@ class _Row:
     emitted: int = 0  # characters of text already streamed
     produced: int = 0  # tokens sampled so far, EOS included
     result: GenerationResult | None = None
+    # With params.logprobs: log p of each sampled token under the model (before temperature
+    # and top_p, as vLLM reports them) and the top-k (ids, log p) at that step.
+    logprobs: list[float] = field(default_factory=list)
+    top: list[tuple[list[int], list[float]]] = field(default_factory=list)
 
 
 def generate_batch(
@@ -138,6 +144,12 @@ def generate_batch(
         prompts = [requests[row.index].prompt_ids for row in batch]
         with torch.inference_mode():
             _decode_loop(model, tokenizer, prompts, batch, on_token, on_rows_kept)
+    for row in rows:
+        if row.params.logprobs is not None and row.result is not None:
+            n = len(row.result.token_ids)  # EOS is not an output token
+            top = row.top[:n] if row.params.logprobs > 0 else None
+            scores = _prompt_scores(tokenizer, row.result.token_ids, row.logprobs[:n], top)
+            row.result = dataclasses.replace(row.result, scores=scores)
     return [row.result for row in rows]  # type: ignore[misc]  # every row finished
 
 
@@ -205,11 +217,29 @@ def _sample_and_advance(
     live = [k for k, row in enumerate(batch) if row.result is None]
     live_logits = logits if len(live) == len(batch) else logits[live]  # (L,V)
     tokens = _sample_next(live_logits, [batch[k] for k in live])
+    _record_logprobs(live_logits, [batch[k] for k in live], tokens)
     step = torch.full((len(batch),), pad_id, dtype=torch.long)
     step[live] = torch.tensor(tokens)
     for k, token in zip(live, tokens, strict=True):
         _advance(batch[k], token, eos, on_token)
     return step
+
+
+def _record_logprobs(logits: torch.Tensor, rows: list[_Row], tokens: list[int]) -> None:
+    """For rows that asked: log p(token) = z[token] − logsumexp z, and the top-k.  logits: (L,V)"""
+    wanted = [b for b, row in enumerate(rows) if row.params.logprobs is not None]
+    if not wanted:
+        return
+    z = logits[wanted].float()  # (W,V)
+    logp = z - torch.logsumexp(z, dim=-1, keepdim=True)  # (W,V)
+    chosen = logp.gather(-1, torch.tensor([tokens[b] for b in wanted])[:, None]).squeeze(-1)
+    k = max(rows[b].params.logprobs or 0 for b in wanted)
+    values, indices = logp.topk(k, dim=-1) if k else (None, None)  # (W,k)
+    for w, b in enumerate(wanted):
+        rows[b].logprobs.append(float(chosen[w]))
+        if k:
+            n = rows[b].params.logprobs or 0
+            rows[b].top.append((indices[w, :n].tolist(), values[w, :n].tolist()))
 
 
 def _left_pad(
@@ -397,7 +427,11 @@ def score_prompts(
         with torch.inference_mode():
             scored = _score_group(model, [prompts[i] for i in group], top_logprobs)
         for i, (logprobs, top) in zip(group, scored, strict=True):
-            results.append(_prompt_scores(tokenizer, prompts[i], logprobs, top))
+            results.append(
+                _prompt_scores(
+                    tokenizer, prompts[i], [None, *logprobs], None if top is None else [None, *top]
+                )
+            )
     return results
 
 
@@ -445,30 +479,38 @@ def _score_group(
 
 def _prompt_scores(
     tokenizer: Any,
-    prompt: list[int],
-    logprobs: list[float],
-    top: list[tuple[list[int], list[float]]] | None,
+    token_ids: list[int],
+    logprobs: list[float | None],
+    top: list[tuple[list[int], list[float]] | None] | None,
 ) -> PromptScores:
-    """Attach token strings and text offsets (special tokens kept: the echo shows them)."""
+    """Attach token strings and text offsets to per-token log-probabilities (and top-k).
+
+    A prompt's first token has no log-probability (None); output tokens all have one.
+    Special tokens are kept in the strings: the echo shows them.
+    """
     detok = _Detokenizer(tokenizer, skip_special_tokens=False)
     offsets = []
-    for token_id in prompt:
+    for token_id in token_ids:
         offsets.append(len(detok.stable))
         detok.push(token_id)
-    tokens = tokenizer.batch_decode([[t] for t in prompt], clean_up_tokenization_spaces=False)
+    tokens = tokenizer.batch_decode([[t] for t in token_ids], clean_up_tokenization_spaces=False)
     top_dicts: list[dict[str, float] | None] | None = None
     if top is not None:
-        top_dicts = [None]
-        for ids, values in top:
+        top_dicts = []
+        for entry in top:
+            if entry is None:
+                top_dicts.append(None)
+                continue
+            ids, values = entry
             names = tokenizer.batch_decode([[t] for t in ids], clean_up_tokenization_spaces=False)
             row: dict[str, float] = {}
             for name, value in zip(names, values, strict=True):
                 row.setdefault(name, value)  # two ids can decode alike: keep the likelier (first)
             top_dicts.append(row)
     return PromptScores(
-        token_ids=list(prompt),
+        token_ids=list(token_ids),
         tokens=tokens,
-        token_logprobs=[None, *logprobs],
+        token_logprobs=list(logprobs),
         text_offset=offsets,
         text=detok.text,
         top_logprobs=top_dicts,

@@ -341,3 +341,31 @@ def test_embedded_model_answers_a_chat_question(embedded_cache):
     params = SamplingParams(max_tokens=24, temperature=0.0)
     [result] = generate_batch(loaded.model, loaded.tokenizer, [GenerationRequest(ids, params)])
     assert "Paris" in result.text
+
+
+def test_output_logprobs_match_a_direct_log_softmax_in_a_sampled_batch(tiny, prompts):
+    model, tok = tiny
+    params = [
+        SamplingParams(max_tokens=5, temperature=0.0, logprobs=2),
+        SamplingParams(max_tokens=4, temperature=0.9, seed=3, logprobs=0),
+        SamplingParams(max_tokens=3, temperature=0.0),  # not asked: nothing computed
+    ]
+    requests = [GenerationRequest(p, q) for p, q in zip(prompts[1:], params, strict=True)]
+    results = generate_batch(model, tok, requests)
+    assert results[2].scores is None
+    for request, result in zip(requests[:2], results[:2], strict=True):
+        ids = request.prompt_ids + result.token_ids
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+        logp = torch.log_softmax(logits, -1)[len(request.prompt_ids) - 1 : -1]  # (n,V)
+        expected = logp.gather(1, torch.tensor(result.token_ids)[:, None])[:, 0]
+        scores = result.scores
+        assert len(scores.token_logprobs) == len(result.token_ids)
+        torch.testing.assert_close(torch.tensor(scores.token_logprobs), expected, atol=1e-4, rtol=0)
+        assert "".join(scores.tokens) == tok.decode(result.token_ids)
+    top = results[0].scores.top_logprobs  # greedy: the chosen token is the likeliest
+    assert all(
+        len(t) <= 2 and max(t.values()) == pytest.approx(lp, abs=1e-5)
+        for t, lp in zip(top, results[0].scores.token_logprobs, strict=True)
+    )
+    assert results[1].scores.top_logprobs is None

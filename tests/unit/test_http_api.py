@@ -443,3 +443,39 @@ def test_the_forget_scorer_measures_what_the_model_computes(world):
     (nll,) = http_scorer(Over())([text], "legal")  # legal holds no adapter: the base model
     expected = mean_token_nll(replica.loaded.model, replica.tokenizer, text)
     assert nll == pytest.approx(expected, abs=1e-4)
+
+
+def test_output_logprobs_in_the_openai_shapes(world):
+    client, keys, _, _ = world
+    body = {"prompt": "Parental leave", "max_tokens": 3, "temperature": 0, "adapters": "none"}
+    body["ignore_eos"] = True  # exactly 3 output tokens
+    plain = post(client, keys["hr"], "/v1/completions", {**body, "logprobs": 1}).json()
+    lp = plain["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == plain["usage"]["completion_tokens"]
+    assert all(len(t) == 1 for t in lp["top_logprobs"]) and lp["text_offset"][0] == 0
+    echoed = post(client, keys["hr"], "/v1/completions", {**body, "logprobs": 0, "echo": True})
+    elp = echoed.json()["choices"][0]["logprobs"]
+    assert elp["token_logprobs"][0] is None and elp["top_logprobs"] is None
+    assert elp["token_logprobs"][-3:] == pytest.approx(lp["token_logprobs"], abs=1e-5)
+    assert elp["text_offset"] == sorted(elp["text_offset"])  # prompt then output, in order
+    chat = post(
+        client,
+        keys["hr"],
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 2,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "adapters": "none",
+            "ignore_eos": True,
+        },
+    ).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == chat["usage"]["completion_tokens"]
+    assert all(
+        len(c["top_logprobs"]) == 2 and c["bytes"] == list(c["token"].encode()) for c in content
+    )
+    streamed = post(client, keys["hr"], "/v1/completions", {**body, "logprobs": 0, "stream": True})
+    assert streamed.status_code == 400 and "logprobs" in streamed.json()["error"]["message"]
