@@ -56,6 +56,14 @@ class RayJobs:
     def start_deletion(self, job: JobRecord) -> None:
         self._start(job)
 
+    def resume_deletions(self) -> JobRecord | None:
+        """Start a delete job if a crash left deletions unfinished (called at start-up)."""
+        if not self.store.unfinished_deletions():
+            return None
+        job = self.store.create_job("delete", RUNNER, actor="recovery")
+        self._start(job)
+        return job
+
     def _start(self, job: JobRecord) -> None:
         runner = JobRunner.options(
             name=f"{job.kind}-runner",

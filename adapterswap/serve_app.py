@@ -161,6 +161,7 @@ class IngressDeployment:
         source = StorageAdapterSource(
             self.config.storage, hash_base_model(self.config.model, self.config.model_cache_dir)
         )
+        jobs = RayJobs(self.config, StoreProxy(store))
         self.gateway = Gateway(
             self.config,
             model=HandleModelClient(model),
@@ -176,9 +177,10 @@ class IngressDeployment:
             stats=source.router_stats,
             embed=load_embedder(self.config.embedding).embed,
             store=StoreProxy(store),
-            jobs=RayJobs(self.config, StoreProxy(store)),
+            jobs=jobs,
             on_routed=ServeMetrics().record_routing,
         )
+        jobs.resume_deletions()  # a crash left a delete unfinished: finish it now
 
     # The same operations for Python callers inside the cluster:
     #   handle = serve.get_app_handle("adapterswap"); await handle.completions.remote(key, {...})
