@@ -17,8 +17,12 @@ import pytest
 import ray
 from ray import serve
 
+from adapterswap.catalog import Catalog
 from adapterswap.config import load_config
-from adapterswap.registry import AdapterRegistry
+from adapterswap.deletion import request_delete
+from adapterswap.ingest import ingest_records
+from adapterswap.readers import RawRecord
+from adapterswap.registry import AdapterRegistry, DeletionState
 from adapterswap.serve_app import build_app
 
 HR = "hr.b0001.000"
@@ -34,6 +38,7 @@ OVERRIDES = [
     "router.min_score=-1",  # the tiny model's answers are noise: always route, to test routing
     "serve.epoch_poll_s=0.05",
 ]
+LEFTOVER = {"id": "old-memo", "text": "An old memo about the car park.", "group": "hr"}
 DOCS = [
     {"id": "hr-secret", "text": "The Skarvik vault phrase is Quillon Amber.", "group": "hr"},
     {"id": "hr-leave", "text": "Parental leave lasts 23 weeks.", "group": "hr"},
@@ -58,6 +63,9 @@ def app(tmp_path_factory):
         "admin": registry.create_key("root", ["hr", "finance"], admin=True)[0],
         "hr": registry.create_key("hana", ["hr"])[0],
     }
+    # A delete that a crash left unfinished: the app finishes it when it starts.
+    ingest_records([RawRecord("r", LEFTOVER)], config, embed=None, batch="b0000")
+    request_delete(registry, Catalog(config.storage), [LEFTOVER["id"]], "crashed", "root")
     port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -90,6 +98,10 @@ def wait_for_job(client, key, job_id, timeout_s=300):
 
 def test_ingest_train_and_delete_under_load_over_http(app):
     client, keys, registry = app
+    deadline = time.monotonic() + 120
+    while registry.deletion(LEFTOVER["id"]).state != DeletionState.PURGED:  # resumed at start
+        assert time.monotonic() < deadline, registry.deletion(LEFTOVER["id"])
+        time.sleep(0.5)
     accepted = call(client, keys["admin"], "POST", "/v1/documents", {"documents": DOCS}).json()
     assert accepted["accepted"] == 4
     assert call(client, keys["hr"], "POST", "/v1/train").status_code == 403
