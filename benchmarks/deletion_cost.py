@@ -41,6 +41,7 @@ from adapterswap.serve_app import build_app
 from adapterswap.train_job import run_training
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+RESULT = Path(__file__).parent / "results" / "deletion_cost.json"
 
 
 def free_port() -> int:
@@ -136,16 +137,24 @@ def main() -> None:
     parser.add_argument("--deletes", type=int, default=50)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10, help="training steps per shard")
+    parser.add_argument(
+        "--only", choices=["revocation", "removal"], help="run one part; keep the other's JSON"
+    )
     args = parser.parse_args()
+    previous = json.loads(RESULT.read_text()) if RESULT.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
-            latency = revocation_latency(Path(tmp), args.deletes, args.replicas)
-            serve.shutdown()
-            removal = removal_cost(Path(tmp), args.steps)
+            latency = previous.get("revocation")
+            if args.only != "removal":
+                latency = revocation_latency(Path(tmp), args.deletes, args.replicas)
+                serve.shutdown()
+            removal = previous.get("removal")
+            if args.only != "revocation":
+                removal = removal_cost(Path(tmp), args.steps)
         finally:
             ray.shutdown()
-    write_result("deletion_cost", {"revocation": latency, "removal": removal, "machine_cpus": 2})
+    write_result("deletion_cost", {"revocation": latency, "removal": removal})
     print(
         f"revocation p50 {latency['acknowledged_after_s']['p50'] * 1000:.0f} ms, p99 "
         f"{latency['acknowledged_after_s']['p99'] * 1000:.0f} ms over {args.deletes} deletes, "
