@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -123,20 +123,33 @@ class Catalog:
         write_bytes_atomic(target, sink.getvalue())
         return target.path
 
-    def remove(self, doc_ids: Iterable[str]) -> list[str]:
+    def remove(
+        self, doc_ids: Iterable[str], content_hashes: Mapping[str, str | None] | None = None
+    ) -> list[str]:
         """Rewrite each fragment holding any of ``doc_ids`` without those rows; returns them.
 
-        A fragment left empty is deleted. Ids the catalog does not hold are ignored, so a
-        removal interrupted after some fragments is finished by calling it again.
+        With ``content_hashes``, a row goes only if its content hash is the one given for its
+        id (None: any), so a newer version with the same id (a replacement) stays. A fragment
+        left empty is deleted. Ids the catalog does not hold are ignored, so a removal
+        interrupted after some fragments is finished by calling it again.
         """
-        wanted = pa.array(sorted(set(doc_ids)), pa.string())
+        hashes = dict(content_hashes or {})
+        wanted = set(doc_ids)
         fs, touched = self.location.fs, []
         for path in self.fragments():
-            ids = pq.read_table(path, columns=["id"], filesystem=fs).column("id")
-            if not pc.any(pc.is_in(ids, value_set=wanted)).as_py():
+            ids = pq.read_table(path, columns=["id"], filesystem=fs).column("id").to_pylist()
+            if wanted.isdisjoint(ids):
                 continue
             table = pq.read_table(path, filesystem=fs, schema=SCHEMA)
-            kept = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=wanted)))
+            drop = [
+                doc_id in wanted and hashes.get(doc_id) in (None, content)
+                for doc_id, content in zip(
+                    ids, table.column("content_hash").to_pylist(), strict=True
+                )
+            ]
+            if not any(drop):
+                continue
+            kept = table.filter(pa.array([not d for d in drop]))
             if kept.num_rows == 0:
                 fs.delete_file(path)
             else:

@@ -62,6 +62,11 @@ class DeleteRequest:
         return self.job.job_id if self.job else self.records[0].job_id
 
     @property
+    def content_hashes(self) -> dict[str, str | None]:
+        """The deleted version of each document (a replacement with the same id stays)."""
+        return {r.doc_id: r.content_hash for r in self.records}
+
+    @property
     def revoked(self) -> list[dict[str, Any]]:
         refs = sorted({ref for r in self.records for ref in r.revoked})
         return [{"id": ref.id, "version": ref.version} for ref in refs]
@@ -77,12 +82,14 @@ def request_delete(
     """
     if not doc_ids:
         raise NotFound("doc_ids: give at least one document id")
-    held = catalog.ids()
+    rows = catalog.read(["id", "content_hash"]).to_pylist()
+    held = {row["id"]: row["content_hash"] for row in rows}
     in_progress = {r.doc_id for r in store.unfinished_deletions()}
     unknown = [d for d in doc_ids if d not in held and d not in in_progress]
     if unknown:
         raise NotFound(f"document {', '.join(repr(d) for d in unknown)} not found")
-    job, records = store.begin_delete(list(doc_ids), runner, actor=actor)
+    hashes = {d: held[d] for d in doc_ids if d in held}
+    job, records = store.begin_delete(list(doc_ids), runner, actor=actor, content_hashes=hashes)
     return DeleteRequest(job, records)
 
 
@@ -164,11 +171,15 @@ def _finish_deletions(
         return
     catalog = Catalog(config.storage)
     shards = _shards_of(registry, pending)
-    deleting = [r.doc_id for r in pending if r.state == DeletionState.DELETING]
+    deleting = [r for r in pending if r.state == DeletionState.DELETING]
     if deleting:
         with home_lock(config.home_path, "ingest"):  # no ingest reads a fragment mid-rewrite
-            report.catalog_fragments = catalog.remove(deleting)
-        registry.advance_deletion(deleting, DeletionState.REMOVED, actor="delete")
+            report.catalog_fragments = catalog.remove(
+                [r.doc_id for r in deleting], {r.doc_id: r.content_hash for r in deleting}
+            )
+        registry.advance_deletion(
+            [r.doc_id for r in deleting], DeletionState.REMOVED, actor="delete"
+        )
 
     trained = TrainReport()
     train_changed_shards(config, registry, trained, on_progress, only=shards)

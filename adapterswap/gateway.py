@@ -28,7 +28,7 @@ from adapterswap.active_set import ActiveSet
 from adapterswap.auth import Authenticator, effective_groups, require_admin
 from adapterswap.catalog import Catalog
 from adapterswap.config import AdapterSwapConfig
-from adapterswap.deletion import request_delete, wait_for_replicas
+from adapterswap.deletion import DeleteRequest, request_delete, wait_for_replicas
 from adapterswap.epoch_watch import live_window_s
 from adapterswap.errors import (
     AdapterSwapError,
@@ -267,24 +267,64 @@ class Gateway:
     # -- knowledge management (admin) -------------------------------------------------------
 
     def ingest(self, principal: Principal, body: DocumentsRequest) -> dict[str, Any]:
-        """``POST /v1/documents``: validated as a whole, like ``adapterswap ingest``."""
+        """``POST /v1/documents``: validated as a whole, like ``adapterswap ingest``.
+
+        With ``replace: true`` an id that exists is a delete plus an ingest: once the whole
+        body is valid, the old version is revoked (and every replica has dropped it), its
+        catalog row removed and the new one appended; the delete job retrains and purges.
+        """
         require_admin(principal)
-        if body.replace:
-            raise InvalidArgument(
-                "replace: replacing documents needs deletion, which this server does not offer yet"
-            )
+        actor = f"api:{principal.user}"
         records = [
             RawRecord(f"documents[{i}]", d.model_dump(exclude_none=True))
             for i, d in enumerate(body.documents)
         ]
+        deleted: list[DeleteRequest] = []
+
+        def replace(doc_ids: list[str]) -> None:
+            catalog = Catalog(self.config.storage)
+            request = request_delete(self.store, catalog, doc_ids, self.jobs.runner, actor)
+            deleted.append(request)
+            try:
+                self._wait_for_replicas(request.epoch)
+                # under the ingest lock, which ingest holds; the delete job's own removal later
+                # matches the old content hash, so it leaves the replacement in place
+                catalog.remove(doc_ids, request.content_hashes)
+            finally:
+                if request.job is not None:
+                    self.jobs.start_deletion(request.job)
+
         result = ingest_records(
-            records, self.config, embed=self._embed, audit=self.store, actor=f"api:{principal.user}"
+            records,
+            self.config,
+            embed=self._embed,
+            audit=self.store,
+            actor=actor,
+            replace=replace if body.replace else None,
         )
-        return {
+        answer: dict[str, Any] = {
             "accepted": result.accepted,
             "batch": result.batch,
             "shards": [p.shard for p in result.shards],
         }
+        if deleted:
+            answer |= {
+                "replaced": result.replaced,
+                "revoked": deleted[0].revoked,
+                "job": deleted[0].job_id,
+            }
+        return answer
+
+    def _wait_for_replicas(self, epoch: int) -> float:
+        """The deletion barrier, after syncing the ingress's own view."""
+        self.active.sync()
+        serve = self.config.serve
+        return wait_for_replicas(
+            self.store,
+            epoch,
+            timeout_s=serve.revocation_timeout_s,
+            live_within_s=live_window_s(serve.replica_heartbeat_s),
+        )
 
     def document(self, principal: Principal, doc_id: str) -> dict[str, Any]:
         """``GET /v1/documents/{id}``: metadata, placement and the versions that saw it."""
@@ -316,7 +356,6 @@ class Gateway:
         finished, is a 404.
         """
         require_admin(principal)
-        serve = self.config.serve
         request = request_delete(
             self.store,
             Catalog(self.config.storage),
@@ -325,13 +364,7 @@ class Gateway:
             f"api:{principal.user}",
         )
         try:
-            self.active.sync()  # the ingress's own routing view and statistics cache, too
-            waited = wait_for_replicas(
-                self.store,
-                request.epoch,
-                timeout_s=serve.revocation_timeout_s,
-                live_within_s=live_window_s(serve.replica_heartbeat_s),
-            )
+            waited = self._wait_for_replicas(request.epoch)
         finally:  # the job runs even when the barrier times out: the revocation stands
             if request.job is not None:
                 self.jobs.start_deletion(request.job)

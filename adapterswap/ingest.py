@@ -7,7 +7,7 @@ serialised by a lock file, so the duplicate-id check and the shard numbering can
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -34,6 +34,7 @@ class IngestResult:
     batch: str
     shards: list[ShardPlan]
     fragment: str
+    replaced: list[str]
 
 
 def next_batch_label(existing: set[str]) -> str:
@@ -52,18 +53,24 @@ def ingest_records(
     group: str | None = None,
     batch: str | None = None,
     problems: Sequence[str] = (),
+    replace: Callable[[list[str]], None] | None = None,
 ) -> IngestResult:
     """Validate ``records`` as a whole, place them in new shards and append them to the catalog.
 
     Raises :class:`~adapterswap.errors.InvalidDocument` (and writes nothing) when any
-    record, or any entry of ``problems`` from the readers, is bad.
+    record, or any entry of ``problems`` from the readers, is bad. With ``replace``, ids the
+    catalog already holds are allowed: once everything is valid, ``replace(ids)`` is called
+    (under the ingest lock) to delete them and take them out of the catalog, then the new
+    versions are appended, into new shards like any new batch.
     """
     catalog = Catalog(config.storage)
     with home_lock(config.home_path, "ingest"):
         existing = catalog.read(["id", "shard", "batch"])
+        held = set(existing.column("id").to_pylist())
+        replacing = sorted(held & {str(r.fields.get("id")) for r in records}) if replace else []
         docs = validate_records(
             records,
-            existing_ids=set(existing.column("id").to_pylist()),
+            existing_ids=held - set(replacing),
             limits=config.ingest,
             max_tokens=config.sharding.max_shard_tokens,
             group=group,
@@ -81,6 +88,8 @@ def ingest_records(
         placed = assignments(plans)
         batch_of = {p.shard: p.batch for p in plans}
         shards = [placed[d.id] for d in docs]
+        if replacing and replace is not None:
+            replace(replacing)
         fragment = catalog.append(docs, shards, [batch_of[s] for s in shards])
     if audit is not None:
         audit.append_audit(
@@ -90,7 +99,7 @@ def ingest_records(
             shards=[p.shard for p in plans],
             fragment=fragment,
         )
-    return IngestResult(accepted=len(docs), batch=batch, shards=plans, fragment=fragment)
+    return IngestResult(len(docs), batch, plans, fragment, replacing)
 
 
 def ingest_files(

@@ -150,7 +150,7 @@ CREATE TABLE IF NOT EXISTS deletions (
     doc_id TEXT PRIMARY KEY,
     state TEXT NOT NULL CHECK (state IN ({", ".join(f"'{s}'" for s in DeletionState)})),
     job_id TEXT NOT NULL, actor TEXT NOT NULL, epoch INTEGER NOT NULL, revoked TEXT NOT NULL,
-    requested_at TEXT NOT NULL, updated_at TEXT NOT NULL) WITHOUT ROWID;
+    requested_at TEXT NOT NULL, updated_at TEXT NOT NULL, content_hash TEXT) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS replicas (
     replica_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, seen_at REAL NOT NULL) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
@@ -254,6 +254,7 @@ class DeletionRecord:
     revoked: list[AdapterRef]
     requested_at: str
     updated_at: str
+    content_hash: str | None  # the deleted version's: a replacement with the same id stays
 
 
 def _deletion_from_row(row: sqlite3.Row) -> DeletionRecord:
@@ -266,6 +267,7 @@ def _deletion_from_row(row: sqlite3.Row) -> DeletionRecord:
         [AdapterRef(i, v) for i, v in json.loads(row["revoked"])],
         row["requested_at"],
         row["updated_at"],
+        row["content_hash"],
     )
 
 
@@ -710,14 +712,20 @@ class AdapterRegistry:
     # -- deletions -----------------------------------------------------------------------
 
     def begin_delete(
-        self, doc_ids: Iterable[str], runner: str, *, actor: str = "system"
+        self,
+        doc_ids: Iterable[str],
+        runner: str,
+        *,
+        actor: str = "system",
+        content_hashes: dict[str, str] | None = None,
     ) -> tuple[JobRecord | None, list[DeletionRecord]]:
         """Start deleting documents, in ONE transaction: revoke, fail, record, epoch, job.
 
         Every active version whose lineage holds one of ``doc_ids`` is revoked, every training
         one failed, each document recorded ``deleting`` and the epoch bumped; a ``pending``
         delete job is created to carry out the rest. A document already being deleted is
-        left as it is (its record is returned). Returns (the new job or None, records).
+        left as it is (its record is returned). ``content_hashes`` records which version of
+        each document is deleted. Returns (the new job or None, records).
         """
         docs = sorted(set(doc_ids))
         with self._write() as conn:
@@ -747,7 +755,7 @@ class AdapterRegistry:
                         details = {"id": version.adapter_id, "version": version.version}
                         self._audit(conn, actor, "fail", details | {"reason": f"delete {doc_id}"})
                 conn.execute(
-                    "INSERT OR REPLACE INTO deletions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO deletions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         doc_id,
                         DeletionState.DELETING.value,
@@ -757,6 +765,7 @@ class AdapterRegistry:
                         json.dumps([[r.id, r.version] for r in revoked]),
                         now,
                         now,
+                        (content_hashes or {}).get(doc_id),
                     ),
                 )
                 details = {"doc_id": doc_id, "job_id": job.job_id, "epoch": epoch}

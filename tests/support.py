@@ -20,6 +20,7 @@ def publish_random_adapter(
     group: str,
     texts: list[str],
     seed: int,
+    doc_ids: list[str] | None = None,
 ) -> AdapterRef:
     """Publish a version whose LoRA is random (B != 0) but whose files, manifest, router
     statistics and store records are the real thing, as training would leave them."""
@@ -32,9 +33,8 @@ def publish_random_adapter(
         init_lora_weights=False,
     )
     peft_model = get_peft_model(model, lora)
-    version = registry.register_version(
-        adapter_id, group, "x", [f"{adapter_id}-{i}" for i in range(len(texts))]
-    ).version
+    lineage = doc_ids or [f"{adapter_id}-{i}" for i in range(len(texts))]
+    version = registry.register_version(adapter_id, group, "x", lineage).version
     stats = compute_shard_stats(texts, embed, "embedded:all-MiniLM-L6-v2")
     base = {"id": config.model.spec, "hash": hash_base_model(config.model, config.model_cache_dir)}
     manifest = {"adapter_id": adapter_id, "version": version, "group": group, "base_model": base}

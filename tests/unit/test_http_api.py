@@ -14,6 +14,7 @@ from support import RecordedJobs, publish_random_adapter
 
 from adapterswap.active_set import ActiveSet
 from adapterswap.auth import Authenticator
+from adapterswap.catalog import Catalog
 from adapterswap.config import load_config
 from adapterswap.embedding import load_embedder
 from adapterswap.errors import StaleMixture
@@ -479,3 +480,37 @@ def test_output_logprobs_in_the_openai_shapes(world):
     )
     streamed = post(client, keys["hr"], "/v1/completions", {**body, "logprobs": 0, "stream": True})
     assert streamed.status_code == 400 and "logprobs" in streamed.json()["error"]["message"]
+
+
+def test_replace_is_a_delete_plus_an_ingest_and_keeps_the_new_version(world):
+    client, keys, _, _ = world
+    gateway = client.app.state.gateway
+    registry, catalog = gateway.store, Catalog(gateway.config.storage)
+    doc = {"id": "memo-7", "text": "The canteen opens at eight.", "group": "hr"}
+    assert post(client, keys["admin"], "/v1/documents", {"documents": [doc]}).status_code == 200
+    fresh = publish_random_adapter(  # a version "trained" on it: its lineage names memo-7
+        gateway.config,
+        registry,
+        gateway._embed,
+        "hr.b0010.000",
+        "hr",
+        [doc["text"]],
+        10,
+        ["memo-7"],
+    )
+    new = {**doc, "text": "The canteen opens at half past seven."}
+    refused = post(client, keys["admin"], "/v1/documents", {"documents": [new]})
+    assert refused.status_code == 400 and "already exists" in refused.json()["error"]["message"]
+    answer = post(client, keys["admin"], "/v1/documents", {"documents": [new], "replace": True})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["replaced"] == ["memo-7"]
+    assert body["revoked"] == [{"id": fresh.id, "version": fresh.version}]
+    rows = catalog.read(["id", "text"]).to_pylist()
+    assert [r["text"] for r in rows if r["id"] == "memo-7"] == [new["text"]]  # one, the new one
+    record = registry.deletion("memo-7")
+    assert record.state == "deleting" and record.job_id == body["job"]
+    catalog.remove(["memo-7"], {"memo-7": record.content_hash})  # what the delete job does
+    assert [r["text"] for r in catalog.read(["id", "text"]).to_pylist() if r["id"] == "memo-7"] == [
+        new["text"]
+    ]  # the job's removal matches the old content only: the replacement stays
