@@ -34,7 +34,7 @@ from adapterswap.artifacts import delete_version, version_location
 from adapterswap.catalog import Catalog
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import NotFound, RevocationTimeout
-from adapterswap.jobs import JobReporter
+from adapterswap.jobs import running_job
 from adapterswap.locks import home_lock
 from adapterswap.registry import (
     AdapterRegistry,
@@ -139,23 +139,11 @@ def run_deletion(
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> DeletionReport:
     """Finish every unfinished deletion: remove, retrain, purge (see the module docstring)."""
-    job = JobReporter.open(registry, "delete", job_id)
-    report = DeletionReport(job=job.job_id)
-
-    def progress(event: dict[str, Any]) -> None:
-        job.progress(event)
-        if on_progress is not None:
-            on_progress(event)
-
-    with home_lock(config.home_path, "train"):
-        job.start()
-        try:
-            _finish_deletions(config, registry, report, progress)
-        except BaseException as exc:
-            job.finish(asdict(report), error=f"{type(exc).__name__}: {exc}")
-            raise
-    failed = [f["id"] for f in report.training.get("failed", [])]
-    job.finish(asdict(report), error=f"retraining failed: {', '.join(failed)}" if failed else None)
+    with running_job(registry, "delete", job_id, config.home_path) as job:
+        report = DeletionReport(job=job.job_id)
+        _finish_deletions(config, registry, report, job.forwarding(on_progress))
+        failed = ", ".join(f["id"] for f in report.training.get("failed", []))
+        job.finish(asdict(report), error=f"retraining failed: {failed}" if failed else None)
     return report
 
 

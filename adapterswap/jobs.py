@@ -14,9 +14,13 @@ import os
 import shlex
 import socket
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 from adapterswap.config import AdapterSwapConfig
+from adapterswap.locks import home_lock
 from adapterswap.registry import AdapterRegistry, JobRecord, JobState
 
 PROGRESS_INTERVAL_S = 1.0
@@ -38,6 +42,25 @@ def submit_ray_job(config: AdapterSwapConfig, args: list[str]) -> str | None:
     except (ConnectionError, RuntimeError, ValueError):
         return None
     return client.submit_job(entrypoint=shlex.join(["python", "-m", "adapterswap", *args]))
+
+
+@contextmanager
+def running_job(
+    registry: AdapterRegistry, kind: str, job_id: str | None, home: Path
+) -> Iterator[JobReporter]:
+    """Run a job's body under the home's job lock (training and deletion take turns).
+
+    Yields the started reporter; the body calls ``finish``. If the body raises, the job is
+    recorded failed with the exception, which propagates.
+    """
+    job = JobReporter.open(registry, kind, job_id)
+    with home_lock(home, "train"):
+        job.start()
+        try:
+            yield job
+        except BaseException as exc:
+            job.finish({}, error=f"{type(exc).__name__}: {exc}")
+            raise
 
 
 def process_runner() -> str:
@@ -90,6 +113,18 @@ class JobReporter:
             )
         self.registry.update_job(self.job_id, JobState.RUNNING)
         return stale
+
+    def forwarding(
+        self, on_progress: Callable[[dict[str, Any]], None] | None
+    ) -> Callable[[dict[str, Any]], None]:
+        """A progress callback that records to the row and passes events on (CLI bars)."""
+
+        def progress(event: dict[str, Any]) -> None:
+            self.progress(event)
+            if on_progress is not None:
+                on_progress(event)
+
+        return progress
 
     def progress(self, event: dict[str, Any]) -> None:
         """A training step event: kept per shard, written at most once per interval."""

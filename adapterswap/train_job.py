@@ -31,8 +31,7 @@ from adapterswap.base_model import hash_base_model
 from adapterswap.catalog import Catalog
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import IllegalTransition
-from adapterswap.jobs import JobReporter
-from adapterswap.locks import home_lock
+from adapterswap.jobs import running_job
 from adapterswap.registry import AdapterRegistry, AdapterStatus
 from adapterswap.storage import resolve
 from adapterswap.train_plan import ShardWork, shards_to_train
@@ -121,23 +120,12 @@ def run_training(
     The work is recorded as job ``job_id`` (created ``pending`` by the submitter), or as a
     new job of this process; jobs queue on the home's train lock.
     """
-    job = JobReporter.open(registry, "train", job_id)
-    report = TrainReport(job=job.job_id)
-
-    def progress(event: dict[str, Any]) -> None:
-        job.progress(event)
-        if on_progress is not None:
-            on_progress(event)
-
-    with home_lock(config.home_path, "train"):
-        job.start()
-        try:
-            train_changed_shards(config, registry, report, progress, fail_once_at_step)
-        except BaseException as exc:
-            job.finish({}, error=f"{type(exc).__name__}: {exc}")
-            raise
-    failed = ", ".join(f["id"] for f in report.failed)
-    job.finish(asdict(report), error=f"shards failed: {failed}" if failed else None)
+    with running_job(registry, "train", job_id, config.home_path) as job:
+        report = TrainReport(job=job.job_id)
+        progress = job.forwarding(on_progress)
+        train_changed_shards(config, registry, report, progress, fail_once_at_step)
+        failed = ", ".join(f["id"] for f in report.failed)
+        job.finish(asdict(report), error=f"shards failed: {failed}" if failed else None)
     return report
 
 
