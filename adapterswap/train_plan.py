@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from adapterswap.artifacts import training_data_hash
@@ -38,7 +39,7 @@ def shards_to_train(
     """
     index = catalog.read(["shard", "group", "id", "content_hash"])
     if only is not None:
-        index = index.filter(pc.field("shard").isin(sorted(only)))
+        index = index.filter(pc.field("shard").isin(pa.array(sorted(only), pa.string())))
     hashes: dict[str, list[tuple[str, str]]] = {}
     groups: dict[str, str] = {}
     for row in index.to_pylist():

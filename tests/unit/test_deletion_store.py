@@ -16,6 +16,7 @@ from adapterswap.errors import IllegalTransition, NotFound, RevocationTimeout
 from adapterswap.ingest import ingest_records
 from adapterswap.readers import RawRecord
 from adapterswap.registry import AdapterRegistry, AdapterStatus, DeletionState
+from adapterswap.train_plan import shards_to_train
 
 CANARY = "zq-canary-5521 the vault code is Quillon Amber"
 
@@ -159,3 +160,12 @@ def test_request_delete_refuses_unknown_ids_and_changes_nothing(tmp_path):
     catalog.remove(["hr-1"])
     repeat = request_delete(reg, catalog, ["hr-1"], "r", "root")  # gone from the catalog, but
     assert repeat.job is None and repeat.job_id == request.job_id  # still in progress: no-op
+
+
+def test_shards_to_train_can_be_limited_to_the_deleted_documents_shards(tmp_path):
+    config = _home(tmp_path)
+    reg, catalog = AdapterRegistry(config.db_path), Catalog(config.storage)
+    hr = catalog.placements()["hr-1"]
+    assert shards_to_train(catalog, reg, only=set()) == []  # a delete of untrained documents
+    assert [w.adapter_id for w in shards_to_train(catalog, reg, only={hr})] == [hr]
+    assert len(shards_to_train(catalog, reg)) == 2
