@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", parents=[common], help="the end-to-end demonstration")
     demo.add_argument("--corpus", type=Path, help="example corpus directory (default: examples/)")
+    demo.add_argument("--steps", type=int, help="training steps per shard (default 20)")
     demo.set_defaults(handler=_cmd_demo)
     return parser
 
@@ -293,9 +294,10 @@ def _cmd_keys_revoke(args: argparse.Namespace, config: AdapterSwapConfig) -> tup
 
 
 def _cmd_demo(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
-    from adapterswap.demo import run_demo
+    from adapterswap.demo import DEMO_STEPS, run_demo
 
-    report = run_demo(config, corpus=args.corpus, echo=None if args.json else print)
+    echo = None if args.json else print
+    report = run_demo(config, corpus=args.corpus, echo=echo, steps=args.steps or DEMO_STEPS)
     return "", report
 
 
