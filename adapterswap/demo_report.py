@@ -55,7 +55,9 @@ def _markdown(result: dict[str, Any]) -> str:
         f"{deleted['kept_after']['answer_nll']:.2f} after",
         f"- verify-forget: {'PASS' if forget['passed'] else 'FAIL'}, the deleted document's NLL "
         f"{forget['deleted_nll']:.2f} sits at percentile {forget['percentile']:.0f} of "
-        f"{len(forget['control_nlls'])} never-ingested controls",
+        f"{len(forget['control_nlls'])} never-ingested controls (before the delete: "
+        f"{deleted['verify_forget_before']['deleted_nll']:.2f}, percentile "
+        f"{deleted['verify_forget_before']['percentile']:.0f})",
         "",
         "![forget](forget.png)",
         "",
@@ -96,16 +98,17 @@ def _forget_plot(path: Path, result: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    forget = result["deleted"]["verify_forget"]
-    fig, ax = plt.subplots(figsize=(6, 2.4))
-    ax.scatter(forget["control_nlls"], [0] * len(forget["control_nlls"]), label="never ingested")
-    ax.scatter(
-        [forget["deleted_nll"]], [0], marker="x", s=120, label=f"{forget['doc_id']} (deleted)"
-    )
+    before = result["deleted"]["verify_forget_before"]
+    after = result["deleted"]["verify_forget"]
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    ax.scatter(after["control_nlls"], [0] * len(after["control_nlls"]), label="never ingested")
+    ax.scatter([before["deleted_nll"]], [0], marker="x", s=120, label="the document, trained")
+    ax.scatter([after["deleted_nll"]], [0], marker="X", s=120, label="after its deletion")
     ax.set_yticks([])
+    ax.set_ylim(-1, 1.6)
     ax.set_xlabel("document NLL (nats/token) for a holder of its group")
-    ax.set_title("verify-forget: the deleted document among controls")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=2)
+    ax.set_title(f"verify-forget: {after['doc_id']} among never-ingested controls")
+    ax.legend(loc="upper center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -34,6 +34,7 @@ def test_the_demo_runs_every_step_and_writes_its_report(tmp_path):
         and deleted["before"]["adapters"] != deleted["after"]["adapters"]
     )  # the revoked version is gone from what serves it
     assert len(deleted["verify_forget"]["control_nlls"]) == 6
+    assert deleted["verify_forget_before"]["doc_id"] == DELETE
     assert report["batch2"]["shards"] and all(report["batch2"]["unchanged"])
 
     out = Path(report["home"]) / "report"
