@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -29,3 +30,10 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 
 import httpx2 as httpx
 import ray
-from _common import write_result
+from _common import free_port, write_result
 from ray import serve
 
 from adapterswap.catalog import Catalog
@@ -42,12 +41,6 @@ from adapterswap.train_job import run_training
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 RESULT = Path(__file__).parent / "results" / "deletion_cost.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -39,8 +38,8 @@ from typing import Any
 import httpx2 as httpx
 import ray
 import torch
-from _common import write_result
-from compose_overhead import arithmetic_floor, load_model
+from _common import free_port, write_result
+from compose_overhead import PROMPTS, arithmetic_floor, load_model
 from fastapi import FastAPI
 from ray import serve
 
@@ -54,22 +53,6 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from support import publish_random_adapter  # noqa: E402  (tests' helper: real files, random LoRA)
 
 ADAPTERS, K = 8, 3
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "How many days are in a leap year?",
-    "Explain photosynthesis in one sentence.",
-    "Name three primary colours.",
-    "What does a compiler do?",
-    "Give me a synonym for happy.",
-    "Who wrote Hamlet?",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mixture(client: int) -> list[dict[str, Any]]:

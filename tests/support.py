@@ -1,6 +1,8 @@
-"""Helpers shared by tests: publishing real adapter versions without training them."""
+"""Helpers shared by tests: a free port, real adapter versions without training, recorded jobs."""
 
 from __future__ import annotations
+
+import socket
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -10,6 +12,13 @@ from adapterswap.base_model import hash_base_model, load_base_model
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.registry import AdapterRef, AdapterRegistry, JobRecord
 from adapterswap.router_stats import compute_shard_stats, save_shard_stats
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def publish_random_adapter(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import socket
 import time
 import urllib.request
 
@@ -11,7 +10,7 @@ import openai
 import pytest
 import ray
 from ray import serve
-from support import publish_random_adapter
+from support import free_port, publish_random_adapter
 
 from adapterswap.config import load_config
 from adapterswap.embedding import load_embedder
@@ -25,12 +24,6 @@ OVERRIDES = [
     "lora.target_modules=[q_proj, v_proj]",
     "serve.max_new_tokens=16",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ after which no response names the revoked version, and no request fails.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -16,6 +15,7 @@ import httpx2 as httpx
 import pytest
 import ray
 from ray import serve
+from support import free_port
 
 from adapterswap.catalog import Catalog
 from adapterswap.config import load_config
@@ -45,12 +45,6 @@ DOCS = [
     {"id": "hr-badge", "text": "Badges are issued by Morwenna Lusk.", "group": "hr"},
     {"id": "fin-days", "text": "Invoices are paid in 37 days.", "group": "finance"},
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
