@@ -47,7 +47,9 @@ class _InferenceBody(_Body):
     temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     stop: str | list[str] | None = Field(None, description="Up to 4 stop sequences.")
-    seed: int | None = Field(None, description="Seed for reproducible sampling.")
+    seed: int | None = Field(
+        None, ge=-(2**63), le=2**63 - 1, description="Seed for reproducible sampling (int64)."
+    )
     stream: bool = Field(False, description="Server-sent events.")
     ignore_eos: bool = Field(False, description="Keep generating past EOS to max_tokens (vLLM).")
     adapters: Adapters = Field("auto", description="'auto', 'none' or a weighted list.")

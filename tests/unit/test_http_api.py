@@ -514,3 +514,10 @@ def test_replace_is_a_delete_plus_an_ingest_and_keeps_the_new_version(world):
     assert [r["text"] for r in catalog.read(["id", "text"]).to_pylist() if r["id"] == "memo-7"] == [
         new["text"]
     ]  # the job's removal matches the old content only: the replacement stays
+
+
+def test_a_seed_outside_int64_is_a_400_naming_it(world):
+    client, keys, _, _ = world
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "seed": -(2**63) - 1}
+    answer = post(client, keys["hr"], "/v1/chat/completions", body)
+    assert answer.status_code == 400 and "seed" in answer.json()["error"]["message"]
