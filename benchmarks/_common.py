@@ -23,9 +23,9 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}, Python {platform.python_version()}"
 
 
-def write_result(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_result(name: str, payload: dict[str, Any], directory: Path = RESULTS) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     report = {"benchmark": name, "machine": machine(), "date": time.strftime("%Y-%m-%d"), **payload}
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")

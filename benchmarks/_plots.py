@@ -1,0 +1,70 @@
+"""The benchmarks' two plot shapes, written as PNG with matplotlib's Agg backend (no display)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def bar_chart(
+    path: Path,
+    *,
+    title: str,
+    groups: Mapping[str, Mapping[str, float]],
+    ylabel: str,
+    hlines: Mapping[str, float] | None = None,
+    log: bool = False,
+) -> Path:
+    """Grouped bars: ``groups[group][series]``, one colour per series, value on each bar."""
+    series = list(dict.fromkeys(s for bars in groups.values() for s in bars))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) * max(len(series), 1) * 0.5), 4))
+    for j, name in enumerate(series):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        values = [bars.get(name, float("nan")) for bars in groups.values()]
+        drawn = ax.bar(xs, values, width, label=name)
+        ax.bar_label(drawn, fmt="%.3g", fontsize=7)
+    for k, (label, y) in enumerate((hlines or {}).items()):
+        ax.axhline(y, linestyle="--", linewidth=1, color=f"C{len(series) + k}", label=label)
+    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    if log:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def line_chart(
+    path: Path,
+    *,
+    title: str,
+    x: Sequence[float],
+    series: Mapping[str, Sequence[float]],
+    xlabel: str,
+    ylabel: str,
+) -> Path:
+    """One line with markers per series over the same ``x``."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, ys in series.items():
+        ax.plot(x, ys, marker="o", label=name)
+    ax.set_xticks(list(x))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
