@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint eval clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,11 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The paper's experiments on Debian's manual pages (benchmarks/README.md); about 45 min on 2 cores.
+eval: setup
+	cd benchmarks && for b in eval_routing eval_knowledge eval_forgetting eval_serving; do \
+		../$(BIN)/python $$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

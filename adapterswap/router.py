@@ -7,7 +7,8 @@ into the choice (invariant 1). For a query embedding q and candidate shards s:
 1. **Nothing relevant, no adapters.** If no shard's centroid is within cosine
    ``min_score`` of q, the request runs on the base model alone.
 2. **Sharp posterior.** ``p_s ∝ exp(score_s(q) / temperature)``, where ``score_s`` is the
-   shard's own Gaussian log-density per dimension (``router_stats.score_shards``).
+   kernel density of q among the shard's own chunk embeddings, on cosine's scale
+   (``router_stats.score_shards``).
 3. **Top-k, cut, renormalise.** Keep the k most probable shards, renormalise, drop those
    under ``min_weight`` and renormalise again.
 

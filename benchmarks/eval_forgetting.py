@@ -1,7 +1,7 @@
 """(d) Forgetting: the first batch's perplexity after each of several sequential batches.
 
     python benchmarks/eval_forgetting.py [--corpus DIR] [--group library] [--batches 6]
-                                         [--docs-per-batch 3] [--epochs 15]
+                                         [--docs-per-batch 2] [--epochs 12]
 
 Documents of one group arrive in ``--batches`` batches. Three ways to keep a model current,
 each with the same budget per document (``--epochs`` passes over the data it trains on):
@@ -36,7 +36,7 @@ from _knowledge import (
     train_adapter,
 )
 from _plots import line_chart
-from manpages import Corpus
+from manpages import ensure_corpus
 
 from adapterswap.chronological import train_chronological
 from adapterswap.config import EmbeddingSettings, LoraSettings, TrainingSettings
@@ -63,7 +63,7 @@ def run(
     docs_per_batch: int,
     epochs: float,
 ) -> dict[str, Any]:
-    corpus = Corpus.load(corpus_dir)
+    corpus = ensure_corpus(corpus_dir)
     docs = [d["text"] for d in corpus.documents if d["group"] == group]
     if len(docs) < batches * docs_per_batch:
         raise SystemExit(
@@ -163,8 +163,8 @@ def main() -> None:
     parser.add_argument("--model-cache", type=Path, default=MODEL_CACHE)
     parser.add_argument("--group", default="library")
     parser.add_argument("--batches", type=int, default=6)
-    parser.add_argument("--docs-per-batch", type=int, default=3)
-    parser.add_argument("--epochs", type=float, default=15)
+    parser.add_argument("--docs-per-batch", type=int, default=2)
+    parser.add_argument("--epochs", type=float, default=12)
     args = parser.parse_args()
     run(
         args.corpus,

@@ -1,7 +1,7 @@
 """(b) Mixture quality and (c) removal, on one set of shards trained from the manual pages.
 
-    python benchmarks/eval_knowledge.py [--corpus DIR] [--per-group 10] [--docs-per-shard 5]
-                                        [--steps 30] [--delete 2]
+    python benchmarks/eval_knowledge.py [--corpus DIR] [--per-group 8] [--docs-per-shard 4]
+                                        [--steps 20] [--delete 2]
 
 The first ``--per-group`` documents of each group are planned into shards as ingest does
 (topical, at most ``--docs-per-shard`` documents each) and one adapter is trained per shard
@@ -36,7 +36,7 @@ from _common import RESULTS, write_result
 from _knowledge import MODEL_CACHE, Adapter, System, halves, perplexity, train_adapter
 from _plots import bar_chart
 from eval_routing import as_documents
-from manpages import Corpus
+from manpages import Corpus, ensure_corpus
 
 from adapterswap.config import EmbeddingSettings, ShardingSettings, TrainingSettings
 from adapterswap.embedding import Embedder, load_embedder
@@ -201,7 +201,7 @@ def run(
     steps: int,
     delete: int,
 ) -> dict[str, Any]:
-    corpus = Corpus.load(corpus_dir)
+    corpus = ensure_corpus(corpus_dir)
     embedder = load_embedder(EmbeddingSettings())
     training = TrainingSettings(max_steps=steps)
     plans = plan(corpus, per_group, docs_per_shard, embedder)
@@ -269,9 +269,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--model-cache", type=Path, default=MODEL_CACHE)
-    parser.add_argument("--per-group", type=int, default=10)
-    parser.add_argument("--docs-per-shard", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--per-group", type=int, default=8)
+    parser.add_argument("--docs-per-shard", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--delete", type=int, default=2)
     args = parser.parse_args()
     run(

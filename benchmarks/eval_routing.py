@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from _common import RESULTS, write_result
 from _plots import bar_chart
-from manpages import Corpus
+from manpages import Corpus, ensure_corpus
 
 from adapterswap.config import EmbeddingSettings, RouterSettings, ShardingSettings
 from adapterswap.documents import Document, content_hash
@@ -95,7 +95,7 @@ def accuracy(
 
 
 def run(corpus_dir: Path, out: Path, max_shard_docs: int) -> dict[str, Any]:
-    corpus = Corpus.load(corpus_dir)
+    corpus = ensure_corpus(corpus_dir)
     embedder = load_embedder(EmbeddingSettings())
     router = RouterSettings()
     rows = {}

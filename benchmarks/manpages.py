@@ -207,6 +207,15 @@ class Corpus:
         return sorted({d["group"] for d in self.documents})
 
 
+def ensure_corpus(directory: Path, spec: CorpusSpec | None = None) -> Corpus:
+    """The corpus in ``directory``, built first (installing the pages if need be) when absent."""
+    if not (directory / "corpus.json").exists():
+        ensure_manpages()
+        print(f"building the manual-page corpus in {directory}", flush=True)
+        build(directory, spec or CorpusSpec())
+    return Corpus.load(directory)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)

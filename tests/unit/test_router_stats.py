@@ -12,6 +12,7 @@ from safetensors.numpy import load, save
 from adapterswap.embedding import EMBEDDED_MODEL_ID
 from adapterswap.router_stats import (
     FORMAT,
+    KERNEL_BANDWIDTH,
     ShardStats,
     chunk_text,
     compute_shard_stats,
@@ -187,10 +188,10 @@ def test_routing_accuracy_beats_threshold_and_is_reported(embed, topic_stats):
     queries = [q for n in names for q in QUERIES[n]]
     truth = [i for i, n in enumerate(names) for _ in QUERIES[n]]
     q = embed(queries)
-    gaussian = _accuracy(score_shards(q, stats, embedder_id=EMBEDDED_MODEL_ID), truth)
+    kernel = _accuracy(score_shards(q, stats, embedder_id=EMBEDDED_MODEL_ID), truth)
     cosine = _accuracy(similarity_to_centroid(q, stats), truth)
-    print(f"\nrouting top-1 over {len(queries)} queries: score={gaussian:.2f} cosine={cosine:.2f}")
-    assert gaussian >= 0.9
+    print(f"\nrouting top-1 over {len(queries)} queries: score={kernel:.2f} cosine={cosine:.2f}")
+    assert kernel >= 0.9
     # The relevant shard clears the router's default "nothing relevant" cut-off.
     sims = similarity_to_centroid(q, stats)
     assert (sims[np.arange(len(truth)), truth] > 0.2).mean() >= 0.9
@@ -246,18 +247,21 @@ def test_score_of_a_shard_is_unchanged_by_other_shards(embed, topic_stats):
 # --- fitting edge cases ------------------------------------------------------------------------
 
 
-def test_fit_handles_one_chunk_and_keeps_a_proper_covariance():
+def test_fit_normalises_rows_and_scores_on_the_cosine_scale():
     rng = np.random.default_rng(0)
-    one = rng.normal(size=(1, 16))
-    stats = fit_shard_stats(one / np.linalg.norm(one), "e")
-    assert stats.n_chunks == 1 and stats.basis.shape == (0, 16) and stats.residual_var > 0
-    assert np.isfinite(score_shards(np.ones(16) / 4, [stats])).all()
-    noise = fit_shard_stats(rng.normal(size=(20, 64)), "e")
-    assert noise.basis.shape == (0, 64)  # isotropic noise has no direction above the MP edge
-    many = rng.normal(size=(200, 64)) * np.r_[5.0, 4.0, 3.0, 2.5, 2.0, np.ones(59)]
-    stats = fit_shard_stats(many, "e", max_rank=4)
-    np.testing.assert_allclose(stats.basis @ stats.basis.T, np.eye(4), atol=1e-6)
-    assert (stats.basis_var >= stats.residual_var).all() and 0 <= stats.shrinkage <= 1
+    x = rng.normal(size=(5, 16)) * np.arange(1, 6)[:, None]
+    stats = fit_shard_stats(x, "e")
+    assert (stats.n_chunks, stats.dim) == (5, 16) and not stats.chunks.flags.writeable
+    np.testing.assert_allclose(np.linalg.norm(stats.chunks, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(stats.centroid, stats.chunks.mean(axis=0), rtol=1e-6)
+    one = fit_shard_stats(x[:1], "e")  # a one-chunk shard scores its own direction at cosine 1
+    assert score_shards(x[0] * 3.0, [one])[0] == pytest.approx(1.0)
+    # The soft maximum lies between the mean and the max cosine, near the max for a sharp τ.
+    q = rng.normal(size=16)
+    cos = stats.chunks.astype(np.float64) @ (q / np.linalg.norm(q))
+    score = score_shards(q, [stats])[0]
+    assert cos.mean() <= score <= cos.max()
+    assert score == pytest.approx(KERNEL_BANDWIDTH * np.log(np.exp(cos / KERNEL_BANDWIDTH).mean()))
 
 
 def test_fit_and_score_reject_bad_inputs(topic_stats):
@@ -265,6 +269,8 @@ def test_fit_and_score_reject_bad_inputs(topic_stats):
         fit_shard_stats(np.zeros((0, 4)), "e")
     with pytest.raises(ValueError, match="NaN or infinite"):
         fit_shard_stats(np.full((2, 4), np.nan), "e")
+    with pytest.raises(ValueError, match="all zeros"):
+        fit_shard_stats(np.zeros((2, 4)), "e")
     with pytest.raises(ValueError, match="dim 5 does not match"):
         score_shards(np.ones(5), list(topic_stats.values()))
     with pytest.raises(ValueError, match="embedder_id: query embedded by 'other'"):
@@ -279,9 +285,9 @@ def test_fit_and_score_reject_bad_inputs(topic_stats):
 def test_round_trip_is_exact(topic_stats, stats_bytes):
     original = topic_stats["sailing"]
     loaded = load_shard_stats(stats_bytes)
-    for name in ("centroid", "basis", "basis_var"):
+    for name in ("chunks", "centroid"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(original, name))
-    for name in ("residual_var", "n_chunks", "dim", "embedder_id", "mean_sim", "shrinkage"):
+    for name in ("n_chunks", "dim", "embedder_id"):
         assert getattr(loaded, name) == getattr(original, name)
     assert save_shard_stats(loaded) == stats_bytes
 
@@ -289,9 +295,10 @@ def test_round_trip_is_exact(topic_stats, stats_bytes):
 def test_payload_is_plain_safetensors(stats_bytes):
     (length,) = struct.unpack("<Q", stats_bytes[:8])
     header = json.loads(stats_bytes[8 : 8 + length])
-    assert header["centroid"]["dtype"] == "F32" and header["centroid"]["shape"] == [384]
+    n = json.loads(header["__metadata__"][FORMAT])["n_chunks"]
+    assert header["chunks"]["dtype"] == "F32" and header["chunks"]["shape"] == [n, 384]
     assert json.loads(header["__metadata__"][FORMAT])["embedder_id"] == EMBEDDED_MODEL_ID
-    assert b"pickle" not in stats_bytes and set(load(stats_bytes)) >= {"centroid", "basis"}
+    assert b"pickle" not in stats_bytes and set(load(stats_bytes)) == {"chunks"}
 
 
 def test_serialisation_is_deterministic(embed):
@@ -300,10 +307,20 @@ def test_serialisation_is_deterministic(embed):
     assert a == b
 
 
-def _resave(data: bytes, **changes: np.ndarray) -> bytes:
+def _meta(data: bytes) -> dict[str, str]:
     (length,) = struct.unpack("<Q", data[:8])
-    metadata = json.loads(data[8 : 8 + length])["__metadata__"]
-    return save({**load(data), **changes}, metadata=metadata)
+    return json.loads(data[8 : 8 + length])["__metadata__"]
+
+
+def _chunks(data: bytes, fill: float | None = None) -> np.ndarray:
+    chunks = load(data)["chunks"].copy()
+    if fill is not None:
+        chunks[0, 0] = fill
+    return chunks
+
+
+def _resave(data: bytes, **changes: np.ndarray) -> bytes:
+    return save({**load(data), **changes}, metadata=_meta(data))
 
 
 @pytest.mark.parametrize(
@@ -313,11 +330,12 @@ def _resave(data: bytes, **changes: np.ndarray) -> bytes:
         (lambda b: b"\xff" * 64, "not a shard-stats safetensors payload"),
         (lambda b: b[:-7], "not a valid safetensors payload"),
         (lambda b: save({"x": np.zeros(2, np.float32)}), "not a shard-stats"),
-        (lambda b: _resave(b, centroid=np.full(384, np.nan, np.float32)), "'centroid' contains NaN"),
-        (lambda b: _resave(b, centroid=np.zeros(383, np.float32)), "'centroid' has shape \\(383,\\)"),
-        (lambda b: _resave(b, basis_var=np.ones(9, np.float32)), "'basis_var' has shape"),
-        (lambda b: _resave(b, basis=np.zeros((8, 384), np.float64)), "'basis' has shape .* float64"),
-        (lambda b: _resave(b, scalars=np.array([-1, 1, 1], np.float32)), "must be positive"),
+        (lambda b: _resave(b, chunks=_chunks(b, np.nan)), "'chunks' contains NaN"),
+        (lambda b: _resave(b, chunks=_chunks(b)[:, :383]), "'chunks' has shape \\(\\d+, 383\\)"),
+        (lambda b: _resave(b, chunks=_chunks(b)[:1]), "'chunks' has shape \\(1, 384\\)"),
+        (lambda b: _resave(b, chunks=_chunks(b).astype(np.float64)), "'chunks' has shape .* float64"),
+        (lambda b: _resave(b, chunks=_chunks(b) * 2), "must be unit-norm"),
+        (lambda b: save({"other": _chunks(b)}, metadata=_meta(b)), "missing tensor 'chunks'"),
     ],
 )  # fmt: skip
 def test_load_rejects_corrupt_payloads(stats_bytes, corrupt, match):
@@ -327,8 +345,8 @@ def test_load_rejects_corrupt_payloads(stats_bytes, corrupt, match):
 
 def test_load_rejects_bad_metadata(stats_bytes):
     tensors = load(stats_bytes)
-    meta = {"format": FORMAT, "version": 1, "embedder_id": "e", "n_chunks": 3, "dim": 384}
-    for key, value, match in [("version", 2, "version 2 is not supported"),
+    meta = json.loads(_meta(stats_bytes)[FORMAT])
+    for key, value, match in [("version", 1, "version 1 is not supported"),
                               ("dim", "384", "'dim' must be a positive int"),
                               ("embedder_id", None, "'embedder_id' must be a string")]:  # fmt: skip
         data = save(tensors, metadata={FORMAT: json.dumps({**meta, key: value})})
