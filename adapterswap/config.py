@@ -138,7 +138,7 @@ class RouterSettings(_Section):
         0.05, ge=0, lt=1, description="Candidates whose weight falls below this are dropped."
     )
     min_score: float = Field(
-        0.2, description="Best-shard similarity below which no adapter is used at all."
+        0.2, description="Best shard score (soft-max cosine) below which no adapter is used."
     )
 
 

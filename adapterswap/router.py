@@ -4,11 +4,13 @@ The caller passes only candidates the principal may see (the active adapters of 
 groups); the router never sees another group's statistics, so nothing of them can leak
 into the choice (invariant 1). For a query embedding q and candidate shards s:
 
-1. **Nothing relevant, no adapters.** If no shard's centroid is within cosine
-   ``min_score`` of q, the request runs on the base model alone.
-2. **Sharp posterior.** ``p_s ∝ exp(score_s(q) / temperature)``, where ``score_s`` is the
-   kernel density of q among the shard's own chunk embeddings, on cosine's scale
+1. **Score.** ``score_s(q)`` is the kernel density of q among the shard's own chunk
+   embeddings, on cosine's scale: a soft maximum of q's cosine to them
    (``router_stats.score_shards``).
+2. **Nothing relevant, no adapters.** If no shard scores ``min_score`` or more, the request
+   runs on the base model alone. On the example corpus every question scored 0.29 or more
+   and off-topic chit-chat 0.12 or less (the cosine to a shard's centroid overlapped: 0.12
+   against 0.13). Otherwise a **sharp posterior**, ``p_s ∝ exp(score_s(q) / temperature)``.
 3. **Top-k, cut, renormalise.** Keep the k most probable shards, renormalise, drop those
    under ``min_weight`` and renormalise again.
 
@@ -27,7 +29,7 @@ import numpy as np
 
 from adapterswap.config import RouterSettings
 from adapterswap.registry import AdapterRef, AdapterVersion
-from adapterswap.router_stats import ShardStats, score_shards, similarity_to_centroid
+from adapterswap.router_stats import ShardStats, score_shards
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class RoutedAdapter:
     group: str
     weight: float
     probability: float  # posterior before the top-k cut
-    similarity: float  # cosine of the query to the shard's centroid
+    similarity: float  # the shard's score: soft maximum of the query's cosine to its chunks
 
 
 @dataclass(frozen=True)
@@ -81,11 +83,11 @@ def route(
             (), "top_k is 0" if k == 0 else "no adapters visible", len(candidates), None
         )
     stats = [c.stats for c in candidates]
-    sims = similarity_to_centroid(query, stats)  # (S,)
-    best = float(sims.max())
+    scores = score_shards(query, stats)  # (S,)
+    best = float(scores.max())
     if best < settings.min_score:
         return RoutingDecision((), "nothing relevant", len(candidates), best)
-    logits = score_shards(query, stats) / settings.temperature  # (S,)
+    logits = scores / settings.temperature
     posterior = np.exp(logits - logits.max())
     posterior /= posterior.sum()
     order = sorted(
@@ -98,7 +100,7 @@ def route(
             group=candidates[i].version.group,
             weight=weight,
             probability=float(posterior[i]),
-            similarity=float(sims[i]),
+            similarity=float(scores[i]),
         )
         for i, weight in chosen
     )

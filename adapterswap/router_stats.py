@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from safetensors.numpy import load, save
@@ -47,15 +47,11 @@ class ShardStats:
 
     chunks: np.ndarray  # (n, d) unit-norm chunk embeddings
     embedder_id: str
-    centroid: np.ndarray = field(init=False)  # (d,) mean chunk embedding (not unit norm)
 
     def __post_init__(self) -> None:
         chunks = np.array(self.chunks, dtype=np.float32)
         chunks.setflags(write=False)
-        centroid = chunks.mean(axis=0, dtype=np.float64).astype(np.float32)
-        centroid.setflags(write=False)
         object.__setattr__(self, "chunks", chunks)
-        object.__setattr__(self, "centroid", centroid)
 
     @property
     def n_chunks(self) -> int:
@@ -124,24 +120,6 @@ def score_shards(
         top = z.max(axis=1, keepdims=True)
         out[:, j] = KERNEL_BANDWIDTH * (top[:, 0] + np.log(np.exp(z - top).mean(axis=1)))
     return out[0] if single else out
-
-
-def similarity_to_centroid(
-    query: np.ndarray, stats: Sequence[ShardStats], *, embedder_id: str | None = None
-) -> np.ndarray:
-    """Cosine between each query and each shard's centroid direction, for ``min_score``.
-
-    # sim_s(q) = q·μ_s / (‖q‖ ‖μ_s‖)   q:(d,) → (S,)  or  q:(Q,d) → (Q,S)
-    """
-    q, single = _as_queries(query, stats, embedder_id)
-    if not stats:
-        return np.zeros((q.shape[0], 0))[0 if single else slice(None)]
-    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-    # One mat-vec per shard (not one (Q,d)@(d,S) product): BLAS may round a column
-    # differently depending on S, and a shard's score must not depend on the other shards.
-    mus = [s.centroid.astype(np.float64) for s in stats]
-    sims = np.stack([q @ (mu / max(float(np.linalg.norm(mu)), 1e-12)) for mu in mus], axis=1)
-    return sims[0] if single else sims
 
 
 def _as_queries(

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import write_result
+from _common import RESULTS, write_result
 from compose_overhead import arithmetic_floor
 from peft.utils import get_peft_model_state_dict
 
@@ -175,13 +175,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=TrainingSettings().max_steps)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--only",
+        choices=("targets", "router"),
+        help="run one part; the other part's last results are kept in the JSON",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     docs = {g: jsonl(EXAMPLES / "batch1" / f"{g}.jsonl") for g in GROUPS}
     questions = jsonl(EXAMPLES / "questions" / "batch1.jsonl")
     base = load()
-    part1 = targets_and_rank(args.steps, docs, questions, base)
-    part2 = router_weights(args.steps, docs, questions, base)
+    last_path = RESULTS / "lora_choices.json"
+    last = json.loads(last_path.read_text()) if last_path.exists() else {}
+    if args.only == "router":
+        part1 = last.get("targets_and_rank")
+    else:
+        part1 = targets_and_rank(args.steps, docs, questions, base)
+    if args.only == "targets":
+        part2 = last.get("router_weights")
+    else:
+        part2 = router_weights(args.steps, docs, questions, base)
     write_result(
         "lora_choices",
         {
