@@ -136,6 +136,27 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id")
     revoke.set_defaults(handler=_cmd_keys_revoke)
 
+    backup = sub.add_parser(
+        "backup", parents=[common], help="copy the store, catalog and adapters to a new directory"
+    )
+    backup.add_argument("dest", metavar="DEST", help="a local directory: new or empty")
+    backup.set_defaults(handler=_cmd_backup)
+
+    restore = sub.add_parser(
+        "restore", parents=[common], help="restore a backup into this home and storage"
+    )
+    restore.add_argument("src", type=Path, metavar="SRC", help="a directory made by backup")
+    restore.add_argument(
+        "--force",
+        action="store_true",
+        help=(
+            "replace the home's store.sqlite and the storage's catalog and adapter files "
+            "(those the backup does not hold are deleted); stop every AdapterSwap process "
+            "using this home and storage first"
+        ),
+    )
+    restore.set_defaults(handler=_cmd_restore)
+
     demo = sub.add_parser("demo", parents=[common], help="the end-to-end demonstration")
     demo.add_argument("--corpus", type=Path, help="example corpus directory (default: examples/)")
     demo.add_argument("--steps", type=int, help="training steps per shard (default 20)")
@@ -291,6 +312,28 @@ def _cmd_keys_list(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple
 def _cmd_keys_revoke(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
     record = _registry(config).revoke_key(args.key_id, actor="cli")
     return f"revoked key {record.key_id} ({record.user})", asdict(record)
+
+
+def _cmd_backup(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
+    from adapterswap.backup import backup_home
+
+    done = backup_home(config, args.dest)
+    text = (
+        f"backed up {done.files} files ({done.bytes} bytes, store epoch {done.epoch}) "
+        f"to {done.backup}"
+    )
+    return text, asdict(done)
+
+
+def _cmd_restore(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
+    from adapterswap.backup import restore_home
+
+    done = restore_home(config, args.src, force=args.force)
+    text = (
+        f"restored {done.files} files ({done.bytes} bytes, store epoch {done.epoch}) "
+        f"from {done.backup} into {config.home_path} and {done.storage}"
+    )
+    return text, asdict(done)
 
 
 def _cmd_demo(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:

@@ -72,3 +72,7 @@ class RevocationTimeout(AdapterSwapError):
 
 class Overloaded(AdapterSwapError):
     """No capacity or no model loaded yet (HTTP 503)."""
+
+
+class BackupError(AdapterSwapError):
+    """A backup or restore was refused or failed: a non-empty target, a damaged backup, ..."""

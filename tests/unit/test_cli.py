@@ -138,3 +138,31 @@ def test_train_with_nothing_to_train_exits_0(capsys, tmp_path, monkeypatch):
     assert code == 0 and "nothing to train" in out
     code, out, _ = run(capsys, "--home", home, "train", "--wait", "--json")
     assert code == 0 and json.loads(out)["trained"] == []
+
+
+def test_backup_then_restore(capsys, tmp_path):
+    home, other, bk = str(tmp_path / "h"), str(tmp_path / "h2"), str(tmp_path / "bk")
+    docs = write_docs(
+        tmp_path / "d.jsonl",
+        [{"id": f"d{i}", "text": f"fact {i}", "group": "ops"} for i in range(3)],
+    )
+    run(capsys, "--home", home, "ingest", docs, "--set", "sharding.strategy=sequential")
+    run(capsys, "--home", home, "keys", "create", "--user", "ann", "--groups", "ops")
+
+    code, out, _ = run(capsys, "--home", home, "backup", bk)
+    assert code == 0 and out.startswith("backed up 2 files (") and "store epoch 0) to" in out
+    code, _, err = run(capsys, "--home", home, "backup", bk)
+    assert code == 1 and f"backup destination {bk} is not an empty directory" in err
+
+    code, out, _ = run(capsys, "--home", other, "restore", bk, "--json")
+    assert code == 0
+    assert {k: json.loads(out)[k] for k in ("files", "epoch")} == {"files": 2, "epoch": 0}
+    listed = [run(capsys, "--home", h, "keys", "list", "--json")[1] for h in (home, other)]
+    assert listed[0] == listed[1] and json.loads(listed[1])[0]["user"] == "ann"
+    code, out, _ = run(capsys, "--home", other, "status", "--json")
+    assert json.loads(out)["documents"] == {"total": 3, "by_group": {"ops": 3}}
+
+    code, _, err = run(capsys, "--home", other, "restore", bk)
+    assert code == 1 and "already has a store" in err and "Traceback" not in err
+    code, out, _ = run(capsys, "--home", other, "restore", bk, "--force")
+    assert code == 0 and out.startswith("restored 2 files (") and "store epoch 0" in out
