@@ -187,7 +187,17 @@ class RayResources(_Section):
     store_num_cpus: float = Field(0.1, ge=0, description="CPUs reserved for the AdapterStore.")
     replica_num_cpus: float = Field(0.5, ge=0, description="CPUs per model replica.")
     replica_num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica.")
+    replica_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per model replica, e.g. {accelerator_slot: 1}.",
+    )
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="At most this many model replicas on one node; 1 spreads them."
+    )
     train_num_cpus_per_worker: float = Field(1.0, ge=0, description="CPUs per training worker.")
+    train_resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per training worker."
+    )
     train_use_gpu: bool | Literal["auto"] = Field(
         "auto", description="Train on GPUs, one per worker; 'auto': when the cluster has GPUs."
     )

@@ -98,7 +98,10 @@ def _trainer_for(
     scaling = ScalingConfig(
         num_workers=config.ray.train_workers_per_shard,
         use_gpu=use_gpu,
-        resources_per_worker={"CPU": config.ray.train_num_cpus_per_worker},
+        resources_per_worker={
+            "CPU": config.ray.train_num_cpus_per_worker,
+            **config.ray.train_resources_per_worker,
+        },
     )
     return TorchTrainer(
         train_loop_per_worker,

@@ -212,7 +212,14 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         if settings.num_replicas
         else {"autoscaling_config": settings.autoscaling or {"min_replicas": 1, "max_replicas": 1}}
     )
-    resources = {"num_cpus": config.ray.replica_num_cpus, "num_gpus": config.ray.replica_num_gpus}
+    resources: dict[str, Any] = {
+        "num_cpus": config.ray.replica_num_cpus,
+        "num_gpus": config.ray.replica_num_gpus,
+    }
+    if config.ray.replica_resources:
+        resources["resources"] = dict(config.ray.replica_resources)
+    if config.ray.max_replicas_per_node:
+        scaling["max_replicas_per_node"] = config.ray.max_replicas_per_node
     # Enough requests in flight per model replica to fill two batches (one running, one forming).
     ongoing = 2 * config.serve.max_batch_size
     model = serve.deployment(
