@@ -119,7 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     audit.set_defaults(handler=_cmd_audit)
 
     status = sub.add_parser(
-        "status", parents=[common], help="documents, shards, adapters, versions, jobs"
+        "status",
+        parents=[common],
+        help="documents, shards, adapters, versions, jobs, serving replicas",
+    )
+    status.add_argument(
+        "--cluster",
+        action="store_true",
+        help="also join the running Ray cluster and report its nodes and Serve apps",
     )
     status.set_defaults(handler=_cmd_status)
 
@@ -283,7 +290,12 @@ def _cmd_audit(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str
 def _cmd_status(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
     from adapterswap.status import collect_status, format_status
 
-    status = collect_status(config, _registry(config))
+    cluster = None
+    if args.cluster:
+        from adapterswap.cluster_status import collect_cluster
+
+        cluster = collect_cluster(config)
+    status = collect_status(config, _registry(config), cluster)
     return format_status(status), status
 
 

@@ -826,16 +826,20 @@ class AdapterRegistry:
         with self._write() as conn:
             conn.execute("DELETE FROM replicas WHERE replica_id = ?", (replica_id,))
 
-    def replicas_behind(self, epoch: int, live_within_s: float) -> list[tuple[str, int]]:
-        """(replica, acknowledged epoch) of live replicas (seen within the window) below it."""
+    def live_replicas(self, live_within_s: float) -> list[tuple[str, int, float]]:
+        """(replica, acknowledged epoch, last seen as Unix time) of replicas seen in the window."""
         since = time.time() - live_within_s
         with self._read() as conn:
             rows = conn.execute(
-                "SELECT replica_id, epoch FROM replicas WHERE seen_at >= ? AND epoch < ? "
+                "SELECT replica_id, epoch, seen_at FROM replicas WHERE seen_at >= ? "
                 "ORDER BY replica_id",
-                (since, epoch),
+                (since,),
             ).fetchall()
-        return [(r[0], r[1]) for r in rows]
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def replicas_behind(self, epoch: int, live_within_s: float) -> list[tuple[str, int]]:
+        """(replica, acknowledged epoch) of live replicas (seen within the window) below it."""
+        return [(r, e) for r, e, _ in self.live_replicas(live_within_s) if e < epoch]
 
     # -- jobs ----------------------------------------------------------------------------
 

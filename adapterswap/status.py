@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
 from adapterswap.catalog import Catalog
 from adapterswap.config import AdapterSwapConfig
+from adapterswap.epoch_watch import live_window_s
 from adapterswap.registry import AdapterRegistry
 
 
-def collect_status(config: AdapterSwapConfig, registry: AdapterRegistry) -> dict[str, Any]:
-    """Gather the status as plain data (what ``--json`` prints)."""
+def collect_status(
+    config: AdapterSwapConfig,
+    registry: AdapterRegistry,
+    cluster: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Gather the status as plain data (what ``--json`` prints); ``cluster`` is added as is."""
     shards = Catalog(config.storage).shard_summaries()
+    now = time.time()
     docs_by_group = Counter()
     for shard in shards:
         docs_by_group[shard.group] += shard.doc_count
@@ -29,7 +36,13 @@ def collect_status(config: AdapterSwapConfig, registry: AdapterRegistry) -> dict
         "epoch": registry.epoch(),
         "jobs": [asdict(j) for j in registry.list_jobs(states=["pending", "running"])],
         "deletions": [asdict(d) for d in registry.unfinished_deletions()],
-    }
+        "replicas": [
+            {"id": r, "epoch": e, "seen_s_ago": round(max(now - seen, 0.0), 1)}
+            for r, e, seen in registry.live_replicas(
+                live_window_s(config.serve.replica_heartbeat_s)
+            )
+        ],
+    } | ({"cluster": cluster} if cluster is not None else {})
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -60,9 +73,42 @@ def format_status(status: dict[str, Any]) -> str:
         f"  {j['job_id']:<24} {j['kind']:<7} {j['state']:<8} since {j['created_at']}"
         for j in status["jobs"]
     ]
+    replicas, epoch = status["replicas"], status["epoch"]
+    behind = [r for r in replicas if r["epoch"] < epoch]
+    lines.append(
+        f"serving replicas {len(replicas)}"
+        + (
+            f" ({len(behind)} behind epoch {epoch})"
+            if behind
+            else " (all at the epoch)"
+            if replicas
+            else ""
+        )
+    )
+    lines += [
+        f"  {r['id']:<32} epoch {r['epoch']:<6} seen {r['seen_s_ago']:.1f} s ago" for r in replicas
+    ]
+    if "cluster" in status:
+        lines += _format_cluster(status["cluster"])
     if status["deletions"]:
         lines.append(f"unfinished deletions {len(status['deletions'])}")
         lines += [
             f"  {d['doc_id']:<32} {d['state']:<10} job {d['job_id']}" for d in status["deletions"]
         ]
     return "\n".join(lines)
+
+
+def _format_cluster(cluster: dict[str, Any]) -> list[str]:
+    nodes = cluster["nodes"]
+    lines = [f"ray nodes {sum(n['alive'] for n in nodes)} alive of {len(nodes)}"]
+    for n in nodes:
+        resources = ", ".join(f"{k} {v:g}" for k, v in sorted(n["resources"].items()))
+        state = "alive" if n["alive"] else "dead"
+        lines.append(f"  {n['node_id'][:12]} {n['address']:<15} {state:<5} {resources}")
+    for app, info in cluster["serve"].items():
+        lines.append(f"serve app {app}: {info['status']}")
+        lines += [
+            f"  {name:<10} {d['status']:<10} replicas {d['replicas']}"
+            for name, d in info["deployments"].items()
+        ]
+    return lines

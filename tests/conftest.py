@@ -30,6 +30,19 @@ def embed():
 
 
 @pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-protocol server (moto) on loopback. moto keeps its buckets in process-wide
+    state, so every test module that uses it writes under its own key prefix."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def embedded_cache(tmp_path_factory):
     """A model cache holding the embedded SmolLM2 conversion, made once per session (~19 s)."""
     from adapterswap.base_model import load_base_model

@@ -11,7 +11,11 @@ actor, on the head, and both replicas follow its epoch.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -21,10 +25,12 @@ from ray.cluster_utils import Cluster
 from support import free_port
 
 from actors.adapter_store import STORE_ACTOR_NAME, get_store
+from adapterswap.cluster_status import collect_cluster
 from adapterswap.config import load_config
 from adapterswap.ingest import ingest_files
 from adapterswap.registry import AdapterRegistry, AdapterStatus
 from adapterswap.serve_app import build_app
+from adapterswap.status import collect_status, format_status
 from adapterswap.train_job import run_training
 
 SLOT = "accelerator"
@@ -58,7 +64,7 @@ def cluster():
     nodes.wait_for_nodes()
     ray.init(address=nodes.address, log_to_driver=False)
     try:
-        yield nodes.head_node.node_id, {w.node_id for w in workers}
+        yield nodes.head_node.node_id, {w.node_id for w in workers}, nodes
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -88,6 +94,7 @@ def _actors(class_name: str, *, alive: bool = False) -> list[dict]:
             "node_id": a["Address"]["NodeID"],
             "start": a["StartTime"],
             "end": a["EndTime"],
+            "pid": a["Pid"],
         }
         for a in table
         if a["ActorClassName"] == class_name and (not alive or a["State"] == "ALIVE")
@@ -95,7 +102,7 @@ def _actors(class_name: str, *, alive: bool = False) -> list[dict]:
 
 
 def test_shards_train_at_once_on_different_nodes(cluster, home):
-    _, worker_nodes = cluster
+    _, worker_nodes, _ = cluster
     config, _, registry = home
     report = run_training(config, registry)
     active = registry.list_versions(statuses=[AdapterStatus.ACTIVE])
@@ -109,8 +116,37 @@ def test_shards_train_at_once_on_different_nodes(cluster, home):
     assert a_start < b_end and b_start < a_end  # their lifetimes overlap: trained at once
 
 
-def test_replicas_spread_one_per_node_and_follow_the_one_store(cluster, home):
-    head_node, worker_nodes = cluster
+def test_a_killed_training_worker_resumes_from_its_checkpoint(cluster, home, tmp_path):
+    config, overrides, registry = home
+    slow = [*overrides, "training.max_steps=150", "training.checkpoint_every=10",
+            "training.seq_len=64", "training.batch_size=4"]  # fmt: skip
+    config = load_config(home=config.home, environ={}, overrides=slow)
+    source = tmp_path / "b2.jsonl"
+    record = {"id": "hr-2", "group": "hr", "text": "The canteen opens at 7:40. " * 20}
+    source.write_text(json.dumps(record) + "\n")
+    ingest_files([source], config, embed=None, batch="b0002")
+    events: list[dict] = []
+    killed: list[int] = []
+
+    def on_progress(event: dict) -> None:
+        events.append(event)
+        if not killed and event["step"] >= 15:  # past the step-10 checkpoint: kill -9 it
+            (worker,) = _actors("RayTrainWorker", alive=True)
+            os.kill(worker["pid"], signal.SIGKILL)
+            killed.append(event["step"])
+
+    report = run_training(config, registry, on_progress=on_progress)
+    assert report.failed == [] and [t["id"] for t in report.trained] == ["hr.b0002.000"]
+    steps = [e["step"] for e in events]
+    resumed_at = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    print(f"\nworker killed after step {killed[0]}; resumed at step {steps[resumed_at]}")
+    assert killed and steps.count(1) == 1  # resumed, not restarted from scratch
+    assert steps[resumed_at] > 10 and steps[resumed_at] % 10 == 1  # from its last checkpoint
+    assert steps[-1] == 150
+
+
+@pytest.fixture(scope="module")
+def served(cluster, home):
     config, overrides, registry = home
     key = registry.create_key("hana", ["hr", "finance"])[0]
     port = free_port()
@@ -120,37 +156,180 @@ def test_replicas_spread_one_per_node_and_follow_the_one_store(cluster, home):
         name="adapterswap",
         route_prefix="/",
     )
-    replicas = _actors("ServeReplica:adapterswap:Model", alive=True)
+    return port, key
+
+
+def _ask(port: int, key: str, timeout: float = 60) -> tuple[int, dict]:
+    body = json.dumps({"model": "m", "prompt": "Parental leave", "max_tokens": 2}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions",
+        data=body,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, {}
+
+
+class Load:
+    """``clients`` threads asking in a loop until stopped; counts answers by status."""
+
+    def __init__(self, port: int, key: str, clients: int = 3) -> None:
+        self.statuses: list[int] = []
+        self.adapters: list[tuple[float, list[dict]]] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(port, key), daemon=True)
+            for _ in range(clients)
+        ]
+
+    def _run(self, port: int, key: str) -> None:
+        while not self._stop.is_set():
+            status, body = _ask(port, key)
+            self.statuses.append(status)
+            if status == 200:
+                self.adapters.append((time.monotonic(), body["adapterswap"]["adapters"]))
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+
+    def summary(self) -> str:
+        errors = sum(1 for s in self.statuses if s >= 500)
+        return f"{len(self.statuses)} requests, {errors} 5xx"
+
+
+def _wait_for(condition, what: str, timeout: float = 60) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def _both_at(registry: AdapterRegistry, epoch: int) -> bool:
+    """Two live replicas (heartbeat within 10 s), both acknowledging ``epoch``."""
+    live = registry.replicas_behind(epoch + 1, 10.0)  # every live replica, with its epoch
+    return len(live) == 2 and all(e == epoch for _, e in live)
+
+
+def _replicas() -> list[dict]:
+    return _actors("ServeReplica:adapterswap:Model", alive=True)
+
+
+def test_replicas_spread_one_per_node_and_follow_the_one_store(cluster, home, served):
+    head_node, worker_nodes, _ = cluster
+    config, _, registry = home
+    port, key = served
+    replicas = _replicas()
     assert len(replicas) == 2 and {r["node_id"] for r in replicas} == worker_nodes
 
     stores = [a for a in _actors("AdapterRegistry") if a["name"] == STORE_ACTOR_NAME]
     assert len(stores) == 1 and stores[0]["state"] == "ALIVE" and stores[0]["node_id"] == head_node
 
-    def ask() -> dict:
-        body = json.dumps({"model": "m", "prompt": "Parental leave", "max_tokens": 2}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/completions",
-            data=body,
-            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.loads(response.read())
+    status = collect_status(config, registry, collect_cluster(config))  # `status --cluster`
+    nodes = status["cluster"]["nodes"]
+    assert len(nodes) == 3 and all(n["alive"] for n in nodes)
+    assert sorted(n["resources"].get(SLOT, 0) for n in nodes) == [0, 1, 1]
+    model = status["cluster"]["serve"]["adapterswap"]["deployments"]["Model"]
+    assert model["status"] == "HEALTHY" and model["replica_states"] == {"RUNNING": 2}
+    assert len(status["replicas"]) == 2  # both heartbeat into the store
+    assert "serve app adapterswap: RUNNING" in format_status(status)
 
-    served = [ask()["adapterswap"]["adapters"] for _ in range(6)]
-    assert all(adapters for adapters in served)
+    answers = [_ask(port, key) for _ in range(6)]
+    assert all(status == 200 and body["adapterswap"]["adapters"] for status, body in answers)
 
     # A revocation through the store reaches both replicas on their nodes.
     active = registry.list_versions(statuses=[AdapterStatus.ACTIVE])
-    hr = next(v for v in active if v.group == "hr")
+    hr = next(v for v in active if v.group == "hr" and v.adapter_id.endswith("b0001.000"))
     store = get_store(config.ray.namespace)
     ray.get(store.revoke.remote(hr.adapter_id, hr.version, reason="multinode test"))
     epoch = ray.get(store.epoch.remote())
-    deadline = time.monotonic() + 30
-    while True:
-        live = registry.replicas_behind(epoch + 1, 10.0)  # every live replica, with its epoch
-        if len(live) == 2 and all(e == epoch for _, e in live):
-            break  # two live replicas, both at the store's epoch
-        assert time.monotonic() < deadline, f"replicas did not reach epoch {epoch}: {live}"
-        time.sleep(0.2)
-    after = [ask()["adapterswap"]["adapters"] for _ in range(4)]
+
+    _wait_for(lambda: _both_at(registry, epoch), f"both replicas at epoch {epoch}", timeout=30)
+    after = [_ask(port, key)[1]["adapterswap"]["adapters"] for _ in range(4)]
     assert all(a["id"] != hr.adapter_id for adapters in after for a in adapters)
+
+
+def test_a_killed_replica_is_replaced_while_the_other_serves(served):
+    port, key = served
+    victim = _replicas()[0]
+    with Load(port, key) as load:
+        time.sleep(2)
+        os.kill(victim["pid"], signal.SIGKILL)
+        back = _wait_for(
+            lambda: len(_replicas()) == 2 and victim["pid"] not in {r["pid"] for r in _replicas()},
+            "a new replica",
+        )
+        time.sleep(2)
+    errors = sum(1 for s in load.statuses if s >= 500)
+    print(f"\nreplica killed under load: {load.summary()}; replaced after {back:.1f} s")
+    assert load.statuses.count(200) > errors and errors <= 3  # at most the in-flight ones
+    assert _ask(port, key)[0] == 200
+
+
+def test_a_killed_store_restarts_with_its_state_and_serving_goes_on(cluster, home, served):
+    config, _, registry = home
+    port, key = served
+    store = get_store(config.ray.namespace)
+    before = (ray.get(store.epoch.remote()), ray.get(store.active_snapshot.remote()))
+    with Load(port, key) as load:
+        time.sleep(1)
+        (actor,) = [
+            a for a in _actors("AdapterRegistry", alive=True) if a["name"] == STORE_ACTOR_NAME
+        ]
+        os.kill(actor["pid"], signal.SIGKILL)
+        down = _wait_for(
+            lambda: any(a["pid"] != actor["pid"] for a in _actors("AdapterRegistry", alive=True)),
+            "the store to restart",
+        )
+        time.sleep(2)
+    print(f"\nstore killed under load: {load.summary()}; back after {down:.1f} s")
+    assert all(s == 200 for s in load.statuses)  # reads waited out the restart
+    store = get_store(config.ray.namespace)
+    after = (
+        ray.get(store.epoch.options(max_task_retries=-1).remote()),
+        ray.get(store.active_snapshot.options(max_task_retries=-1).remote()),
+    )
+    assert after == before  # everything acknowledged survived
+
+    # The restarted store is still the authority: a revocation through it is obeyed.
+    fin = next(v for v in after[1] if v.group == "finance")
+    with Load(port, key) as load:
+        ray.get(store.revoke.remote(fin.adapter_id, fin.version, reason="after restart"))
+        epoch = ray.get(store.epoch.remote())
+        _wait_for(lambda: _both_at(registry, epoch), f"both replicas at epoch {epoch}", 30)
+        acknowledged = time.monotonic()
+        time.sleep(2)
+    late = [a for t, adapters in load.adapters if t > acknowledged for a in adapters]
+    assert late and all(a["id"] != fin.adapter_id for a in late)
+
+
+def test_a_removed_node_degrades_then_recovers_without_data_loss(cluster, home, served):
+    nodes = cluster[2]
+    config, _, registry = home
+    port, key = served
+    audit_before = len(registry.audit_log(limit=100_000))
+    victim = _replicas()[0]
+    node = next(n for n in nodes.worker_nodes if n.node_id == victim["node_id"])
+    with Load(port, key) as load:
+        time.sleep(1)
+        nodes.remove_node(node)
+        _wait_for(lambda: len(_replicas()) == 1, "the lost replica to be noticed")
+        time.sleep(2)
+        degraded = load.statuses.count(200)
+        nodes.add_node(num_cpus=1, resources={SLOT: 1})
+        back = _wait_for(lambda: len(_replicas()) == 2, "a replica on the new node", 120)
+        time.sleep(2)
+    print(f"\nnode removed under load: {load.summary()}; 2 replicas again after {back:.1f} s")
+    assert degraded > 0 and load.statuses[-1] == 200
+    assert sum(1 for s in load.statuses if s >= 500) <= 3
+    assert len(registry.audit_log(limit=100_000)) >= audit_before  # nothing lost

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-from moto.server import ThreadedMotoServer
 from support import publish_random_adapter
 
 from adapterswap.backup import BackupSummary, backup_home, restore_home
@@ -289,15 +288,6 @@ def test_backup_waits_while_a_job_or_an_ingest_holds_its_lock(tmp_path, lock):
 # -- s3:// storage -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
 def s3_query(s3_endpoint, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
@@ -311,7 +301,7 @@ def s3_query(s3_endpoint, monkeypatch):
 
 def test_round_trip_over_s3(tmp_path, s3_query, model_cache, embed):
     config = make_config(
-        tmp_path / "home", model_cache, storage_uri=f"s3://bucket/org/prod?{s3_query}"
+        tmp_path / "home", model_cache, storage_uri=f"s3://bucket/backup/src?{s3_query}"
     )
     registry = AdapterRegistry(config.db_path)
     try:
@@ -324,15 +314,15 @@ def test_round_trip_over_s3(tmp_path, s3_query, model_cache, embed):
     original = storage_files(config.storage)
     assert len(original) == 5 and made.files == 6  # 1 fragment, 4 adapter files, the store
     assert json.loads((tmp_path / "bk" / "backup.json").read_text())["storage_uri"] == (
-        "s3://bucket/org/prod"  # no endpoint or credentials from the query
+        "s3://bucket/backup/src"  # no endpoint or credentials from the query
     )
 
-    target = make_config(tmp_path / "restored", storage_uri=f"s3://bucket/org/copy?{s3_query}")
+    target = make_config(tmp_path / "restored", storage_uri=f"s3://bucket/backup/copy?{s3_query}")
     restore_home(target, tmp_path / "bk")
     assert storage_files(target.storage) == original
     assert catalog_rows(target.storage) == catalog_rows(config.storage)
     assert dump_store(target.db_path) == dump_store(config.db_path)
-    with pytest.raises(BackupError, match="storage s3://bucket/org/copy already holds 5"):
+    with pytest.raises(BackupError, match="storage s3://bucket/backup/copy already holds 5"):
         restore_home(make_config(tmp_path / "third", storage_uri=target.storage), tmp_path / "bk")
 
 

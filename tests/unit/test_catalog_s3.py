@@ -6,21 +6,11 @@ import json
 
 import pyarrow.fs as pafs
 import pytest
-from moto.server import ThreadedMotoServer
 
 from adapterswap.catalog import Catalog
 from adapterswap.config import load_config
 from adapterswap.errors import InvalidDocument
 from adapterswap.ingest import ingest_files
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture

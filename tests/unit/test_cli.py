@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from adapterswap.cli import main
+from adapterswap.registry import AdapterRegistry
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -100,6 +101,23 @@ def test_ingest_then_status(capsys, tmp_path):
 
     code, out, _ = run(capsys, "--home", home, "status")
     assert "ops.b0001.000" in out and "documents 3 (ops: 3)" in out
+    assert "serving replicas 0" in out
+
+
+def test_status_lists_live_serving_replicas_and_who_is_behind(capsys, tmp_path):
+    home = tmp_path / "h"
+    registry = AdapterRegistry(home / "store.sqlite")
+    registry.ack_epoch("replica-a", registry.epoch())
+    registry.create_key("u", ["ops"])  # not an epoch change
+    registry.ack_epoch("replica-b", -1)  # a replica that has not caught up
+    code, out, _ = run(capsys, "--home", str(home), "status", "--json")
+    replicas = {r["id"]: r["epoch"] for r in json.loads(out)["replicas"]}
+    assert code == 0 and replicas == {"replica-a": registry.epoch(), "replica-b": -1}
+    code, out, _ = run(capsys, "--home", str(home), "status")
+    assert f"serving replicas 2 (1 behind epoch {registry.epoch()})" in out
+    registry.forget_replica("replica-b")
+    code, out, _ = run(capsys, "--home", str(home), "status")
+    assert "serving replicas 1 (all at the epoch)" in out and "replica-b" not in out
 
 
 def test_rejected_ingest_exits_1_and_writes_nothing(capsys, tmp_path):

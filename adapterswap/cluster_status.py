@@ -1,0 +1,68 @@
+"""The cluster half of ``adapterswap status --cluster``: Ray's nodes and the Serve apps.
+
+This module imports ray. It joins a running cluster (``ray.address``, else the one ``ray
+start`` recorded) and never starts one: with no cluster there is nothing to report on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.exceptions import RayServeException
+
+from adapterswap.config import AdapterSwapConfig
+from adapterswap.errors import AdapterSwapError
+
+
+class NoCluster(AdapterSwapError):
+    """No running Ray cluster to report on."""
+
+
+def collect_cluster(config: AdapterSwapConfig) -> dict[str, Any]:
+    """Nodes (alive, address, total resources) and every Serve app's deployments."""
+    if not ray.is_initialized():
+        address = config.ray.address or "auto"
+        try:
+            ray.init(address=address, namespace=config.ray.namespace, log_to_driver=False)
+        except ConnectionError as error:
+            raise NoCluster(
+                f"ray.address {address!r}: no running Ray cluster ({error}); start one with "
+                "`ray start --head` or `adapterswap serve`, or drop --cluster"
+            ) from None
+    nodes = [
+        {
+            "node_id": n["NodeID"],
+            "address": n["NodeManagerAddress"],
+            "alive": bool(n["Alive"]),
+            "resources": {
+                k: v
+                for k, v in n["Resources"].items()
+                if not k.startswith(("node:", "memory")) and k != "object_store_memory"
+            },
+        }
+        for n in ray.nodes()
+    ]
+    return {"nodes": nodes, "serve": _serve_apps()}
+
+
+def _serve_apps() -> dict[str, Any]:
+    try:
+        status = serve.status()
+    except RayServeException:  # Serve is not running on this cluster
+        return {}
+    return {
+        name: {
+            "status": str(app.status.value),
+            "deployments": {
+                deployment: {
+                    "status": str(info.status.value),
+                    "replicas": sum(info.replica_states.values()),
+                    "replica_states": {str(k.value): v for k, v in info.replica_states.items()},
+                }
+                for deployment, info in app.deployments.items()
+            },
+        }
+        for name, app in status.applications.items()
+    }
