@@ -54,15 +54,20 @@ def _serve_apps() -> dict[str, Any]:
         return {}
     return {
         name: {
-            "status": str(app.status.value),
+            "status": _name(app.status),
             "deployments": {
                 deployment: {
-                    "status": str(info.status.value),
+                    "status": _name(info.status),
                     "replicas": sum(info.replica_states.values()),
-                    "replica_states": {str(k.value): v for k, v in info.replica_states.items()},
+                    "replica_states": {_name(k): v for k, v in info.replica_states.items()},
                 }
                 for deployment, info in app.deployments.items()
             },
         }
         for name, app in status.applications.items()
     }
+
+
+def _name(state: Any) -> str:
+    """A Serve status as its name: some are enums, some already strings."""
+    return str(getattr(state, "value", state))

@@ -3,9 +3,18 @@ worker nodes, each worker holding one ``accelerator`` slot, a stand-in for its G
 workers and model replicas each ask for a slot (``ray.train_resources_per_worker``,
 ``ray.replica_resources``), as they would ask for ``num_gpus: 1`` on a real cluster.
 
-Checked, in one carried-through home: two shards train at the same time on the two worker
-nodes; two model replicas land one per worker node and both serve; the AdapterStore is one
-actor, on the head, and both replicas follow its epoch.
+Checked, in one carried-through home:
+
+- two shards train at the same time on the two worker nodes;
+- a training worker killed with SIGKILL mid-run resumes from its last checkpoint;
+- two model replicas land one per worker node, both serve, and ``status --cluster`` sees them;
+- the AdapterStore is one actor, on the head, and both replicas follow its epoch;
+- under steady load (3 clients): a replica killed with SIGKILL is replaced while the other
+  serves; the store killed with SIGKILL restarts with every acknowledged version and epoch,
+  requests wait out the restart, and a revocation through the restarted store is obeyed;
+  a worker node removed degrades serving to one replica, and a node added brings back two.
+
+Each fault test prints its figures (requests, 5xx, recovery time) and bounds the 5xx count.
 """
 
 from __future__ import annotations
@@ -280,7 +289,7 @@ def test_a_killed_store_restarts_with_its_state_and_serving_goes_on(cluster, hom
     config, _, registry = home
     port, key = served
     store = get_store(config.ray.namespace)
-    before = (ray.get(store.epoch.remote()), ray.get(store.active_snapshot.remote()))
+    before = ray.get(store.active_snapshot.remote())  # (epoch, active versions)
     with Load(port, key) as load:
         time.sleep(1)
         (actor,) = [
@@ -295,11 +304,8 @@ def test_a_killed_store_restarts_with_its_state_and_serving_goes_on(cluster, hom
     print(f"\nstore killed under load: {load.summary()}; back after {down:.1f} s")
     assert all(s == 200 for s in load.statuses)  # reads waited out the restart
     store = get_store(config.ray.namespace)
-    after = (
-        ray.get(store.epoch.options(max_task_retries=-1).remote()),
-        ray.get(store.active_snapshot.options(max_task_retries=-1).remote()),
-    )
-    assert after == before  # everything acknowledged survived
+    after = ray.get(store.active_snapshot.options(max_task_retries=-1).remote())
+    assert after == before and after[1]  # everything acknowledged survived
 
     # The restarted store is still the authority: a revocation through it is obeyed.
     fin = next(v for v in after[1] if v.group == "finance")
@@ -317,7 +323,7 @@ def test_a_removed_node_degrades_then_recovers_without_data_loss(cluster, home, 
     nodes = cluster[2]
     config, _, registry = home
     port, key = served
-    audit_before = len(registry.audit_log(limit=100_000))
+    before = registry.active_snapshot()
     victim = _replicas()[0]
     node = next(n for n in nodes.worker_nodes if n.node_id == victim["node_id"])
     with Load(port, key) as load:
@@ -332,4 +338,6 @@ def test_a_removed_node_degrades_then_recovers_without_data_loss(cluster, home, 
     print(f"\nnode removed under load: {load.summary()}; 2 replicas again after {back:.1f} s")
     assert degraded > 0 and load.statuses[-1] == 200
     assert sum(1 for s in load.statuses if s >= 500) <= 3
-    assert len(registry.audit_log(limit=100_000)) >= audit_before  # nothing lost
+    assert registry.active_snapshot() == before  # nothing lost: same epoch, same versions
+    status, body = _ask(port, key)
+    assert status == 200 and body["adapterswap"]["adapters"]  # and still served from them
