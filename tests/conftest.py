@@ -42,6 +42,22 @@ def s3_endpoint():
     server.stop()
 
 
+@pytest.fixture
+def s3_query(s3_endpoint, monkeypatch):
+    """pyarrow's query options for ``s3://bucket/<prefix>?<s3_query>`` on the moto server, with
+    fake credentials in the environment and the bucket created. moto's state is process-wide:
+    each test module keeps to its own prefix in the bucket."""
+    import pyarrow.fs as pafs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    query = f"endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
+    fs, _ = pafs.FileSystem.from_uri(f"s3://bucket?{query}&allow_bucket_creation=true")
+    fs.create_dir("bucket")
+    return query
+
+
 @pytest.fixture(scope="session")
 def embedded_cache(tmp_path_factory):
     """A model cache holding the embedded SmolLM2 conversion, made once per session (~19 s)."""

@@ -288,17 +288,6 @@ def test_backup_waits_while_a_job_or_an_ingest_holds_its_lock(tmp_path, lock):
 # -- s3:// storage -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def s3_query(s3_endpoint, monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    query = f"endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
-    fs, _ = pafs.FileSystem.from_uri(f"s3://bucket?{query}&allow_bucket_creation=true")
-    fs.create_dir("bucket")
-    return query
-
-
 def test_round_trip_over_s3(tmp_path, s3_query, model_cache, embed):
     config = make_config(
         tmp_path / "home", model_cache, storage_uri=f"s3://bucket/backup/src?{s3_query}"
