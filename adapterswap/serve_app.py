@@ -14,14 +14,16 @@ Serve YAML (``serve_configs/``) uses ``import_path: adapterswap.serve_app:build_
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import ray
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from actors.adapter_store import get_or_create_store
@@ -40,6 +42,8 @@ from adapterswap.http_app import create_app
 from adapterswap.metrics import ServeMetrics
 from adapterswap.replica import InferenceJob, ModelReplica
 from adapterswap.schemas import ChatRequest, CompletionRequest
+
+logger = logging.getLogger("adapterswap.serve")
 
 
 class ServeAppArgs(BaseModel):
@@ -131,6 +135,21 @@ class ModelDeployment:
         self.watcher.stop()
 
 
+# A replica that died (killed, its node lost) under a request: the request did not complete
+# there, and generation and scoring are pure functions of the job, so it is sent again.
+REPLICA_GONE = (RayActorError, ActorUnavailableError)
+REPLICA_ATTEMPTS = 3
+
+
+async def _on_a_live_replica(call: Callable[[], Awaitable[Any]]) -> Any:
+    for attempt in range(1, REPLICA_ATTEMPTS):
+        try:
+            return await call()
+        except REPLICA_GONE:
+            logger.warning("model replica gone; retrying (%d of %d)", attempt, REPLICA_ATTEMPTS)
+    return await call()
+
+
 class HandleModelClient:
     """The gateway's ModelClient over the model deployment's handle."""
 
@@ -139,12 +158,19 @@ class HandleModelClient:
 
     async def generate(self, jobs: list[InferenceJob]) -> list[GenerationResult | AdapterSwapError]:
         # One call per job: the deployment's @serve.batch gathers them (and other callers').
-        return list(await asyncio.gather(*(self.handle.generate_one.remote(job) for job in jobs)))
+        return list(
+            await asyncio.gather(
+                *(
+                    _on_a_live_replica(lambda j=job: self.handle.generate_one.remote(j))
+                    for job in jobs
+                )
+            )
+        )
 
     async def score(
         self, jobs: list[InferenceJob], top_logprobs: int
     ) -> list[PromptScores | AdapterSwapError]:
-        return await self.handle.score.remote(jobs, top_logprobs)
+        return await _on_a_live_replica(lambda: self.handle.score.remote(jobs, top_logprobs))
 
     async def stream(self, job: InferenceJob) -> AsyncIterator[str]:
         async for delta in self.handle.options(stream=True).stream.remote(job):

@@ -12,13 +12,15 @@ Checked, in one carried-through home:
 - under steady load (3 clients): a replica killed with SIGKILL is replaced while the other
   serves; the store killed with SIGKILL restarts with every acknowledged version and epoch,
   requests wait out the restart, and a revocation through the restarted store is obeyed;
-  a worker node removed degrades serving to one replica, and a node added brings back two.
+  a worker node removed degrades serving to one replica, and a node added brings back two;
+  scaling down to one replica drains the other's in-flight requests (graceful shutdown).
 
 Each fault test prints its figures (requests, 5xx, recovery time) and bounds the 5xx count.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -127,7 +129,7 @@ def test_shards_train_at_once_on_different_nodes(cluster, home):
 
 def test_a_killed_training_worker_resumes_from_its_checkpoint(cluster, home, tmp_path):
     config, overrides, registry = home
-    slow = [*overrides, "training.max_steps=150", "training.checkpoint_every=10",
+    slow = [*overrides, "training.max_steps=600", "training.checkpoint_every=10",
             "training.seq_len=64", "training.batch_size=4"]  # fmt: skip
     config = load_config(home=config.home, environ={}, overrides=slow)
     source = tmp_path / "b2.jsonl"
@@ -136,10 +138,15 @@ def test_a_killed_training_worker_resumes_from_its_checkpoint(cluster, home, tmp
     ingest_files([source], config, embed=None, batch="b0002")
     events: list[dict] = []
     killed: list[int] = []
+    checkpointed: list[float] = []
 
     def on_progress(event: dict) -> None:
         events.append(event)
-        if not killed and event["step"] >= 15:  # past the step-10 checkpoint: kill -9 it
+        if event["step"] == 10:
+            checkpointed.append(time.monotonic())
+        # Ray Train's controller takes in a reported checkpoint when it next polls its workers
+        # (every 2 s): a worker killed sooner after its first checkpoint restarts from scratch.
+        if not killed and checkpointed and time.monotonic() - checkpointed[0] > 5:
             (worker,) = _actors("RayTrainWorker", alive=True)
             os.kill(worker["pid"], signal.SIGKILL)
             killed.append(event["step"])
@@ -150,8 +157,8 @@ def test_a_killed_training_worker_resumes_from_its_checkpoint(cluster, home, tmp
     resumed_at = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     print(f"\nworker killed after step {killed[0]}; resumed at step {steps[resumed_at]}")
     assert killed and steps.count(1) == 1  # resumed, not restarted from scratch
-    assert steps[resumed_at] > 10 and steps[resumed_at] % 10 == 1  # from its last checkpoint
-    assert steps[-1] == 150
+    assert steps[resumed_at] > 10 and steps[resumed_at] % 10 == 1  # from a checkpoint
+    assert steps[-1] == 600
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +203,10 @@ class Load:
 
     def _run(self, port: int, key: str) -> None:
         while not self._stop.is_set():
-            status, body = _ask(port, key)
+            try:
+                status, body = _ask(port, key)
+            except (OSError, http.client.HTTPException):  # the connection dropped: no answer
+                status, body = 599, {}
             self.statuses.append(status)
             if status == 200:
                 self.adapters.append((time.monotonic(), body["adapterswap"]["adapters"]))
@@ -337,7 +347,25 @@ def test_a_removed_node_degrades_then_recovers_without_data_loss(cluster, home, 
         time.sleep(2)
     print(f"\nnode removed under load: {load.summary()}; 2 replicas again after {back:.1f} s")
     assert degraded > 0 and load.statuses[-1] == 200
-    assert sum(1 for s in load.statuses if s >= 500) <= 3
+    # Each client's request in flight through the lost node (its HTTP proxy, or the ingress
+    # replica if it ran there) fails, and at most one more per client while Serve notices.
+    assert sum(1 for s in load.statuses if s >= 500) <= 2 * 3
     assert registry.active_snapshot() == before  # nothing lost: same epoch, same versions
     status, body = _ask(port, key)
     assert status == 200 and body["adapterswap"]["adapters"]  # and still served from them
+
+
+def test_scaling_down_drains_in_flight_requests(home, served):
+    config, overrides, _ = home
+    port, key = served
+    with Load(port, key) as load:
+        time.sleep(1)
+        serve.run(  # the same app with one replica: Serve drains the other before stopping it
+            build_app({"home": config.home, "overrides": overrides, "num_replicas": 1}),
+            name="adapterswap",
+            route_prefix="/",
+        )
+        _wait_for(lambda: len(_replicas()) == 1, "one replica")
+        time.sleep(1)
+    print(f"\nscaled 2 -> 1 replica under load: {load.summary()}")
+    assert load.statuses and all(s == 200 for s in load.statuses)
