@@ -8,6 +8,7 @@ about adapters, routing and composition, not about the orchestration around them
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import RESULTS
 from peft.utils import get_peft_model_state_dict
 
 from adapterswap.base_model import LoadedModel, load_base_model
@@ -55,6 +57,15 @@ class Adapter:
             "",
             "",
         )
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--corpus``, ``--out``, ``--model`` and ``--model-cache``, as every knowledge benchmark
+    takes them (the corpus is built there when absent; results go to ``--out``)."""
+    parser.add_argument("--corpus", type=Path, default=RESULTS / "corpus")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--model-cache", type=Path, default=MODEL_CACHE)
 
 
 def load_model(spec: str, cache_dir: Path = MODEL_CACHE) -> LoadedModel:

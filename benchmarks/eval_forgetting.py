@@ -25,12 +25,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, write_result
+from _common import write_result
 from _knowledge import (
-    MODEL_CACHE,
     Adapter,
     System,
     adapter_of,
+    add_common_arguments,
     load_model,
     perplexity,
     train_adapter,
@@ -157,10 +157,7 @@ def _last(curves: dict[str, list[float]]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", type=Path, default=RESULTS / "corpus")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--model", default="embedded")
-    parser.add_argument("--model-cache", type=Path, default=MODEL_CACHE)
+    add_common_arguments(parser)
     parser.add_argument("--group", default="library")
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--docs-per-batch", type=int, default=2)

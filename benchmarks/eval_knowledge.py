@@ -32,8 +32,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, write_result
-from _knowledge import MODEL_CACHE, Adapter, System, halves, perplexity, train_adapter
+from _common import write_result
+from _knowledge import (
+    Adapter,
+    System,
+    add_common_arguments,
+    halves,
+    perplexity,
+    train_adapter,
+)
 from _plots import bar_chart
 from eval_routing import as_documents
 from manpages import Corpus, ensure_corpus
@@ -265,10 +272,7 @@ def run(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", type=Path, default=RESULTS / "corpus")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--model", default="embedded")
-    parser.add_argument("--model-cache", type=Path, default=MODEL_CACHE)
+    add_common_arguments(parser)
     parser.add_argument("--per-group", type=int, default=8)
     parser.add_argument("--docs-per-shard", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
