@@ -58,7 +58,6 @@ def _serve_apps() -> dict[str, Any]:
             "deployments": {
                 deployment: {
                     "status": _name(info.status),
-                    "replicas": sum(info.replica_states.values()),
                     "replica_states": {_name(k): v for k, v in info.replica_states.items()},
                 }
                 for deployment, info in app.deployments.items()

@@ -75,16 +75,12 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     replicas, epoch = status["replicas"], status["epoch"]
     behind = [r for r in replicas if r["epoch"] < epoch]
-    lines.append(
-        f"serving replicas {len(replicas)}"
-        + (
-            f" ({len(behind)} behind epoch {epoch})"
-            if behind
-            else " (all at the epoch)"
-            if replicas
-            else ""
-        )
-    )
+    summary = f"serving replicas {len(replicas)}"
+    if behind:
+        summary += f" ({len(behind)} behind epoch {epoch})"
+    elif replicas:
+        summary += " (all at the epoch)"
+    lines.append(summary)
     lines += [
         f"  {r['id']:<32} epoch {r['epoch']:<6} seen {r['seen_s_ago']:.1f} s ago" for r in replicas
     ]
@@ -108,7 +104,7 @@ def _format_cluster(cluster: dict[str, Any]) -> list[str]:
     for app, info in cluster["serve"].items():
         lines.append(f"serve app {app}: {info['status']}")
         lines += [
-            f"  {name:<10} {d['status']:<10} replicas {d['replicas']}"
+            f"  {name:<10} {d['status']:<10} replicas {sum(d['replica_states'].values())}"
             for name, d in info["deployments"].items()
         ]
     return lines
