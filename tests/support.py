@@ -1,4 +1,5 @@
-"""Helpers shared by tests: a free port, real adapter versions without training, recorded jobs."""
+"""Helpers shared by tests: a free port, real adapter versions without training, recorded jobs,
+and the whole HTTP app served in one process."""
 
 from __future__ import annotations
 
@@ -7,10 +8,17 @@ import socket
 import torch
 from peft import LoraConfig, get_peft_model
 
+from adapterswap.active_set import ActiveSet
 from adapterswap.artifacts import version_location, write_adapter_version
+from adapterswap.auth import Authenticator
 from adapterswap.base_model import hash_base_model, load_base_model
-from adapterswap.config import AdapterSwapConfig
+from adapterswap.config import AdapterSwapConfig, load_config
+from adapterswap.embedding import load_embedder
+from adapterswap.gateway import Gateway
+from adapterswap.http_app import create_app
+from adapterswap.model_client import LocalModelClient
 from adapterswap.registry import AdapterRef, AdapterRegistry, JobRecord
+from adapterswap.replica import ModelReplica
 from adapterswap.router_stats import compute_shard_stats, save_shard_stats
 
 
@@ -76,3 +84,57 @@ class RecordedJobs:
 
     def get(self, job_id: str) -> JobRecord:
         return self.registry.get_job(job_id)
+
+
+def in_process_app(
+    config: AdapterSwapConfig,
+    registry: AdapterRegistry,
+    *,
+    jobs=None,
+    key_cache_ttl_s: float | None = None,
+):
+    """The real FastAPI app over a real gateway and one model replica, in this process.
+
+    Returns ``(app, replica)``. Serve it with ``fastapi.testclient.TestClient(app)``; the
+    gateway is ``app.state.gateway``. ``jobs`` defaults to :class:`RecordedJobs`.
+    """
+    replica = ModelReplica(config, registry.active_snapshot, epoch=registry.epoch)
+    ttl = config.serve.key_cache_ttl_s if key_cache_ttl_s is None else key_cache_ttl_s
+    app = create_app()
+    app.state.gateway = Gateway(
+        config,
+        model=LocalModelClient(replica),
+        model_id=replica.model_id,
+        authenticator=Authenticator(registry.lookup_key, ttl),
+        active=ActiveSet(
+            registry.active_snapshot,
+            lambda keep: replica.source.forget(keep) or [],
+            epoch=registry.epoch,
+        ),
+        stats=replica.source.router_stats,
+        embed=load_embedder(config.embedding).embed,
+        store=registry,
+        jobs=jobs or RecordedJobs(registry),
+    )
+    return app, replica
+
+
+# The tiny random Llama (built in code, never downloaded) with LoRA on two projections.
+TINY_OVERRIDES = [
+    "model.spec=tiny-random",
+    "lora.rank=4",
+    "lora.target_modules=[q_proj, v_proj]",
+    "sharding.strategy=sequential",
+    "training.max_steps=4",
+    "training.seq_len=32",
+    "training.batch_size=2",
+]
+
+
+def tiny_config(root, *overrides: str) -> AdapterSwapConfig:
+    """A configuration on the tiny model with its home and model cache under ``root``."""
+    return load_config(
+        home=str(root / "home"),
+        environ={},
+        overrides=[*TINY_OVERRIDES, f"model.cache_dir={root / 'models'}", *overrides],
+    )

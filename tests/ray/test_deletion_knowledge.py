@@ -12,22 +12,15 @@ from __future__ import annotations
 import pytest
 import ray
 from fastapi.testclient import TestClient
-from support import RecordedJobs
+from support import in_process_app
 
-from adapterswap.active_set import ActiveSet
-from adapterswap.auth import Authenticator
 from adapterswap.catalog import Catalog
 from adapterswap.config import load_config
 from adapterswap.deletion import request_delete, run_deletion
-from adapterswap.embedding import load_embedder
 from adapterswap.forget_check import http_scorer, verify_forget
-from adapterswap.gateway import Gateway
-from adapterswap.http_app import create_app
 from adapterswap.ingest import ingest_records
-from adapterswap.model_client import LocalModelClient
 from adapterswap.readers import RawRecord
 from adapterswap.registry import AdapterRegistry
-from adapterswap.replica import ModelReplica
 from adapterswap.train_job import run_training
 
 HR = {
@@ -72,19 +65,7 @@ def world(tmp_path_factory, embedded_cache):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert len(run_training(config, registry).trained) == 2
-        replica = ModelReplica(config, registry.active_snapshot)
-        app = create_app()
-        app.state.gateway = Gateway(
-            config,
-            model=LocalModelClient(replica),
-            model_id=replica.model_id,
-            authenticator=Authenticator(registry.lookup_key, 0),
-            active=ActiveSet(registry.active_snapshot, lambda keep: []),
-            stats=replica.source.router_stats,
-            embed=load_embedder(config.embedding).embed,
-            store=registry,
-            jobs=RecordedJobs(registry),
-        )
+        app, _ = in_process_app(config, registry, key_cache_ttl_s=0)
         keys = {
             name: registry.create_key(name, groups)[0]
             for name, groups in (("hana", ["hr"]), ("finn", ["finance"]), ("nobody", ["legal"]))

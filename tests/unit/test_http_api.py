@@ -10,21 +10,16 @@ import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import RecordedJobs, publish_random_adapter
+from support import in_process_app, publish_random_adapter
 
-from adapterswap.active_set import ActiveSet
-from adapterswap.auth import Authenticator
 from adapterswap.catalog import Catalog
 from adapterswap.config import load_config
 from adapterswap.embedding import load_embedder
 from adapterswap.errors import StaleMixture
 from adapterswap.forget_check import http_scorer
-from adapterswap.gateway import Gateway
 from adapterswap.generation import GenerationResult, SamplingParams
-from adapterswap.http_app import create_app
-from adapterswap.model_client import LocalModelClient
 from adapterswap.registry import AdapterRef, AdapterRegistry
-from adapterswap.replica import InferenceJob, ModelReplica
+from adapterswap.replica import InferenceJob
 from adapterswap.training import mean_token_nll
 
 HR_TEXTS = [
@@ -63,20 +58,7 @@ def world(tmp_path_factory):
             config, registry, embedder.embed, "finance.b0001.000", "finance", FIN_TEXTS, 2
         ),
     }
-    replica = ModelReplica(config, registry.active_snapshot)
-    active = ActiveSet(registry.active_snapshot, lambda keep: replica.source.forget(keep) or [])
-    app = create_app()
-    app.state.gateway = Gateway(
-        config,
-        model=LocalModelClient(replica),
-        model_id=replica.model_id,
-        authenticator=Authenticator(registry.lookup_key, config.serve.key_cache_ttl_s),
-        active=active,
-        stats=replica.source.router_stats,
-        embed=embedder.embed,
-        store=registry,
-        jobs=RecordedJobs(registry),
-    )
+    app, replica = in_process_app(config, registry)
     keys = {
         "hr": registry.create_key("hana", ["hr"])[0],
         "finance": registry.create_key("finn", ["finance"])[0],
