@@ -18,6 +18,7 @@ from typing import Any
 import ray
 
 from adapterswap.config import AdapterSwapConfig
+from adapterswap.privacy import private_process
 from adapterswap.registry import JobRecord, JobState
 
 _HEAD_NODE = {"node:__internal_head__": 0.001}
@@ -33,6 +34,7 @@ class JobRunner:
         from adapterswap.registry import AdapterRegistry
         from adapterswap.train_job import run_training
 
+        private_process()
         settings = AdapterSwapConfig.model_validate(config)
         work = {"train": run_training, "delete": run_deletion}[kind]
         work(settings, AdapterRegistry(settings.db_path), job_id=job_id)

@@ -27,7 +27,6 @@ import hashlib
 import os
 import posixpath
 import sqlite3
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,8 +38,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import BackupError
 from adapterswap.locks import home_lock
+from adapterswap.privacy import private_file, private_home
 from adapterswap.registry import SCHEMA_VERSION
-from adapterswap.storage import Location, list_files, read_bytes, resolve, write_bytes_atomic
+from adapterswap.storage import (
+    Location,
+    list_files,
+    read_bytes,
+    resolve,
+    write_bytes_atomic,
+    write_local_atomic,
+)
 
 BACKUP_FORMAT = "adapterswap-backup"
 BACKUP_FORMAT_VERSION = 1
@@ -98,13 +105,14 @@ def backup_home(config: AdapterSwapConfig, dest: str | os.PathLike[str]) -> Back
     root = resolve(config.storage)
     try:
         with _quiesced(config.home_path):
-            target.mkdir(parents=True, exist_ok=True)
+            private_home(target)
+            private_file(target / STORE_FILE)
             epoch = _snapshot_store(config.db_path, target / STORE_FILE)
             files = [_describe(STORE_FILE, (target / STORE_FILE).read_bytes())]
             for loc in _storage_files(root):
                 rel = f"{STORAGE_DIR}/{posixpath.relpath(loc.path, root.path)}"
                 data = read_bytes(loc)
-                _write_local_atomic(target / rel, data)
+                write_local_atomic(target / rel, data)
                 files.append(_describe(rel, data))
             manifest = BackupManifest(
                 format=BACKUP_FORMAT,
@@ -116,7 +124,7 @@ def backup_home(config: AdapterSwapConfig, dest: str | os.PathLike[str]) -> Back
             )
             # Last: its presence is what marks the backup complete.
             body = manifest.model_dump_json(indent=2) + "\n"
-            _write_local_atomic(target / BACKUP_MANIFEST, body.encode())
+            write_local_atomic(target / BACKUP_MANIFEST, body.encode())
     except OSError as exc:
         raise BackupError(
             f"backup to {target} failed: {exc}; {target} holds an incomplete backup "
@@ -271,25 +279,6 @@ def _describe(rel: str, data: bytes) -> BackupFile:
     return BackupFile(path=rel, size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
-def _write_local_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all (temp sibling, fsync, rename), durably."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a power loss
-    finally:
-        os.close(directory)
-
-
 def _read_manifest(src: Path) -> BackupManifest:
     path = src / BACKUP_MANIFEST
     if not path.is_file():
@@ -361,4 +350,4 @@ def _install_store(db_path: Path, data: bytes) -> None:
     """Put the store file in place whole; a replaced store's -wal would replay into it."""
     for suffix in ("-wal", "-shm"):
         Path(f"{db_path}{suffix}").unlink(missing_ok=True)
-    _write_local_atomic(db_path, data)
+    write_local_atomic(db_path, data)

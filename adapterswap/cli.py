@@ -17,6 +17,7 @@ from typing import Any
 
 from adapterswap.config import AdapterSwapConfig, load_config
 from adapterswap.errors import AdapterSwapError
+from adapterswap.privacy import private_home, private_process
 
 Handler = Callable[[argparse.Namespace, AdapterSwapConfig], tuple[str, Any]]
 
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _registry(config: AdapterSwapConfig):  # noqa: ANN202 - import kept lazy for fast --help
     from adapterswap.registry import AdapterRegistry
 
-    config.home_path.mkdir(parents=True, exist_ok=True)
+    private_home(config.home_path)
     return AdapterRegistry(config.db_path)
 
 
@@ -359,6 +360,7 @@ def _cmd_demo(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str,
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     args = build_parser().parse_args(argv)
+    private_process()  # whatever the umask: the home and its files are the user's alone
     try:
         config = load_config(args.config, home=args.home, overrides=args.overrides)
         text, payload = args.handler(args, config)

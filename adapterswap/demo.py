@@ -35,6 +35,7 @@ from adapterswap.embedding import load_embedder
 from adapterswap.errors import AdapterSwapError
 from adapterswap.forget_check import http_scorer, verify_forget
 from adapterswap.ingest import ingest_files
+from adapterswap.privacy import private_home
 from adapterswap.registry import AdapterRegistry
 
 Echo = Callable[[str], None]
@@ -127,6 +128,7 @@ def _demo_config(config: AdapterSwapConfig, home: Path, steps: int) -> AdapterSw
         "ray": {"train_num_cpus_per_worker": max(0.5, (cpus - 0.2) / 2)},
     }
     home.mkdir(parents=True)
+    private_home(home)
     (home / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     return load_config(home=str(home), environ={})
 

@@ -33,6 +33,7 @@ from ray.train.torch import TorchTrainer
 from ray.util.queue import Queue
 
 from adapterswap.config import AdapterSwapConfig
+from adapterswap.privacy import private_process
 from adapterswap.storage import resolve
 from adapterswap.train_shard import ShardRun, finish_shard_run, start_shard_trainer, step_or_explain
 
@@ -47,6 +48,7 @@ class ShardOutcome:
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """The Ray Train worker: train one shard's adapter, checkpointing as it goes."""
+    private_process()  # its checkpoints hold what the shard's text taught
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     run = ShardRun(**cfg["run"])

@@ -60,6 +60,7 @@ from typing import Any
 from adapterswap import keys
 from adapterswap.errors import IllegalTransition, InvalidArgument, NotFound, StoreError
 from adapterswap.keys import KeyRecord, Principal
+from adapterswap.privacy import private_file, private_home
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 10_000
@@ -330,7 +331,11 @@ class AdapterRegistry:
     def __init__(self, db_path: Path | str) -> None:
         """Open (creating if needed) the database at ``db_path`` and its schema."""
         self.db_path = Path(db_path)
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        # Key hashes and the audit log: 0600, and SQLite gives its -wal and -shm the same mode.
+        private_home(self.db_path.parent)
+        for path in (self.db_path, *(Path(f"{self.db_path}{s}") for s in ("-wal", "-shm"))):
+            if path == self.db_path or path.exists():
+                private_file(path)
         # One connection, guarded by a lock, in autocommit mode: transactions are explicit.
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(

@@ -5,8 +5,9 @@ A location is a URI string. Local paths may be given plainly (``/data/as``) or a
 options, e.g. ``?endpoint_override=127.0.0.1:9000&scheme=http``).
 
 Writes that must be all-or-nothing go through :func:`write_bytes_atomic`: on a local
-filesystem the bytes land in a hidden sibling file that is then renamed into place;
-on an object store a single PUT is already atomic (the object appears whole or not at all).
+filesystem the bytes land in a private hidden sibling file that is fsynced, then renamed
+into place, and the directory fsynced; on an object store a single PUT is already atomic
+(the object appears whole or not at all).
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import os
 import posixpath
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow.fs as pafs
+
+from adapterswap.privacy import FILE_MODE
 
 
 @dataclass(frozen=True)
@@ -51,23 +55,39 @@ def read_bytes(loc: Location) -> bytes:
 
 
 def write_bytes_atomic(loc: Location, data: bytes) -> None:
-    """Write ``data`` so that readers see either the old state or the whole new file."""
-    parent = posixpath.dirname(loc.path)
-    loc.fs.create_dir(parent, recursive=True)
+    """Write ``data`` so that readers see either the old state or the whole new file, durably.
+
+    On a local filesystem the bytes go to a hidden sibling (0600), which is fsynced, renamed
+    into place, and the directory fsynced: once this returns, the file survives a crash or a
+    power loss. On an object store one PUT is atomic, and durable when it is acknowledged.
+    """
     if not loc.is_local:
+        loc.fs.create_dir(posixpath.dirname(loc.path), recursive=True)
         with loc.fs.open_output_stream(loc.path) as out:
             out.write(data)
         return
+    write_local_atomic(Path(loc.path), data)
+
+
+def write_local_atomic(path: Path, data: bytes) -> None:
+    """:func:`write_bytes_atomic` for a local path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     # A hidden sibling on the same filesystem, so the rename is atomic; readers skip dot-files.
-    tmp = posixpath.join(parent, f".{posixpath.basename(loc.path)}.{uuid.uuid4().hex}.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with loc.fs.open_output_stream(tmp) as out:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        with open(fd, "wb") as out:
             out.write(data)
-        loc.fs.move(tmp, loc.path)
-    except BaseException:
-        if loc.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
-            loc.fs.delete_file(tmp)
-        raise
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power loss
+    finally:
+        os.close(directory)
 
 
 def list_files(loc: Location, suffix: str = "") -> list[str]:
