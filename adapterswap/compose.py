@@ -14,6 +14,9 @@ not this sum), and its mixed-batch ``adapter_names`` allows one adapter per row.
 - :class:`AdapterBank` injects those layers and manages the slots: PEFT state dicts in, an
   LRU bounded by ``serve.adapter_cache_bytes``, pinning of the in-flight batch, eviction that
   zeroes memory (revocation), and ``with bank.mixture(rows):`` around a forward or generate.
+  Its lock is never held during I/O: adapter files load outside it and install under it, so
+  a slow load never delays an eviction, and an adapter evicted while it loads is never
+  installed.
 
 A mixture is resolved once per batch. Each layer gathers the batch's U distinct slots into
 ``A_u (U·r, d_in)`` and ``B_u (d_out, U·r)`` (scale folded in; weights too when every row has
@@ -36,7 +39,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +50,7 @@ from torch import nn
 
 from adapterswap.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from adapterswap.config import LoraSettings, ServeSettings
-from adapterswap.errors import AdapterSwapError
+from adapterswap.errors import AdapterSwapError, StaleMixture
 from adapterswap.registry import AdapterRef
 
 AdapterLoader = Callable[[AdapterRef], tuple[dict[str, torch.Tensor], dict[str, Any]]]
@@ -367,12 +370,22 @@ def _clean_row(index: int, row: Sequence[tuple[AdapterRef, float]]) -> dict[Adap
     return {ref: w for ref, w in merged.items() if w > 0}
 
 
+@dataclass
+class _Loading:
+    """An adapter being read by one thread, outside the bank's lock; others wait on ``done``."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False  # evicted (revoked) while it loaded: it must not be installed
+    error: BaseException | None = None
+
+
 class AdapterBank:
     """LoRA slots injected into one base model: an LRU of loaded adapters, and batch mixtures.
 
     Capacity is ``cache_bytes // slot_bytes`` slots (at least one). A mixture's precomputed
     ``A_u``, ``B_u`` are transient and not counted. Thread-safe for a serving loop plus a
-    revocation handler; one mixture is active at a time, since the layers hold it.
+    revocation handler; one mixture is active at a time, since the layers hold it. The lock
+    guards slots and indexes only: loaders (file or network reads) run outside it.
     """
 
     def __init__(
@@ -393,7 +406,10 @@ class AdapterBank:
         self._bounds: dict[int, float] = {}  # slot -> max |s · B| over its layers
         self._free = list(range(self.capacity - 1, -1, -1))  # pop() hands out slot 0 first
         self._pinned: set[int] = set()
+        self._loading: dict[AdapterRef, _Loading] = {}  # loads in progress, outside the lock
         self._active = False
+        self._mixture_rows: list[dict[int, float]] = []  # the active mixture's rows, as slots
+        self._mixture_ranks: dict[int, int] = {}  # their ranks when it was set
         self._lock = threading.RLock()
 
     @classmethod
@@ -422,35 +438,95 @@ class AdapterBank:
         """
         parsed = parse_adapter(ref, state_dict, config, self.layers)
         with self._lock:
-            slot = self._index.pop(ref, None)
-            if slot is None:
-                slot = self._take_slot()
-            else:
-                self._clear(slot)
-            for module, (a, b, scale) in parsed.items():
-                self.layers[module].write_slot(slot, a, b, scale)
-            self._ranks[slot] = max(a.shape[0] for a, _, _ in parsed.values())
-            self._bounds[slot] = max(s * float(b.abs().max()) for _, b, s in parsed.values())
-            self._index[ref] = slot
-            return slot
+            return self._install(ref, parsed)
+
+    def _install(
+        self, ref: AdapterRef, parsed: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    ) -> int:
+        """Write parsed tensors into a slot (the caller holds the lock; no I/O here)."""
+        slot = self._index.pop(ref, None)
+        if slot is None:
+            slot = self._take_slot()
+        else:
+            self._clear(slot)
+        for module, (a, b, scale) in parsed.items():
+            self.layers[module].write_slot(slot, a, b, scale)
+        self._ranks[slot] = max(a.shape[0] for a, _, _ in parsed.values())
+        self._bounds[slot] = max(s * float(b.abs().max()) for _, b, s in parsed.values())
+        self._index[ref] = slot
+        return slot
 
     def get_or_load(self, ref: AdapterRef, loader: AdapterLoader) -> int:
-        """The adapter's slot, calling ``loader(ref) -> (state_dict, config)`` on a miss."""
-        with self._lock:
-            if ref in self._index:
-                self.hits += 1
-                self._index.move_to_end(ref)
-                return self._index[ref]
-            self.misses += 1
-            return self.load(ref, *loader(ref))
+        """The adapter's slot, calling ``loader(ref) -> (state_dict, config)`` on a miss.
+
+        The loader runs outside the lock; concurrent misses on one ref read it once. An
+        eviction of ``ref`` while it loads wins: the load raises ``StaleMixture`` and
+        installs nothing.
+        """
+        return self._acquire(ref, loader, pin=False)
+
+    def _acquire(self, ref: AdapterRef, loader: AdapterLoader, *, pin: bool) -> int:
+        """``get_or_load``, pinning the slot in the same critical section when asked."""
+        while True:
+            with self._lock:
+                slot = self._index.get(ref)
+                if slot is not None:
+                    self.hits += 1
+                    self._index.move_to_end(ref)
+                    if pin:
+                        self._pinned.add(slot)
+                    return slot
+                pending = self._loading.get(ref)
+                owner = pending is None
+                if owner:
+                    pending = self._loading[ref] = _Loading()
+                    self.misses += 1
+            if owner:
+                return self._load_outside_lock(ref, loader, pending, pin=pin)
+            pending.done.wait()
+            if pending.error is not None:
+                raise pending.error
+            # Loaded by the other thread: take it from the index (or load again if it was
+            # already evicted to make room, which the next pass sees).
+
+    def _load_outside_lock(
+        self, ref: AdapterRef, loader: AdapterLoader, pending: _Loading, *, pin: bool
+    ) -> int:
+        """Read and validate ``ref`` with no lock held, then install it unless it was evicted."""
+        try:
+            try:
+                parsed = parse_adapter(ref, *loader(ref), self.layers)  # I/O: no lock held
+            except BaseException:
+                with self._lock:
+                    self._loading.pop(ref, None)
+                raise
+            with self._lock:  # one critical section: an eviction lands before or after it
+                self._loading.pop(ref, None)
+                if pending.cancelled:
+                    raise StaleMixture(
+                        f"adapter {ref.id!r} version {ref.version} was revoked while it loaded"
+                    )
+                slot = self._install(ref, parsed)
+                if pin:
+                    self._pinned.add(slot)
+                return slot
+        except BaseException as exc:
+            pending.error = exc
+            raise
+        finally:
+            pending.done.set()
 
     def evict(self, ref: AdapterRef) -> bool:
         """Drop an adapter now and zero its slot; False if it was not loaded.
 
         Works even while the in-flight batch uses it: that batch (admitted before) finishes
         with its own precomputed copy, released when its mixture exits; no later one sees it.
+        A load of ``ref`` in progress is cancelled: it installs nothing.
         """
         with self._lock:
+            pending = self._loading.get(ref)
+            if pending is not None:
+                pending.cancelled = True
             slot = self._index.pop(ref, None)
             if slot is None:
                 return False
@@ -463,6 +539,9 @@ class AdapterBank:
         """Drop every loaded adapter not in ``keep`` (e.g. the store's servable versions)."""
         keep = set(keep)
         with self._lock:
+            for ref, pending in self._loading.items():
+                if ref not in keep:
+                    pending.cancelled = True
             dropped = [ref for ref in self._index if ref not in keep]
             for ref in dropped:
                 self.evict(ref)
@@ -504,10 +583,14 @@ class AdapterBank:
                 raise RuntimeError("a mixture is already active on this bank; exit it first")
             self._active = True
         try:
-            plan = self._plan(cleaned, loader)
-            if plan is not None:
-                for layer in self.layers.values():
-                    layer.set_mixture(plan)
+            slot_rows = [
+                {self._resolve(ref, loader): w for ref, w in row.items()} for row in cleaned
+            ]
+            with self._lock:  # an eviction after this point zeroes a slot; it cannot move it
+                self._check_finite(slot_rows)
+                self._mixture_ranks = {s: self._ranks.get(s, 1) for row in slot_rows for s in row}
+            self._mixture_rows = slot_rows
+            self._set_layers(self._layout(slot_rows))
             yield
         finally:
             for layer in self.layers.values():
@@ -515,44 +598,83 @@ class AdapterBank:
             with self._lock:
                 self._free.extend(s for s in self._pinned if s not in self._index.values())
                 self._pinned.clear()
+                self._mixture_rows, self._mixture_ranks = [], {}
                 self._active = False
+
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """Narrow the active mixture to ``rows`` (indices into its rows, in the new order).
+
+        The decode loop drops finished or stopped rows from its batch (``generate_batch``'s
+        ``on_rows_kept``): the layers then hold only the kept rows' adapters, so a row stopped
+        because its adapter was revoked leaves no copy of it in use. Slots stay pinned until
+        the mixture exits.
+        """
+        if not self._active:
+            raise RuntimeError("keep_rows: no mixture is active on this bank")
+        self._set_layers(self._layout([self._mixture_rows[i] for i in rows]))
+
+    def _set_layers(self, plan: MixturePlan | None) -> None:
+        for layer in self.layers.values():
+            if plan is None:
+                layer.clear_mixture()
+            else:
+                layer.set_mixture(plan)
+
+    def check_row(
+        self, row: Sequence[tuple[AdapterRef, float]], loader: AdapterLoader | None = None
+    ) -> None:
+        """Everything ``mixture([row])`` would refuse, for one row alone, before it joins a
+        batch: weights, loading each adapter (``loader`` for missing ones), and overflow.
+
+        Pins nothing. Raises ``InvalidMixture``, ``SlotsExhausted``, ``StaleMixture`` (evicted
+        while it loaded), ``AdapterNotLoaded``, or whatever the loader or parsing raised.
+        """
+        cleaned = _clean_row(0, row)
+        slots = {}
+        for ref, w in cleaned.items():
+            if loader is not None:
+                slots[self.get_or_load(ref, loader)] = w
+            else:
+                with self._lock:
+                    if ref not in self._index:
+                        raise AdapterNotLoaded(
+                            f"{_name(ref)} is not loaded; load it or pass a loader"
+                        )
+                    slots[self._index[ref]] = w
+        with self._lock:
+            self._check_finite([slots])
 
     def _resolve(self, ref: AdapterRef, loader: AdapterLoader | None) -> int:
         """The slot of ``ref``, pinned, so loading the batch's next adapter cannot evict it."""
+        if loader is not None:
+            return self._acquire(ref, loader, pin=True)  # loads outside the lock
         with self._lock:
-            if loader is not None:
-                slot = self.get_or_load(ref, loader)
-            elif ref in self._index:
-                self._index.move_to_end(ref)
-                slot = self._index[ref]
-            else:
+            if ref not in self._index:
                 raise AdapterNotLoaded(f"{_name(ref)} is not loaded; load it or pass a loader")
+            self._index.move_to_end(ref)
+            slot = self._index[ref]
             self._pinned.add(slot)
             return slot
 
-    def _plan(
-        self, rows: list[dict[AdapterRef, float]], loader: AdapterLoader | None
-    ) -> MixturePlan | None:
-        """Resolve and pin every slot, then lay the batch out; None for a base-only batch."""
-        slot_rows = [{self._resolve(ref, loader): w for ref, w in row.items()} for row in rows]
+    def _layout(self, slot_rows: list[dict[int, float]]) -> MixturePlan | None:
+        """Lay a batch of resolved, pinned rows out for the layers; None for a base-only batch."""
         if not any(slot_rows):
             return None
-        self._check_finite(slot_rows)
         unique = sorted({s for row in slot_rows for s in row})
         column = {s: j for j, s in enumerate(unique)}
-        weights = torch.zeros(len(rows), len(unique))
+        weights = torch.zeros(len(slot_rows), len(unique))
         for b, row in enumerate(slot_rows):
             for slot, w in row.items():
                 weights[b, column[slot]] = w
         layer = next(iter(self.layers.values()))
         device, dtype = layer.lora_A.device, layer.lora_A.dtype
-        rank = max(self._ranks[s] for s in unique)
+        rank = max(self._mixture_ranks[s] for s in unique)
         slots = torch.tensor(unique, device=device)
         if all(row == slot_rows[0] for row in slot_rows):
             return MixturePlan(slots, rank, weights[:1].to(device), True, None, None, None)
         k = max(len(row) for row in slot_rows)
-        index = torch.zeros(len(rows), k, dtype=torch.long)
-        index_weights = torch.zeros(len(rows), k)
+        index = torch.zeros(len(slot_rows), k, dtype=torch.long)
+        index_weights = torch.zeros(len(slot_rows), k)
         for b, row in enumerate(slot_rows):
             for j, (slot, w) in enumerate(row.items()):
                 index[b, j], index_weights[b, j] = column[slot], w
@@ -568,7 +690,8 @@ class AdapterBank:
         dtype = next(iter(self.layers.values())).lora_B.dtype
         for b, row in enumerate(slot_rows):
             for slot, w in row.items():
-                if not w * self._bounds[slot] < torch.finfo(dtype).max:
+                # an evicted (zeroed) slot has no bound left: it adds nothing
+                if not w * self._bounds.get(slot, 0.0) < torch.finfo(dtype).max:
                     raise InvalidMixture(
                         f"mixture row {b}: weight {w} makes the composed LoRA delta overflow "
                         f"{dtype}; lower the weight"
