@@ -1,59 +1,128 @@
 """Authentication: from a bearer key to the server-side principal. No Ray here.
 
 Groups come only from the key store, never from the request; a request may narrow its
-groups (``groups`` field) but never widen them. Lookups are cached for at most
-``serve.key_cache_ttl_s`` seconds, which bounds how long a revoked key keeps working.
-Only positive results are cached, so a key created a moment ago works at once. The cache
-is keyed by a SHA-256 of the key, so no plaintext key sits in the replica's memory map.
+groups (``groups`` field) but never widen them.
+
+What an unauthenticated caller can cost the server is bounded, since the store that
+answers key lookups also answers every epoch read and revocation acknowledgement:
+
+- a malformed key (not ``as_<16 hex>_<64 hex>``) is refused here, without a store call;
+- a valid key is cached for ``serve.key_cache_ttl_s`` seconds, which bounds how long a
+  revoked key keeps working;
+- a well-formed key the store does not know (or revoked) is cached negatively for
+  ``serve.negative_key_cache_ttl_s`` seconds (1 s by default), in an LRU of at most
+  ``serve.negative_key_cache_size`` entries, so repeating a bad key costs one store call per
+  TTL and a flood of distinct keys cannot grow memory. The TTL is short so that a key never
+  waits long to work: only a key presented before it existed (or before a restore brought it
+  back) is ever refused from the cache, and for at most that TTL;
+- store lookups from the async path run on a small executor of their own
+  (``LOOKUP_THREADS``), so a flood of unknown keys neither queues more than that many calls
+  at the store nor takes the threads that routing and deletes use.
+
+Both caches are keyed by a SHA-256 of the key, so no plaintext key sits in memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 from adapterswap.errors import Forbidden, InvalidArgument, Unauthorized
-from adapterswap.keys import Principal
+from adapterswap.keys import Principal, split_key
 
 BEARER = "bearer "
+# Concurrent store lookups of one authenticator on the async path.
+LOOKUP_THREADS = 2
 
 
 class Authenticator:
-    """Resolves ``Authorization`` headers to principals, with a short-lived cache."""
+    """Resolves ``Authorization`` headers to principals, with short-lived caches."""
 
     def __init__(
         self,
         lookup: Callable[[str], Principal | None],
         ttl_s: float,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        negative_ttl_s: float = 1.0,
+        negative_cache_size: int = 10_000,
     ) -> None:
         self._lookup = lookup
         self._ttl = ttl_s
+        self._negative_ttl = negative_ttl_s
+        self._negative_size = negative_cache_size
         self._clock = clock
         self._cache: dict[bytes, tuple[Principal, float]] = {}
+        self._refused: OrderedDict[bytes, float] = OrderedDict()  # digest -> expiry, LRU
         self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self.store_lookups = 0  # calls that reached the store (a metric; tests read it)
 
     def authenticate(self, authorization: str | None) -> Principal:
-        """The principal of a ``Bearer <key>`` header; Unauthorized otherwise."""
-        if not authorization or not authorization.lower().startswith(BEARER):
-            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-        key = authorization[len(BEARER) :].strip()
-        digest = hashlib.sha256(key.encode()).digest()
+        """The principal of a ``Bearer <key>`` header; Unauthorized otherwise. Blocks on a
+        cache miss (a store read): call it off the event loop, or use :meth:`authenticate_async`."""
+        key, digest = _parse(authorization)
+        cached = self._cached(digest)
+        return cached if cached is not None else self._look_up(key, digest)
+
+    async def authenticate_async(self, authorization: str | None) -> Principal:
+        """:meth:`authenticate` for the event loop: header checks and cache hits answer inline;
+        a miss waits for one of ``LOOKUP_THREADS`` store lookups."""
+        key, digest = _parse(authorization)
+        cached = self._cached(digest)
+        if cached is not None:
+            return cached
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="key-lookup")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._look_up, key, digest)
+
+    def _cached(self, digest: bytes) -> Principal | None:
+        """A cached principal; raises Unauthorized for a cached refusal; None on a miss."""
         now = self._clock()
         with self._lock:
             hit = self._cache.get(digest)
+            refused = self._refused.get(digest)
         if hit is not None and hit[1] > now:
             return hit[0]
-        principal = self._lookup(key)
-        if principal is None:
-            with self._lock:
-                self._cache.pop(digest, None)
+        if refused is not None and refused > now:
             raise Unauthorized("invalid or revoked API key")
+        return None
+
+    def _look_up(self, key: str, digest: bytes) -> Principal:
+        now = self._clock()
         with self._lock:
-            self._cache[digest] = (principal, now + self._ttl)
+            self.store_lookups += 1
+        principal = self._lookup(key)  # a store error propagates and caches nothing
+        with self._lock:
+            if principal is None:
+                self._cache.pop(digest, None)
+                if self._negative_ttl > 0 and self._negative_size > 0:
+                    self._refused[digest] = now + self._negative_ttl
+                    self._refused.move_to_end(digest)
+                    while len(self._refused) > self._negative_size:
+                        self._refused.popitem(last=False)
+            else:
+                self._refused.pop(digest, None)
+                self._cache[digest] = (principal, now + self._ttl)
+        if principal is None:
+            raise Unauthorized("invalid or revoked API key")
         return principal
+
+
+def _parse(authorization: str | None) -> tuple[str, bytes]:
+    """The key of a well-formed ``Bearer`` header and its digest; Unauthorized otherwise."""
+    if not authorization or not authorization.lower().startswith(BEARER):
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    key = authorization[len(BEARER) :].strip()
+    if split_key(key) is None:
+        raise Unauthorized("malformed API key: a key reads as_<16 hex digits>_<64 hex digits>")
+    return key, hashlib.sha256(key.encode()).digest()
 
 
 def require_admin(principal: Principal) -> None:

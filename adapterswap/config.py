@@ -157,6 +157,23 @@ class ServeSettings(_Section):
     key_cache_ttl_s: float = Field(
         5.0, ge=0, description="Bound on how long a revoked key may still be accepted."
     )
+    negative_key_cache_ttl_s: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="How long an unknown or revoked key is refused without asking the store "
+        "again. Short, so that a key presented before it was created (or restored) works "
+        "within this many seconds; 0 turns the negative cache off.",
+    )
+    negative_key_cache_size: int = Field(
+        10_000, ge=0, description="Most unknown keys remembered per ingress replica (LRU)."
+    )
+    store_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Deadline of one AdapterStore call on a request path. Reads are retried "
+        "until it passes; writes are sent once. Past it the request is a 503 with Retry-After.",
+    )
     adapter_cache_bytes: int = Field(
         512 * 2**20, ge=0, description="Memory for loaded adapters per replica (LRU)."
     )

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 
 class AdapterSwapError(Exception):
-    """Base class of every error AdapterSwap raises on purpose."""
+    """Base class of every error AdapterSwap raises on purpose.
+
+    ``code`` is the machine-readable ``error.code`` of the HTTP body (OpenAI's shape), for
+    the errors a client branches on; None for most.
+    """
+
+    code: str | None = None
 
 
 class ConfigError(AdapterSwapError):
@@ -39,7 +45,12 @@ class NotFound(StoreError):
 
 
 class StaleMixture(NotFound):
-    """A job names an adapter version its replica no longer serves (revoked after routing)."""
+    """A job names an adapter version its replica no longer serves (revoked after routing).
+
+    A stream cut by a revocation ends with this error's event, ``code: adapter_revoked``.
+    """
+
+    code = "adapter_revoked"
 
 
 class IllegalTransition(StoreError):
@@ -57,6 +68,8 @@ class StoreNotRunning(StoreError):
 class Unauthorized(AdapterSwapError):
     """The API key is missing, unknown or revoked (HTTP 401)."""
 
+    code = "invalid_api_key"
+
 
 class Forbidden(AdapterSwapError):
     """The caller lacks the admin role an endpoint needs (HTTP 403)."""
@@ -71,8 +84,40 @@ class RevocationTimeout(AdapterSwapError):
 
 
 class Overloaded(AdapterSwapError):
-    """No capacity or no model loaded yet (HTTP 503)."""
+    """No capacity or no model loaded yet (HTTP 503, with ``Retry-After``)."""
+
+    code = "overloaded"
+
+
+class StoreUnavailable(Overloaded):
+    """The AdapterStore did not answer within its deadline (HTTP 503, with ``Retry-After``).
+
+    A read was retried until the deadline; a write was sent once and may or may not have
+    been applied, so the caller retries the whole operation, never the store call alone.
+    """
+
+    code = "store_unavailable"
 
 
 class BackupError(AdapterSwapError):
     """A backup or restore was refused or failed: a non-empty target, a damaged backup, ..."""
+
+
+def unwrap_remote(exc: BaseException) -> BaseException:
+    """The exception a remote call raised, out of Ray's ``RayTaskError`` wrappers.
+
+    A wrapper's text holds the remote traceback, source paths, process id, node address,
+    actor id and the call's arguments (another caller's parameters, for a batch); only its
+    ``cause`` is ever shown. Matched by class name so that this module imports no Ray:
+    ``RayTaskError`` and the ``RayTaskError(Cause)`` classes Ray derives from it.
+    """
+    while any(k.__name__ == "RayTaskError" for k in type(exc).__mro__):
+        cause = getattr(exc, "cause", None)
+        if not isinstance(cause, BaseException) or cause is exc:
+            break
+        exc = cause
+    return exc
+
+
+class LeaseLost(AdapterSwapError):
+    """A lock's lease expired while its holder worked (it could not reach the store)."""

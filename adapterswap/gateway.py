@@ -36,6 +36,7 @@ from adapterswap.errors import (
     NotFound,
     PayloadTooLarge,
     StaleMixture,
+    unwrap_remote,
 )
 from adapterswap.generation import GenerationResult, PromptScores, SamplingParams
 from adapterswap.ingest import ingest_records
@@ -413,10 +414,14 @@ class Gateway:
 
 
 def _unwrap(items: Sequence[Any]) -> list[Any]:
-    """A model client's per-job results, raising the first job's error among them."""
+    """A model client's per-job results, raising the first job's error among them.
+
+    The error is raised as the exception itself, out of any Ray wrapper, whose text would
+    show the replica's traceback, address and the batch's parameters.
+    """
     for item in items:
         if isinstance(item, Exception):
-            raise item
+            raise unwrap_remote(item)
     return list(items)
 
 

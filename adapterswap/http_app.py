@@ -1,9 +1,18 @@
 """The FastAPI app: HTTP in, :class:`~adapterswap.gateway.Gateway` calls, OpenAI-shaped JSON out.
 
 The app holds no state of its own: ``app.state.gateway`` is set by whoever serves it (the
-Ray Serve ingress deployment, or a test). Bodies are size-checked before parsing, parsed and
-validated once, and every error goes through :func:`adapterswap.http_errors.from_exception`,
-so a bad request gets a 4xx with the field named and never takes the server down.
+Ray Serve ingress deployment, or a test). Every error goes through
+:func:`adapterswap.http_errors.error_reply`, so a bad request gets a 4xx with the field
+named, an unexpected failure a 500 with a request id, and neither takes the server down.
+
+What a request may cost before it is authenticated and parsed is bounded:
+
+- a ``Content-Length`` over ``serve.max_body_bytes`` is a 413 before any byte of the body
+  is read, on every path; a chunked body is read incrementally and cut off at the limit;
+- the key is checked by :class:`~adapterswap.auth.Authenticator` (malformed keys never
+  reach the store) before the body is read;
+- JSON that would exhaust the parser is a 400: nesting deeper than :data:`MAX_JSON_DEPTH`,
+  integers past Python's digit limit (``RecursionError`` and ``ValueError`` from ``json``).
 """
 
 from __future__ import annotations
@@ -22,24 +31,76 @@ from pydantic import BaseModel, ValidationError
 
 from adapterswap.errors import AdapterSwapError, InvalidArgument, PayloadTooLarge
 from adapterswap.gateway import Gateway
-from adapterswap.http_errors import error_body, from_exception
+from adapterswap.http_errors import error_body, error_reply
 from adapterswap.keys import Principal
 from adapterswap.schemas import ChatRequest, CompletionRequest, DocumentsRequest
 
 logger = logging.getLogger("adapterswap.http")
 
+# Deepest JSON nesting a body may have. Our bodies need 4 levels (documents[].metadata
+# holds the caller's own JSON); 64 leaves metadata room while keeping every later
+# json.dumps of it far from the interpreter's recursion limit.
+MAX_JSON_DEPTH = 64
 
-async def _body(request: Request, model: type[BaseModel], limit: int) -> Any:
-    raw = await request.body()
-    if len(raw) > limit:
-        raise PayloadTooLarge(f"body is {len(raw)} bytes, over serve.max_body_bytes={limit}")
+
+def _declared_length(request: Request, limit: int) -> int | None:
+    """The body's ``Content-Length``; PayloadTooLarge past ``limit``, before reading a byte."""
+    header = request.headers.get("content-length")
+    if header is None:
+        return None
+    if not header.strip().isdigit():
+        raise InvalidArgument(f"Content-Length: got {header[:32]!r}; expected a byte count")
+    length = int(header)
+    if length > limit:
+        raise PayloadTooLarge(f"body is {length} bytes, over serve.max_body_bytes={limit}")
+    return length
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, read chunk by chunk and cut off as soon as it passes ``limit``."""
+    _declared_length(request, limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body is over serve.max_body_bytes={limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _check_depth(data: Any, limit: int) -> None:
+    """InvalidArgument if ``data`` nests deeper than ``limit``; iterative, so it cannot
+    itself exhaust the stack."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        )
+        if children and depth >= limit:
+            raise InvalidArgument(f"body: JSON nested deeper than {limit} levels")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """A JSON object from ``raw``, or InvalidArgument saying what is wrong with it."""
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument(f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:  # int-str conversion limit: an integer of thousands of digits
+        raise InvalidArgument(f"body: a number is too long to parse ({str(exc)[:80]})") from None
     if not isinstance(data, dict):
         raise InvalidArgument("body must be a JSON object")
-    return model.model_validate(data)
+    _check_depth(data, MAX_JSON_DEPTH)
+    return data
+
+
+async def _body(request: Request, model: type[BaseModel], limit: int) -> Any:
+    return model.model_validate(parse_json_body(await _read_body(request, limit)))
 
 
 def _gateway(request: Request) -> Gateway:
@@ -47,9 +108,15 @@ def _gateway(request: Request) -> Gateway:
 
 
 async def _principal(request: Request) -> Principal:
-    """The caller; off the event loop, since a key-cache miss reads the store."""
+    """The caller: header and cache checks inline, a store lookup on the authenticator's
+    own threads."""
     header = request.headers.get("authorization")
-    return await asyncio.to_thread(_gateway(request).auth.authenticate, header)
+    return await _gateway(request).auth.authenticate_async(header)
+
+
+def _error_response(exc: BaseException) -> JSONResponse:
+    reply = error_reply(exc)
+    return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
 
 
 async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
@@ -57,8 +124,7 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
         async for chunk in chunks:
             yield f"data: {json.dumps(chunk)}\n\n".encode()
     except Exception as exc:  # noqa: BLE001 - the status line is gone; report in-stream
-        logger.exception("stream failed")
-        yield f"data: {json.dumps(from_exception(exc)[1])}\n\n".encode()
+        yield f"data: {json.dumps(error_reply(exc).body)}\n\n".encode()
     yield b"data: [DONE]\n\n"
 
 
@@ -96,25 +162,26 @@ def create_app() -> FastAPI:
         description="OpenAI-compatible API with per-request LoRA composition.",
     )
 
-    # Expected errors (4xx, 503) are answered here. Starlette treats an `Exception` handler as
-    # the 500 handler, which re-raises after answering, so only the unexpected go there.
+    # Errors we raise on purpose, and pydantic's, become their status here (Starlette's
+    # exception middleware, inside the one below).
     @app.exception_handler(AdapterSwapError)
     @app.exception_handler(ValidationError)
     @app.exception_handler(RequestValidationError)
     async def _expected(request: Request, exc: Exception) -> JSONResponse:
-        status, body = from_exception(exc)
-        return JSONResponse(body, status_code=status)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("request failed", exc_info=exc)
-        status, body = from_exception(exc)
-        return JSONResponse(body, status_code=status)
+        return _error_response(exc)
 
     @app.middleware("http")
-    async def _log(request: Request, call_next: Any) -> Any:
+    async def _guard(request: Request, call_next: Any) -> Any:
+        """Refuse an oversized body before the endpoint runs; turn anything unexpected into
+        a 500 with a request id (logged once, by error_reply); one log line per request."""
         started = time.perf_counter()
-        response = await call_next(request)
+        gateway = getattr(request.app.state, "gateway", None)
+        try:
+            if gateway is not None:
+                _declared_length(request, gateway.config.serve.max_body_bytes)
+            response = await call_next(request)
+        except Exception as exc:  # noqa: BLE001 - the one place the unexpected is answered
+            response = _error_response(exc)
         # One line per request; never the prompt text.
         logger.info(
             json.dumps(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -23,7 +24,8 @@ import ray
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from actors.adapter_store import get_or_create_store
@@ -32,10 +34,10 @@ from adapterswap.active_set import ActiveSet
 from adapterswap.adapter_source import StorageAdapterSource
 from adapterswap.auth import Authenticator
 from adapterswap.base_model import hash_base_model
-from adapterswap.config import AdapterSwapConfig, load_config
+from adapterswap.config import AdapterSwapConfig, ServeSettings, load_config
 from adapterswap.embedding import load_embedder
 from adapterswap.epoch_watch import EpochWatcher
-from adapterswap.errors import AdapterSwapError
+from adapterswap.errors import AdapterSwapError, Overloaded, StoreUnavailable, unwrap_remote
 from adapterswap.gateway import Gateway
 from adapterswap.generation import GenerationResult, PromptScores
 from adapterswap.http_app import create_app
@@ -63,22 +65,98 @@ class ServeAppArgs(BaseModel):
 
 
 def _store_reader(config: AdapterSwapConfig) -> Any:
-    """The store actor; reads wait out a store restart (they are idempotent)."""
+    """The store actor; call it through :func:`_read` and :class:`StoreProxy` (deadlines)."""
     return get_or_create_store(config)
 
 
-def _read(store: Any, method: str, *args: Any) -> Any:
-    return ray.get(getattr(store, method).options(max_task_retries=-1).remote(*args))
+# Every store call on a request path has a deadline (serve.store_timeout_s); this default is
+# for callers that do not pass their config's.
+DEFAULT_STORE_TIMEOUT_S: float = ServeSettings.model_fields["store_timeout_s"].default
+# The registry's pure reads: sending one again is harmless, so they are retried across a
+# store restart until their deadline. Every other method is a write, sent once: one in
+# flight when the store died may have committed, and a second begin_delete or
+# register_version would not be a no-op. Unknown names count as writes.
+STORE_READS = frozenset(
+    {
+        "epoch",
+        "get_version",
+        "list_versions",
+        "active_adapters",
+        "active_snapshot",
+        "versions_containing",
+        "lineage",
+        "manifest",
+        "summary",
+        "list_keys",
+        "lookup_key",
+        "deletion",
+        "unfinished_deletions",
+        "live_replicas",
+        "replicas_behind",
+        "get_job",
+        "list_jobs",
+        "audit_log",
+    }
+)
+_RESTARTING = (ActorUnavailableError, RayActorError)
+
+
+def _late(timeout_s: float, write: bool) -> StoreUnavailable:
+    maybe = "; the change may or may not have been made" if write else ""
+    return StoreUnavailable(
+        f"the adapter store did not answer within serve.store_timeout_s={timeout_s:g} s"
+        f"{maybe}: retry the request"
+    )
+
+
+def _read(
+    store: Any, method: str, *args: Any, timeout_s: float = DEFAULT_STORE_TIMEOUT_S, **kwargs: Any
+) -> Any:
+    """A store read with a deadline: sent again across a store restart until ``timeout_s``
+    has passed, then StoreUnavailable (HTTP 503). A remote error is raised as itself."""
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        ref = getattr(store, method).options(max_task_retries=-1).remote(*args, **kwargs)
+        try:
+            return ray.get(ref, timeout=left)
+        except GetTimeoutError:
+            ray.cancel(ref)  # a read: dropping it from the store's queue is harmless
+            break
+        except _RESTARTING:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        except RayTaskError as exc:
+            raise unwrap_remote(exc) from exc
+    raise _late(timeout_s, write=False)
+
+
+def _write(store: Any, method: str, timeout_s: float, *args: Any, **kwargs: Any) -> Any:
+    """A store write: sent once, waited for until ``timeout_s``, never sent again."""
+    ref = getattr(store, method).remote(*args, **kwargs)
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except (GetTimeoutError, *_RESTARTING):
+        raise _late(timeout_s, write=True) from None
+    except RayTaskError as exc:
+        raise unwrap_remote(exc) from exc
 
 
 class StoreProxy:
-    """The store actor's methods as synchronous calls, for code written against the registry."""
+    """The store actor's methods as synchronous calls, for code written against the registry.
 
-    def __init__(self, actor: Any) -> None:
+    Every call has a deadline; reads (:data:`STORE_READS`) are retried within it, writes
+    are not (see :func:`_read`, :func:`_write`).
+    """
+
+    def __init__(self, actor: Any, timeout_s: float = DEFAULT_STORE_TIMEOUT_S) -> None:
         self._actor = actor
+        self._timeout_s = timeout_s
 
     def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: ray.get(getattr(self._actor, name).remote(*args, **kwargs))
+        if name.startswith("_"):  # copy/pickle protocol probes are not store methods
+            raise AttributeError(name)
+        if name in STORE_READS:
+            return lambda *a, **kw: _read(self._actor, name, *a, timeout_s=self._timeout_s, **kw)
+        return lambda *a, **kw: _write(self._actor, name, self._timeout_s, *a, **kw)
 
 
 class ModelDeployment:
@@ -139,19 +217,37 @@ class ModelDeployment:
 # there, and generation and scoring are pure functions of the job, so it is sent again.
 REPLICA_GONE = (RayActorError, ActorUnavailableError)
 REPLICA_ATTEMPTS = 3
+# Serve's own "no capacity now": queues full, or no replica running yet.
+_NO_CAPACITY = (BackPressureError, DeploymentUnavailableError)
+
+
+def _model_error(exc: BaseException) -> BaseException:
+    """What the ingress raises for a model call's failure: the replica's own exception out of
+    its Ray wrapper, or Overloaded (HTTP 503, Retry-After) for a lack of capacity."""
+    if isinstance(exc, _NO_CAPACITY | REPLICA_GONE):
+        return Overloaded("no model replica can take the request now; retry shortly")
+    return unwrap_remote(exc)
 
 
 async def _on_a_live_replica(call: Callable[[], Awaitable[Any]]) -> Any:
-    for attempt in range(1, REPLICA_ATTEMPTS):
+    for attempt in range(1, REPLICA_ATTEMPTS + 1):
         try:
             return await call()
-        except REPLICA_GONE:
+        except REPLICA_GONE as exc:
+            if attempt == REPLICA_ATTEMPTS:
+                raise _model_error(exc) from exc
             logger.warning("model replica gone; retrying (%d of %d)", attempt, REPLICA_ATTEMPTS)
-    return await call()
+        except (RayTaskError, *_NO_CAPACITY) as exc:
+            raise _model_error(exc) from exc
+    raise AssertionError("unreachable")
 
 
 class HandleModelClient:
-    """The gateway's ModelClient over the model deployment's handle."""
+    """The gateway's ModelClient over the model deployment's handle.
+
+    Errors come back as the replica's own exceptions (never Ray's wrappers, whose text shows
+    the replica's traceback, address and the batch's parameters), or Overloaded.
+    """
 
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle
@@ -173,8 +269,11 @@ class HandleModelClient:
         return await _on_a_live_replica(lambda: self.handle.score.remote(jobs, top_logprobs))
 
     async def stream(self, job: InferenceJob) -> AsyncIterator[str]:
-        async for delta in self.handle.options(stream=True).stream.remote(job):
-            yield delta
+        try:
+            async for delta in self.handle.options(stream=True).stream.remote(job):
+                yield delta
+        except (RayTaskError, *_NO_CAPACITY, *REPLICA_GONE) as exc:
+            raise _model_error(exc) from exc
 
 
 @serve.ingress()
@@ -183,26 +282,36 @@ class IngressDeployment:
 
     def __init__(self, model: DeploymentHandle, config: dict[str, Any]) -> None:
         self.config = AdapterSwapConfig.model_validate(config)
+        serving = self.config.serve
         store = _store_reader(self.config)
+        deadline = serving.store_timeout_s
+
+        def read(method: str) -> Callable[..., Any]:
+            return lambda *args: _read(store, method, *args, timeout_s=deadline)
+
         source = StorageAdapterSource(
             self.config.storage, hash_base_model(self.config.model, self.config.model_cache_dir)
         )
-        jobs = RayJobs(self.config, StoreProxy(store))
+        proxy = StoreProxy(store, deadline)
+        jobs = RayJobs(self.config, proxy)
         self.gateway = Gateway(
             self.config,
             model=HandleModelClient(model),
             model_id=self.config.model.spec,
             authenticator=Authenticator(
-                lambda key: _read(store, "lookup_key", key), self.config.serve.key_cache_ttl_s
+                read("lookup_key"),
+                serving.key_cache_ttl_s,
+                negative_ttl_s=serving.negative_key_cache_ttl_s,
+                negative_cache_size=serving.negative_key_cache_size,
             ),
             active=ActiveSet(
-                lambda: _read(store, "active_snapshot"),
+                read("active_snapshot"),
                 lambda keep: source.forget(keep) or [],
-                epoch=lambda: _read(store, "epoch"),
+                epoch=read("epoch"),
             ),
             stats=source.router_stats,
             embed=load_embedder(self.config.embedding).embed,
-            store=StoreProxy(store),
+            store=proxy,
             jobs=jobs,
             on_routed=ServeMetrics().record_routing,
         )
@@ -211,15 +320,15 @@ class IngressDeployment:
     # The same operations for Python callers inside the cluster:
     #   handle = serve.get_app_handle("adapterswap"); await handle.completions.remote(key, {...})
     async def completions(self, api_key: str, body: dict[str, Any]) -> dict[str, Any]:
-        principal = await asyncio.to_thread(self.gateway.auth.authenticate, f"Bearer {api_key}")
+        principal = await self.gateway.auth.authenticate_async(f"Bearer {api_key}")
         return await self.gateway.complete(principal, CompletionRequest.model_validate(body))
 
     async def chat(self, api_key: str, body: dict[str, Any]) -> dict[str, Any]:
-        principal = await asyncio.to_thread(self.gateway.auth.authenticate, f"Bearer {api_key}")
+        principal = await self.gateway.auth.authenticate_async(f"Bearer {api_key}")
         return await self.gateway.chat(principal, ChatRequest.model_validate(body))
 
     async def adapters(self, api_key: str) -> dict[str, Any]:
-        principal = await asyncio.to_thread(self.gateway.auth.authenticate, f"Bearer {api_key}")
+        principal = await self.gateway.auth.authenticate_async(f"Bearer {api_key}")
         return await asyncio.to_thread(self.gateway.list_adapters, principal)
 
     def __serve_build_asgi_app__(self) -> Any:
