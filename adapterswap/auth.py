@@ -63,6 +63,12 @@ class Authenticator:
         self._executor: ThreadPoolExecutor | None = None
         self.store_lookups = 0  # calls that reached the store (a metric; tests read it)
 
+    @property
+    def refused_cached(self) -> int:
+        """Unknown keys remembered now (at most ``negative_cache_size``)."""
+        with self._lock:
+            return len(self._refused)
+
     def authenticate(self, authorization: str | None) -> Principal:
         """The principal of a ``Bearer <key>`` header; Unauthorized otherwise. Blocks on a
         cache miss (a store read): call it off the event loop, or use :meth:`authenticate_async`."""

@@ -99,6 +99,12 @@ class StoreUnavailable(Overloaded):
     code = "store_unavailable"
 
 
+class ServerFault(AdapterSwapError):
+    """A failure that is the server's, not the caller's: a stored adapter that cannot be
+    loaded, a batch that broke. HTTP 500 with a request id; the message is only logged,
+    never shown (it may name an adapter of another group, a path, a device)."""
+
+
 class BackupError(AdapterSwapError):
     """A backup or restore was refused or failed: a non-empty target, a damaged backup, ..."""
 

@@ -9,8 +9,8 @@ traceback, paths, a process id, a node address, an actor id and the batch's para
 unwrapped to the exception it carries first; anything unexpected is a 500 whose message is
 only ``internal error (request id req-...)``, and that id is logged with the exception. A
 stored adapter that fails to parse (``InvalidAdapter``) or compose (``InvalidMixture``,
-``AdapterNotLoaded``) is the server's fault and may name another group's adapter: it is a
-500 of the same kind. Capacity errors are 503 with ``Retry-After``.
+``AdapterNotLoaded``), like any :class:`~adapterswap.errors.ServerFault`, is the server's
+fault and may name another group's adapter: it is a 500 of the same kind. Capacity errors are 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from adapterswap.errors import (
     Overloaded,
     PayloadTooLarge,
     RevocationTimeout,
+    ServerFault,
     Unauthorized,
     unwrap_remote,
 )
@@ -45,7 +46,12 @@ logger = logging.getLogger("adapterswap.http")
 RETRY_AFTER_S = 1
 
 # Server-side failures, whatever their class: shown only as a request id.
-_INTERNAL: tuple[type[Exception], ...] = (InvalidAdapter, InvalidMixture, AdapterNotLoaded)
+_INTERNAL: tuple[type[Exception], ...] = (
+    ServerFault,
+    InvalidAdapter,
+    InvalidMixture,
+    AdapterNotLoaded,
+)
 
 _STATUS: list[tuple[type[Exception], int, str]] = [
     (Unauthorized, 401, "authentication_error"),
@@ -128,6 +134,8 @@ def error_reply(exc: BaseException) -> ErrorReply:
     headers: dict[str, str] = {}
     if status == 503:
         headers["Retry-After"] = str(RETRY_AFTER_S)
+    if status == 413:  # the body may be unread: close rather than drain it for keep-alive
+        headers["Connection"] = "close"
     if status >= 500 and status != 503:
         headers["X-Request-Id"] = request_id
         logger.error("request %s failed", request_id, exc_info=exc)
