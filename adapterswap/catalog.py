@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -35,6 +35,23 @@ SCHEMA = pa.schema(
         pa.field("metadata", pa.string(), nullable=False),  # JSON object text
     ]
 )
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """A catalog fragment encoded but not yet written."""
+
+    name: str
+    data: bytes
+    rows: int
+
+
+def _hash_set(value: str | None | Collection[str | None]) -> set[str] | None:
+    """The content hashes a removal matches; None: any."""
+    if value is None:
+        return None
+    values = {value} if isinstance(value, str) else set(value)
+    return None if None in values else values  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -102,6 +119,14 @@ class Catalog:
         self, docs: Sequence[Document], shards: Sequence[str], batches: Sequence[str]
     ) -> str:
         """Write ``docs`` with their shard and batch as one new fragment; returns its path."""
+        return self.write(self.build(docs, shards, batches))
+
+    def build(
+        self, docs: Sequence[Document], shards: Sequence[str], batches: Sequence[str]
+    ) -> Fragment:
+        """Encode ``docs`` as a new fragment without writing it: whatever Parquet refuses
+        fails here, before the caller changes anything (an ingest that replaces revokes
+        the old versions only after this)."""
         now = datetime.now(UTC)
         table = pa.table(
             {
@@ -119,21 +144,34 @@ class Catalog:
         sink = io.BytesIO()
         pq.write_table(table, sink, compression="zstd")
         name = f"part-{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
-        target = self.location.child(name)
-        write_bytes_atomic(target, sink.getvalue())
+        return Fragment(name, sink.getvalue(), table.num_rows)
+
+    def write(self, fragment: Fragment) -> str:
+        """Write a built fragment atomically; returns its path."""
+        target = self.location.child(fragment.name)
+        write_bytes_atomic(target, fragment.data)
         return target.path
 
+    def duplicate_ids(self) -> list[str]:
+        """Ids held by more than one row (there should be none), sorted."""
+        ids = self.read(["id"]).column("id")
+        counts = pc.value_counts(ids).to_pylist()
+        return sorted(c["values"] for c in counts if c["counts"] > 1)
+
     def remove(
-        self, doc_ids: Iterable[str], content_hashes: Mapping[str, str | None] | None = None
+        self,
+        doc_ids: Iterable[str],
+        content_hashes: Mapping[str, str | None | Collection[str | None]] | None = None,
     ) -> list[str]:
         """Rewrite each fragment holding any of ``doc_ids`` without those rows; returns them.
 
-        With ``content_hashes``, a row goes only if its content hash is the one given for its
-        id (None: any), so a newer version with the same id (a replacement) stays. A fragment
-        left empty is deleted. Ids the catalog does not hold are ignored, so a removal
-        interrupted after some fragments is finished by calling it again.
+        With ``content_hashes``, a row goes only if its content hash is one given for its id
+        (a hash or several; None, or an id not given: any), so a newer version with the same
+        id (a replacement) stays. A fragment left empty is deleted. Ids the catalog does not
+        hold are ignored, so a removal interrupted after some fragments is finished by
+        calling it again.
         """
-        hashes = dict(content_hashes or {})
+        hashes = {d: _hash_set(h) for d, h in (content_hashes or {}).items()}
         wanted = set(doc_ids)
         fs, touched = self.location.fs, []
         for path in self.fragments():
@@ -142,7 +180,7 @@ class Catalog:
                 continue
             table = pq.read_table(path, filesystem=fs, schema=SCHEMA)
             drop = [
-                doc_id in wanted and hashes.get(doc_id) in (None, content)
+                doc_id in wanted and (hashes.get(doc_id) is None or content in hashes[doc_id])
                 for doc_id, content in zip(
                     ids, table.column("content_hash").to_pylist(), strict=True
                 )

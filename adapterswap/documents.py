@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,9 +121,17 @@ def _check_metadata(value: Any) -> str:
     if not isinstance(value, dict):
         raise ValueError(f"field 'metadata' must be a JSON object, got {type(value).__name__}")
     try:
-        return json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=False)
+        text = json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"field 'metadata' is not JSON-serialisable: {exc}") from None
+    try:
+        text.encode("utf-8")  # the catalog stores UTF-8: a lone surrogate would fail there
+    except UnicodeEncodeError:
+        raise ValueError(
+            "field 'metadata' contains characters that cannot be encoded as UTF-8 "
+            "(a lone surrogate escape?)"
+        ) from None
+    return text
 
 
 def validate_record(
@@ -175,10 +183,13 @@ def validate_records(
     group: str | None = None,
     batch: str | None = None,
     problems: Iterable[str] = (),
+    refuse: Callable[[Document], str | None] | None = None,
 ) -> list[Document]:
     """Validate a whole input. Returns every document, or raises InvalidDocument listing all problems.
 
     ``problems`` carries what the readers already found (undecodable lines and the like).
+    ``refuse`` says why a valid document cannot be accepted now (None: it can), e.g. its id
+    is still being deleted.
     """
     found = list(problems)
     docs: list[Document] = []
@@ -199,6 +210,10 @@ def validate_records(
         first_seen[doc.id] = record.where
         if doc.id in existing_ids:
             found.append(f"{record.where}: id {doc.id!r} already exists in the catalog")
+            continue
+        reason = refuse(doc) if refuse is not None else None
+        if reason is not None:
+            found.append(f"{record.where}: {reason}")
             continue
         docs.append(doc)
     if not found and not docs:

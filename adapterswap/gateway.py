@@ -39,11 +39,11 @@ from adapterswap.errors import (
     unwrap_remote,
 )
 from adapterswap.generation import GenerationResult, PromptScores, SamplingParams
-from adapterswap.ingest import ingest_records
+from adapterswap.ingest import ingest_lock, ingest_records
 from adapterswap.jobs import Jobs
 from adapterswap.keys import Principal
 from adapterswap.readers import RawRecord
-from adapterswap.registry import AdapterRef
+from adapterswap.registry import AdapterRef, DeletionState
 from adapterswap.replica import InferenceJob, Mixture
 from adapterswap.router import Candidate, RoutingDecision, route, routing_texts
 from adapterswap.router_stats import ShardStats
@@ -270,9 +270,12 @@ class Gateway:
     def ingest(self, principal: Principal, body: DocumentsRequest) -> dict[str, Any]:
         """``POST /v1/documents``: validated as a whole, like ``adapterswap ingest``.
 
-        With ``replace: true`` an id that exists is a delete plus an ingest: once the whole
-        body is valid, the old version is revoked (and every replica has dropped it), its
-        catalog row removed and the new one appended; the delete job retrains and purges.
+        With ``replace: true`` an id that exists is a delete plus an ingest. Every field is
+        validated and the new catalog fragment built first, so a bad body changes nothing.
+        Then, under the ingest lock, every version holding the id is revoked, the old row
+        removed (its deletion recorded ``removed``) and the new one written; the answer comes
+        once every replica has dropped the revoked versions (503 if one does not in time:
+        replaced, with the revocation in force). The delete job retrains and purges.
         """
         require_admin(principal)
         actor = f"api:{principal.user}"
@@ -282,27 +285,32 @@ class Gateway:
         ]
         deleted: list[DeleteRequest] = []
 
-        def replace(doc_ids: list[str]) -> None:
+        def replace(doc_ids: list[str]) -> None:  # called under the ingest lock
             catalog = Catalog(self.config.storage)
             request = request_delete(self.store, catalog, doc_ids, self.jobs.runner, actor)
             deleted.append(request)
-            try:
-                self._wait_for_replicas(request.epoch)
-                # under the ingest lock, which ingest holds; the delete job's own removal later
-                # matches the old content hash, so it leaves the replacement in place
-                catalog.remove(doc_ids, request.content_hashes)
-            finally:
-                if request.job is not None:
-                    self.jobs.start_deletion(request.job)
+            # Only the contents recorded now go; the deletions say so at once, so the job's
+            # removal never matches the replacement, even one with the very same text.
+            catalog.remove(doc_ids, {d: request.held.get(d, []) for d in doc_ids})
+            removed = [
+                r for r in request.records if r.content_hash in request.held.get(r.doc_id, [])
+            ]
+            self.store.advance_deletion(removed, DeletionState.REMOVED, actor=actor)
 
-        result = ingest_records(
-            records,
-            self.config,
-            embed=self._embed,
-            audit=self.store,
-            actor=actor,
-            replace=replace if body.replace else None,
-        )
+        try:
+            result = ingest_records(
+                records,
+                self.config,
+                embed=self._embed,
+                audit=self.store,
+                actor=actor,
+                replace=replace if body.replace else None,
+            )
+            if deleted:
+                self._wait_for_replicas(deleted[0].epoch)
+        finally:  # the job runs whatever happened after the revocation: it stands
+            if deleted and deleted[0].job is not None:
+                self.jobs.start_deletion(deleted[0].job)
         answer: dict[str, Any] = {
             "accepted": result.accepted,
             "batch": result.batch,
@@ -345,16 +353,25 @@ class Gateway:
             {"id": v.adapter_id, "version": v.version, "status": v.status}
             for v in self.store.versions_containing(doc_id)
         ]
+        unfinished = [d for d in self.store.deletions(doc_id) if d.state != DeletionState.PURGED]
+        deletions = [
+            {"content_hash": d.content_hash, "state": d.state.value, "job": d.job_id}
+            for d in unfinished
+        ]
+        covered = any(d.content_hash in (None, row["content_hash"]) for d in unfinished)
         row["metadata"] = json.loads(row["metadata"])
         row["ingested_at"] = row["ingested_at"].isoformat()
-        return {**row, "status": "active", "adapters": versions}
+        status = "deleting" if covered else "active"
+        return {**row, "status": status, "adapters": versions, "deletions": deletions}
 
     def delete_document(self, principal: Principal, doc_id: str) -> dict[str, Any]:
         """``DELETE /v1/documents/{id}``: answers once every live replica dropped its versions.
 
-        Retraining and purging go on in the returned job. A repeat while the deletion is in
-        progress is a no-op answering the same job; an unknown id, or one whose deletion has
-        finished, is a 404.
+        Every version holding the id is revoked, whatever earlier deletions or replacements
+        of it are unfinished, and whatever content the catalog holds for it is deleted, so a
+        200 always means the document is going for good. Retraining and purging go on in the
+        returned job (a repeat answers the job carrying the deletion on: a new one if the old
+        ended unfinished). An unknown id, or one whose deletions have all finished, is a 404.
         """
         require_admin(principal)
         request = request_delete(
@@ -363,6 +380,7 @@ class Gateway:
             [doc_id],
             self.jobs.runner,
             f"api:{principal.user}",
+            lock=lambda: ingest_lock(self.config),  # no replacement lands between read and revoke
         )
         try:
             waited = self._wait_for_replicas(request.epoch)

@@ -1,29 +1,42 @@
 """Ingest: read, validate as a whole, plan shards, append one catalog fragment, audit.
 
 Nothing is written unless every record is valid. Concurrent ingests into one home are
-serialised by a lock file, so the duplicate-id check and the shard numbering cannot race.
+serialised by a lock, so the duplicate-id check and the shard numbering cannot race and
+catalog ids stay unique; the audit row is written inside the same critical section.
+
+A document whose id has an unfinished deletion is refused, with the job to wait for: the
+deletion would otherwise race the new row (and the id's old versions are still being
+purged). One exception: ``replace`` of the id's current row, when that row is not itself
+being deleted and the new text differs from every text of the id still being deleted (so
+replacing twice in a row works; each replaced content's deletion goes on).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from adapterswap.catalog import Catalog
 from adapterswap.config import AdapterSwapConfig
-from adapterswap.documents import validate_records
+from adapterswap.documents import Document, validate_records
 from adapterswap.locks import home_lock
 from adapterswap.planner import Embed, ShardPlan, assignments, plan_shards
 from adapterswap.readers import RawRecord, read_inputs
+from adapterswap.registry import DeletionRecord
 
 AUTO_BATCH = re.compile(r"b(\d{4,})")
 
 
 class AuditLog(Protocol):
+    """The store, as ingest uses it (a registry, or a proxy to the store actor)."""
+
     def append_audit(self, actor: str, action: str, **details: object) -> object: ...
+
+    def unfinished_deletions(self) -> list[DeletionRecord]: ...
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,12 @@ class IngestResult:
     shards: list[ShardPlan]
     fragment: str
     replaced: list[str]
+
+
+def ingest_lock(config: AdapterSwapConfig) -> AbstractContextManager[None]:
+    """The lock that serialises catalog changes: ingests, replacements, the delete request's
+    catalog read and the delete job's removal. Every one of them takes it here."""
+    return home_lock(config.home_path, "ingest")
 
 
 def next_batch_label(existing: set[str]) -> str:
@@ -58,16 +77,32 @@ def ingest_records(
     """Validate ``records`` as a whole, place them in new shards and append them to the catalog.
 
     Raises :class:`~adapterswap.errors.InvalidDocument` (and writes nothing) when any
-    record, or any entry of ``problems`` from the readers, is bad. With ``replace``, ids the
-    catalog already holds are allowed: once everything is valid, ``replace(ids)`` is called
-    (under the ingest lock) to delete them and take them out of the catalog, then the new
-    versions are appended, into new shards like any new batch.
+    record, or any entry of ``problems`` from the readers, is bad, or when a document's id
+    is still being deleted (see the module docstring; checked when ``audit``, the store, is
+    given). With ``replace``, ids the catalog already holds are allowed: once everything is
+    valid and the new fragment is built, ``replace(ids)`` is called (under the ingest lock)
+    to delete them and take them out of the catalog, then the new versions are written, into
+    new shards like any new batch.
     """
     catalog = Catalog(config.storage)
-    with home_lock(config.home_path, "ingest"):
-        existing = catalog.read(["id", "shard", "batch"])
-        held = set(existing.column("id").to_pylist())
+    with ingest_lock(config):
+        existing = catalog.read(["id", "shard", "batch", "content_hash"])
+        current: dict[str, set[str]] = {}
+        for doc_id, content in zip(
+            existing.column("id").to_pylist(),
+            existing.column("content_hash").to_pylist(),
+            strict=True,
+        ):
+            current.setdefault(doc_id, set()).add(content)
+        held = set(current)
         replacing = sorted(held & {str(r.fields.get("id")) for r in records}) if replace else []
+        pending: dict[str, list[DeletionRecord]] = {}
+        for record in audit.unfinished_deletions() if audit is not None else []:
+            pending.setdefault(record.doc_id, []).append(record)
+
+        def refuse(doc: Document) -> str | None:
+            return _still_deleting(doc, pending.get(doc.id, []), current, set(replacing))
+
         docs = validate_records(
             records,
             existing_ids=held - set(replacing),
@@ -76,6 +111,7 @@ def ingest_records(
             group=group,
             batch=batch,
             problems=problems,
+            refuse=refuse,
         )
         batch = batch or next_batch_label(set(existing.column("batch").to_pylist()))
         plans = plan_shards(
@@ -88,18 +124,45 @@ def ingest_records(
         placed = assignments(plans)
         batch_of = {p.shard: p.batch for p in plans}
         shards = [placed[d.id] for d in docs]
+        built = catalog.build(docs, shards, [batch_of[s] for s in shards])  # before any revoke
         if replacing and replace is not None:
             replace(replacing)
-        fragment = catalog.append(docs, shards, [batch_of[s] for s in shards])
-    if audit is not None:
-        audit.append_audit(
-            actor,
-            "ingest",
-            doc_ids=[d.id for d in docs],
-            shards=[p.shard for p in plans],
-            fragment=fragment,
-        )
+        fragment = catalog.write(built)
+        if audit is not None:  # in the critical section: no other change lands in between
+            audit.append_audit(
+                actor,
+                "ingest",
+                doc_ids=[d.id for d in docs],
+                shards=[p.shard for p in plans],
+                fragment=fragment,
+            )
     return IngestResult(len(docs), batch, plans, fragment, replacing)
+
+
+def _still_deleting(
+    doc: Document,
+    deletions: list[DeletionRecord],
+    current: dict[str, set[str]],
+    replacing: set[str],
+) -> str | None:
+    """Why ``doc`` cannot be ingested while ``deletions`` (of its id) are unfinished, or None."""
+    if doc.id in replacing:  # only deletions of replaced contents may still run
+        rows = current.get(doc.id, set())
+        deletions = [
+            r
+            for r in deletions
+            if r.content_hash is None
+            or r.content_hash in rows
+            or r.content_hash == doc.content_hash
+        ]
+    if not deletions:
+        return None
+    record = deletions[0]
+    return (
+        f"document {doc.id!r} is still being deleted (deletion {record.state}, job "
+        f"{record.job_id}); ingest it again once that job has finished "
+        "(`adapterswap status` lists unfinished deletions)"
+    )
 
 
 def ingest_files(

@@ -19,20 +19,33 @@ Adapter version statuses and the only legal transitions::
 
 Everything else raises IllegalTransition: a revoked, failed or purged version never comes
 back (register a new version instead); a training version is stopped with ``fail``, not
-``revoke``; an active version must be revoked before it is purged.
+``revoke``; an active version must be revoked before it is purged. A trigger in the
+database refuses any other change of status too, whoever writes it.
 
-A document deletion is a row that only moves forward, so a crashed delete is finished by
-running the delete job again (``adapterswap.deletion``)::
+A version's lineage is the documents it was trained on, each with the content hash it saw
+when the trainer says (NULL otherwise, which matches every content of that id).
 
-    deleting   begin_delete: revoke every active version whose lineage holds the document,
-               fail every training one, bump the epoch, create the job (one transaction)
-    removed    the document's row is gone from the catalog
-    retrained  its shard was retrained without it (or retired, if it is now empty)
+A deletion is a row keyed by (document id, content hash) that only moves forward (a
+trigger refuses a step back), so a crashed delete is finished by running the delete job
+again (``adapterswap.deletion``). At most one unfinished deletion exists per key; purged
+ones stay as history, so an id may be deleted, re-ingested and deleted again::
+
+    state      reached by
+    ---------  -----------------------------------------------------------------------------
+    deleting   begin_delete, one transaction: revoke EVERY active version whose lineage holds
+               the id (whatever earlier deletions of it are unfinished), fail every training
+               one, bump the epoch if anything was revoked, record a deletion for each content
+               the catalog holds that no unfinished deletion covers, create the job (or reuse
+               the request's; a new job also takes over deletions whose job ended unfinished)
+    removed    the row with that content is gone from the catalog (a replacement stays)
+    retrained  the shards that held it were retrained without it (or retired, if now empty)
     purged     every version that saw it is purged: files gone, status purged. Done.
 
-While a document is ``deleting`` no version whose lineage holds it can be activated.
-Serving replicas acknowledge epochs (``ack_epoch``) so a delete can wait until every live
-replica has dropped the revoked versions (``replicas_behind``).
+While any deletion of a document is unfinished (any state before ``purged``), no version
+whose lineage holds that content (or holds the id without a content hash) can be activated.
+Serving replicas acknowledge epochs (``ack_epoch``, which never lowers a replica's
+acknowledgement) so a delete can wait until every live replica has dropped the revoked
+versions (``replicas_behind``).
 
 Jobs (training, deletion) are rows too: ``pending -> running -> succeeded | failed`` (or
 ``pending -> failed``), with progress and a result, so ``GET /v1/jobs/{id}`` and
@@ -40,6 +53,11 @@ Jobs (training, deletion) are rows too: ``pending -> running -> succeeded | fail
 
 The epoch is a counter bumped by one in every transaction that changes the set of active
 versions (activate, revoke). Serving replicas compare it to tell whether their view is current.
+
+The schema evolves by ordered migrations (``MIGRATIONS``; ``PRAGMA user_version`` says how
+many a store has had). Opening a store applies the missing ones in place, in one
+transaction; a store written before migrations existed (``schema_version`` 1 in ``meta``)
+counts as version 1, and a store newer than this code is refused before anything changes.
 """
 
 from __future__ import annotations
@@ -49,7 +67,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -62,7 +80,6 @@ from adapterswap.errors import IllegalTransition, InvalidArgument, NotFound, Sto
 from adapterswap.keys import KeyRecord, Principal
 from adapterswap.privacy import private_file, private_home
 
-SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 10_000
 # lookup_key hashes against these for an unknown key id, so it costs what a known one does.
 _DUMMY_SALT = keys.new_salt()
@@ -113,14 +130,27 @@ _HINTS: dict[tuple[AdapterStatus, AdapterStatus], str] = {
 }
 _FINAL_HINT = "; register a new version instead"
 
-_SCHEMA = f"""
+
+def _in(values: Iterable[str]) -> str:
+    return ", ".join(f"'{v}'" for v in values)
+
+
+def _rank(column: str) -> str:
+    """SQL for a deletion state's position in DeletionState's order (for the trigger)."""
+    cases = " ".join(f"WHEN '{s}' THEN {i}" for i, s in enumerate(DeletionState))
+    return f"(CASE {column} {cases} END)"
+
+
+# Migration 1: the schema as first released (it wrote schema_version 1 into meta and left
+# PRAGMA user_version at 0). Kept byte for byte apart from the literal version.
+_MIGRATION_1 = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS adapters (
     adapter_id TEXT PRIMARY KEY, grp TEXT NOT NULL, created_at TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS versions (
     adapter_id TEXT NOT NULL REFERENCES adapters(adapter_id),
     version INTEGER NOT NULL CHECK (version >= 1),
-    status TEXT NOT NULL CHECK (status IN ({", ".join(f"'{s}'" for s in AdapterStatus)})),
+    status TEXT NOT NULL CHECK (status IN ({_in(AdapterStatus)})),
     uri TEXT NOT NULL,
     doc_count INTEGER NOT NULL,
     manifest TEXT,
@@ -143,13 +173,13 @@ CREATE TABLE IF NOT EXISTS audit (
     action TEXT NOT NULL, details TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY, kind TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ({", ".join(f"'{s}'" for s in JobState)})),
+    state TEXT NOT NULL CHECK (state IN ({_in(JobState)})),
     runner TEXT NOT NULL, actor TEXT NOT NULL, created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL, progress TEXT NOT NULL, result TEXT, error TEXT) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS deletions (
     doc_id TEXT PRIMARY KEY,
-    state TEXT NOT NULL CHECK (state IN ({", ".join(f"'{s}'" for s in DeletionState)})),
+    state TEXT NOT NULL CHECK (state IN ({_in(DeletionState)})),
     job_id TEXT NOT NULL, actor TEXT NOT NULL, epoch INTEGER NOT NULL, revoked TEXT NOT NULL,
     requested_at TEXT NOT NULL, updated_at TEXT NOT NULL, content_hash TEXT) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS replicas (
@@ -158,8 +188,74 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
-INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', {SCHEMA_VERSION}), ('epoch', 0);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', 1), ('epoch', 0);
 """
+
+# Migration 2: deletions keyed by (document, content hash) with a history (a document may be
+# deleted, re-ingested and deleted again), the shards each deletion must retrain, the content
+# hash of each lineage document (NULL: unknown, which matches every content of the id), the
+# forward-only state machines enforced by triggers, and the leases table for cross-node locks.
+_MIGRATION_2 = f"""
+CREATE TABLE deletions_v2 (
+    deletion_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    doc_id TEXT NOT NULL,
+    content_hash TEXT,
+    state TEXT NOT NULL CHECK (state IN ({_in(DeletionState)})),
+    job_id TEXT NOT NULL, actor TEXT NOT NULL, epoch INTEGER NOT NULL, revoked TEXT NOT NULL,
+    shards TEXT,
+    requested_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+INSERT INTO deletions_v2 (doc_id, content_hash, state, job_id, actor, epoch, revoked, shards,
+    requested_at, updated_at)
+    SELECT doc_id, content_hash, state, job_id, actor, epoch, revoked, NULL, requested_at,
+    updated_at FROM deletions ORDER BY requested_at, doc_id;
+DROP TABLE deletions;
+ALTER TABLE deletions_v2 RENAME TO deletions;
+CREATE UNIQUE INDEX one_unfinished_deletion ON deletions(doc_id, COALESCE(content_hash, ''))
+    WHERE state != 'purged';
+CREATE INDEX deletions_by_doc ON deletions(doc_id);
+CREATE TRIGGER deletions_only_forward BEFORE UPDATE OF state ON deletions
+    WHEN {_rank("NEW.state")} < {_rank("OLD.state")}
+    BEGIN SELECT RAISE(ABORT, 'a deletion only moves forward'); END;
+CREATE TRIGGER versions_only_forward BEFORE UPDATE OF status ON versions
+    WHEN NEW.status != OLD.status AND NOT (
+        (OLD.status = 'training' AND NEW.status IN ('active', 'failed'))
+        OR (OLD.status = 'active' AND NEW.status = 'revoked')
+        OR (OLD.status IN ('revoked', 'failed') AND NEW.status = 'purged'))
+    BEGIN SELECT RAISE(ABORT, 'illegal adapter version transition'); END;
+ALTER TABLE lineage ADD COLUMN content_hash TEXT;
+CREATE TABLE leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at REAL NOT NULL)
+    WITHOUT ROWID;
+"""
+
+# Ordered: MIGRATIONS[n - 1] takes a store from version n - 1 to n. Append, never edit.
+MIGRATIONS: tuple[str, ...] = (_MIGRATION_1, _MIGRATION_2)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of a script, one at a time (a trigger's body stays whole)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending
+            pending = ""
+    if pending.strip():
+        raise StoreError(f"incomplete SQL statement in a migration: {pending[:80]!r}")
+
+
+def stored_schema_version(conn: sqlite3.Connection) -> int:
+    """The schema version of an open store: ``PRAGMA user_version``, or for a store written
+    before migrations existed, the ``schema_version`` its meta table holds (0: empty file)."""
+    found = conn.execute("PRAGMA user_version").fetchone()[0]
+    if conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+    ).fetchone():
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is not None:
+            found = max(found, int(row[0]))
+    return int(found)
+
 
 _VERSION_SELECT = """
 SELECT v.adapter_id, v.version, a.grp, v.status, v.uri, v.doc_count, v.created_at, v.updated_at
@@ -245,20 +341,28 @@ def _job_from_row(row: sqlite3.Row) -> JobRecord:
 
 @dataclass(frozen=True)
 class DeletionRecord:
-    """One document's deletion: how far it got, and the versions it revoked."""
+    """One deletion of one content of a document: how far it got, what it revoked.
+
+    A deletion is keyed by (``doc_id``, ``content_hash``): a replacement with the same id has
+    another content hash, so its own deletion is told apart from the one it replaced. At most
+    one unfinished deletion exists per key; finished (purged) ones stay as history.
+    """
 
     doc_id: str
     state: DeletionState
-    job_id: str
+    job_id: str  # the job carrying it on (a later request re-attaches one whose job ended)
     actor: str
     epoch: int  # the epoch its revocation moved the store to: replicas must reach it
     revoked: list[AdapterRef]
     requested_at: str
     updated_at: str
-    content_hash: str | None  # the deleted version's: a replacement with the same id stays
+    content_hash: str | None  # the deleted content's; None: unknown, every content of the id
+    deletion_id: int = 0
+    shards: tuple[str, ...] | None = None  # the catalog shards that held it (None: unknown)
 
 
 def _deletion_from_row(row: sqlite3.Row) -> DeletionRecord:
+    shards = row["shards"]
     return DeletionRecord(
         row["doc_id"],
         DeletionState(row["state"]),
@@ -269,6 +373,21 @@ def _deletion_from_row(row: sqlite3.Row) -> DeletionRecord:
         row["requested_at"],
         row["updated_at"],
         row["content_hash"],
+        row["deletion_id"],
+        None if shards is None else tuple(json.loads(shards)),
+    )
+
+
+def _as_list(value: str | Iterable[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else sorted(set(value))
+
+
+def _covers(record: DeletionRecord, content_hash: str | None) -> bool:
+    """Whether deleting ``record`` deletes that content (None on either side: any content)."""
+    return (
+        record.content_hash is None or content_hash is None or record.content_hash == content_hash
     )
 
 
@@ -343,17 +462,35 @@ class AdapterRegistry:
         )
         self._conn.row_factory = sqlite3.Row
         self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        with self._read() as conn:  # refuse a newer store before changing anything in it
+            self._check_not_newer(stored_schema_version(conn))
         self._conn.execute("PRAGMA journal_mode = WAL")
         # FULL fsyncs the WAL at every commit: a commit also survives power loss, not only a kill.
         self._conn.execute("PRAGMA synchronous = FULL")
         self._conn.execute("PRAGMA foreign_keys = ON")
-        self._conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
-        found = self._meta(self._conn, "schema_version")
-        if found != SCHEMA_VERSION:
+        self._migrate()
+
+    def _check_not_newer(self, found: int) -> None:
+        if found > SCHEMA_VERSION:
             raise StoreError(
-                f"{self.db_path}: schema version {found}, this code reads {SCHEMA_VERSION}; "
-                "upgrade AdapterSwap or point --home at another directory"
+                f"{self.db_path}: schema version {found}, this code reads {SCHEMA_VERSION} at "
+                "most; upgrade AdapterSwap or point --home at another directory"
             )
+
+    def _migrate(self) -> None:
+        """Bring the store to SCHEMA_VERSION in place: each missing migration in order, all in
+        one transaction with the new ``user_version``, so a crash leaves the old version whole."""
+        with self._write() as conn:
+            found = stored_schema_version(conn)  # again: another process may have migrated
+            self._check_not_newer(found)
+            for number in range(found + 1, SCHEMA_VERSION + 1):
+                for statement in _statements(MIGRATIONS[number - 1]):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number}")
+                # meta keeps the version too: code from before migrations reads it there
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (number,))
+                if found > 0:  # an existing store was upgraded (a new one is just created)
+                    self._audit(conn, "store", "migrate", {"from": number - 1, "to": number})
 
     def close(self) -> None:
         """Close the connection. The object is unusable afterwards."""
@@ -435,11 +572,14 @@ class AdapterRegistry:
         *,
         manifest: dict[str, Any] | None = None,
         actor: str = "system",
+        content_hashes: Mapping[str, str] | None = None,
     ) -> AdapterVersion:
         """Record a new version (the next integer) of shard ``adapter_id``, status training.
 
-        ``doc_ids`` are exactly the documents this version trains on (its lineage).
-        An adapter never changes group: a shard never mixes groups.
+        ``doc_ids`` are exactly the documents this version trains on (its lineage), and
+        ``content_hashes`` the content of each it saw, where known. A lineage document without
+        one matches every deletion of its id (see ``activate``). An adapter never changes
+        group: a shard never mixes groups.
         """
         if not adapter_id:
             raise InvalidArgument("adapter_id: got an empty string; give the shard id")
@@ -464,8 +604,10 @@ class AdapterRegistry:
             manifest_json = None if manifest is None else json.dumps(manifest, sort_keys=True)
             values = (adapter_id, version, "training", uri, len(docs), manifest_json, now, now)
             conn.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)", values)
+            hashes = content_hashes or {}
             conn.executemany(
-                "INSERT INTO lineage VALUES (?, ?, ?)", ((adapter_id, version, d) for d in docs)
+                "INSERT INTO lineage (adapter_id, version, doc_id, content_hash) VALUES (?, ?, ?, ?)",
+                ((adapter_id, version, d, hashes.get(d)) for d in docs),
             )
             details = {"id": adapter_id, "version": version, "group": group, "uri": uri}
             self._audit(conn, actor, "register", details | {"doc_count": len(docs)})
@@ -489,14 +631,17 @@ class AdapterRegistry:
             if current.status != AdapterStatus.TRAINING:  # checked before touching the old one
                 raise _illegal(current.status, AdapterStatus.ACTIVE, current.ref)
             deleting = conn.execute(
-                "SELECT l.doc_id FROM lineage l JOIN deletions d ON d.doc_id = l.doc_id "
-                "WHERE l.adapter_id = ? AND l.version = ? AND d.state = 'deleting' LIMIT 1",
+                "SELECT l.doc_id, d.state, d.job_id FROM lineage l JOIN deletions d "
+                "ON d.doc_id = l.doc_id WHERE l.adapter_id = ? AND l.version = ? "
+                "AND d.state != 'purged' AND (d.content_hash IS NULL OR l.content_hash IS NULL "
+                "OR d.content_hash = l.content_hash) ORDER BY d.deletion_id LIMIT 1",
                 (adapter_id, version),
             ).fetchone()
             if deleting is not None:
                 raise IllegalTransition(
                     f"{adapter_id} v{version} cannot be activated: its lineage holds document "
-                    f"{deleting[0]!r}, which is being deleted; retrain the shard without it"
+                    f"{deleting[0]!r}, whose deletion is unfinished ({deleting[1]}, job "
+                    f"{deleting[2]}); train the shard again once that deletion is done"
                 )
             if manifest is not None:
                 conn.execute(
@@ -589,28 +734,40 @@ class AdapterRegistry:
             rows = conn.execute(sql).fetchall()
         return epoch, [_version_from_row(r) for r in rows]
 
-    def versions_containing(self, doc_id: str) -> list[AdapterVersion]:
-        """Every version (any status) whose lineage includes ``doc_id``."""
+    def versions_containing(
+        self, doc_id: str, content_hash: str | None = None
+    ) -> list[AdapterVersion]:
+        """Every version (any status) whose lineage includes ``doc_id``; with ``content_hash``,
+        only those that saw that content (or whose lineage does not say which content)."""
         with self._read() as conn:
-            return self._versions_containing(conn, doc_id)
+            return self._versions_containing(conn, doc_id, content_hash)
 
     @staticmethod
-    def _versions_containing(conn: sqlite3.Connection, doc_id: str) -> list[AdapterVersion]:
+    def _versions_containing(
+        conn: sqlite3.Connection, doc_id: str, content_hash: str | None = None
+    ) -> list[AdapterVersion]:
         sql = _VERSION_SELECT + (
             " JOIN lineage l ON l.adapter_id = v.adapter_id AND l.version = v.version"
-            " WHERE l.doc_id = ?"
+            " WHERE l.doc_id = ?1 AND (?2 IS NULL OR l.content_hash IS NULL"
+            " OR l.content_hash = ?2)"
         )
-        return [_version_from_row(r) for r in conn.execute(sql + _VERSION_ORDER, (doc_id,))]
+        rows = conn.execute(sql + _VERSION_ORDER, (doc_id, content_hash))
+        return [_version_from_row(r) for r in rows]
 
     def lineage(self, adapter_id: str, version: int) -> list[str]:
         """The sorted doc ids a version was trained on."""
+        return sorted(self.lineage_hashes(adapter_id, version))
+
+    def lineage_hashes(self, adapter_id: str, version: int) -> dict[str, str | None]:
+        """Doc id -> the content hash the version saw (None: not recorded)."""
         with self._read() as conn:
             self._version(conn, adapter_id, version)
             rows = conn.execute(
-                "SELECT doc_id FROM lineage WHERE adapter_id = ? AND version = ? ORDER BY doc_id",
+                "SELECT doc_id, content_hash FROM lineage WHERE adapter_id = ? AND version = ? "
+                "ORDER BY doc_id",
                 (adapter_id, version),
             ).fetchall()
-        return [r[0] for r in rows]
+        return {r[0]: r[1] for r in rows}
 
     def manifest(self, adapter_id: str, version: int) -> dict[str, Any] | None:
         """The manifest given at registration, or None."""
@@ -722,108 +879,225 @@ class AdapterRegistry:
         runner: str,
         *,
         actor: str = "system",
-        content_hashes: dict[str, str] | None = None,
+        content_hashes: Mapping[str, str | Iterable[str]] | None = None,
+        shards: Mapping[str, Iterable[str]] | None = None,
+        job_id: str | None = None,
     ) -> tuple[JobRecord | None, list[DeletionRecord]]:
-        """Start deleting documents, in ONE transaction: revoke, fail, record, epoch, job.
+        """Delete documents, in ONE transaction: revoke, fail, record, epoch, job.
 
-        Every active version whose lineage holds one of ``doc_ids`` is revoked, every training
-        one failed, each document recorded ``deleting`` and the epoch bumped; a ``pending``
-        delete job is created to carry out the rest. A document already being deleted is
-        left as it is (its record is returned). ``content_hashes`` records which version of
-        each document is deleted. Returns (the new job or None, records).
+        For every id, EVERY active version whose lineage holds it is revoked and every
+        training one failed, whatever earlier deletions of the id are still unfinished, and
+        the epoch moves once if anything was revoked. ``content_hashes`` gives the contents
+        the catalog holds for an id (``shards`` where they are): each one without an
+        unfinished deletion gets a new ``deleting`` record; an id given no content gets one
+        for "any content" (None) unless it already has unfinished deletions. A deletion job is
+        created (or ``job_id``, a pending one of the same request, reused) when anything
+        changed, or when an unfinished deletion's job has ended (it was interrupted): the new
+        job carries it on. Returns (that job, or None when the running job carries
+        everything; the records covering the request, by id).
         """
         docs = sorted(set(doc_ids))
+        given = {d: _as_list((content_hashes or {}).get(d)) for d in docs}
         with self._write() as conn:
-            records, fresh = [], []
+            now, todo = _now(), []
             for doc_id in docs:
-                row = conn.execute("SELECT * FROM deletions WHERE doc_id = ?", (doc_id,)).fetchone()
-                if row is not None and row["state"] != DeletionState.PURGED:
-                    records.append(_deletion_from_row(row))
-                else:
-                    fresh.append(doc_id)
-            if not fresh:
-                return None, records
-            job = self._insert_job(conn, "delete", runner, actor)
-            epoch = self._bump_epoch(conn)
-            now = _now()
-            for doc_id in fresh:
-                revoked = []
-                for version in self._versions_containing(conn, doc_id):
-                    if version.status == AdapterStatus.ACTIVE:
-                        self._move(conn, version.adapter_id, version.version, AdapterStatus.REVOKED)
-                        revoked.append(version.ref)
-                        details = {"id": version.adapter_id, "version": version.version}
-                        details |= {"epoch": epoch, "reason": f"delete {doc_id}"}
-                        self._audit(conn, actor, "revoke", details)
-                    elif version.status == AdapterStatus.TRAINING:
-                        self._move(conn, version.adapter_id, version.version, AdapterStatus.FAILED)
-                        details = {"id": version.adapter_id, "version": version.version}
-                        self._audit(conn, actor, "fail", details | {"reason": f"delete {doc_id}"})
-                conn.execute(
-                    "INSERT OR REPLACE INTO deletions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        doc_id,
-                        DeletionState.DELETING.value,
-                        job.job_id,
-                        actor,
-                        epoch,
-                        json.dumps([[r.id, r.version] for r in revoked]),
-                        now,
-                        now,
-                        (content_hashes or {}).get(doc_id),
-                    ),
-                )
+                unfinished = self._unfinished(conn, doc_id)
+                hashes = given[doc_id]
+                fresh = [h for h in hashes if not any(_covers(r, h) for r in unfinished)]
+                if not hashes and not unfinished:
+                    fresh = [None]
+                covering = [
+                    r for r in unfinished if not hashes or any(_covers(r, h) for h in hashes)
+                ]
+                holders = [
+                    v
+                    for v in self._versions_containing(conn, doc_id)
+                    if v.status in (AdapterStatus.ACTIVE, AdapterStatus.TRAINING)
+                ]
+                todo.append((doc_id, fresh, covering, holders))
+            revoking = any(v.status == AdapterStatus.ACTIVE for *_, held in todo for v in held)
+            changed = revoking or any(fresh or held for _, fresh, _, held in todo)
+            orphaned = {
+                r.job_id
+                for _, _, covering, _ in todo
+                for r in covering
+                if self._job(conn, r.job_id).finished
+            }
+            if not changed and not orphaned:
+                for doc_id, _, covering, _ in todo:
+                    details = {"doc_id": doc_id, "job_id": covering[0].job_id, "repeat": True}
+                    self._audit(conn, actor, "delete_requested", details | {"revoked": []})
+                return None, [r for *_, covering, _ in todo for r in covering]
+            job = self._job(conn, job_id) if job_id is not None else None
+            if job is None or job.finished or job.kind != "delete":
+                job = self._insert_job(conn, "delete", runner, actor)
+            epoch = self._bump_epoch(conn) if revoking else int(self._meta(conn, "epoch"))
+            records = []
+            for doc_id, fresh, covering, holders in todo:
+                revoked = self._revoke_holders(conn, holders, epoch, actor, f"delete {doc_id}")
+                ids = [r.deletion_id for r in covering]
+                for content_hash in fresh:
+                    ids.append(
+                        self._insert_deletion(
+                            conn, doc_id, content_hash, job, actor, epoch, revoked, shards, now
+                        )
+                    )
+                refs = [[r.id, r.version] for r in revoked]
+                for record in covering:  # what this request revoked is theirs too
+                    if revoked:
+                        merged = sorted(
+                            {(r.id, r.version) for r in record.revoked} | set(map(tuple, refs))
+                        )
+                        conn.execute(
+                            "UPDATE deletions SET revoked = ?, epoch = ?, updated_at = ? "
+                            "WHERE deletion_id = ?",
+                            (json.dumps(merged), epoch, now, record.deletion_id),
+                        )
+                    if record.job_id in orphaned:  # its job ended unfinished: this one goes on
+                        conn.execute(
+                            "UPDATE deletions SET job_id = ?, updated_at = ? WHERE deletion_id = ?",
+                            (job.job_id, now, record.deletion_id),
+                        )
                 details = {"doc_id": doc_id, "job_id": job.job_id, "epoch": epoch}
                 details |= {"revoked": [f"{r.id}@v{r.version}" for r in revoked]}
+                details |= {"content_hashes": fresh} if fresh else {"repeat": True}
                 self._audit(conn, actor, "delete_requested", details)
-            records += [self._deletion(conn, d) for d in fresh]
-            return job, sorted(records, key=lambda r: r.doc_id)
+                records += [self._deletion_by_id(conn, i) for i in ids]
+            return job, records
+
+    def _revoke_holders(
+        self,
+        conn: sqlite3.Connection,
+        holders: list[AdapterVersion],
+        epoch: int,
+        actor: str,
+        reason: str,
+    ) -> list[AdapterRef]:
+        """Revoke the active versions among ``holders`` and fail the training ones."""
+        revoked = []
+        for version in holders:
+            current = self._version(conn, version.adapter_id, version.version)
+            details = {"id": version.adapter_id, "version": version.version, "reason": reason}
+            if current.status == AdapterStatus.ACTIVE:
+                self._move(conn, version.adapter_id, version.version, AdapterStatus.REVOKED)
+                revoked.append(version.ref)
+                self._audit(conn, actor, "revoke", details | {"epoch": epoch})
+            elif current.status == AdapterStatus.TRAINING:
+                self._move(conn, version.adapter_id, version.version, AdapterStatus.FAILED)
+                self._audit(conn, actor, "fail", details)
+        return revoked
+
+    def _insert_deletion(
+        self,
+        conn: sqlite3.Connection,
+        doc_id: str,
+        content_hash: str | None,
+        job: JobRecord,
+        actor: str,
+        epoch: int,
+        revoked: list[AdapterRef],
+        shards: Mapping[str, Iterable[str]] | None,
+        now: str,
+    ) -> int:
+        held = None if shards is None or doc_id not in shards else sorted(set(shards[doc_id]))
+        cur = conn.execute(
+            "INSERT INTO deletions (doc_id, content_hash, state, job_id, actor, epoch, revoked, "
+            "shards, requested_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                doc_id,
+                content_hash,
+                DeletionState.DELETING.value,
+                job.job_id,
+                actor,
+                epoch,
+                json.dumps([[r.id, r.version] for r in revoked]),
+                None if held is None else json.dumps(held),
+                now,
+                now,
+            ),
+        )
+        return int(cur.lastrowid)
 
     def advance_deletion(
-        self, doc_ids: Iterable[str], state: DeletionState, *, actor: str = "system", **details: Any
+        self,
+        deletions: Iterable[DeletionRecord | int],
+        state: DeletionState,
+        *,
+        actor: str = "system",
+        **details: Any,
     ) -> list[DeletionRecord]:
-        """Move deletions forward to ``state`` (those already there or beyond are left)."""
+        """Move deletions (records or ids) forward to ``state``; those there or beyond stay."""
         state = DeletionState(state)
+        wanted = {d.deletion_id if isinstance(d, DeletionRecord) else int(d) for d in deletions}
         with self._write() as conn:
             moved = []
-            for doc_id in sorted(set(doc_ids)):
-                current = self._deletion(conn, doc_id)
+            for deletion_id in sorted(wanted):
+                current = self._deletion_by_id(conn, deletion_id)
                 if _DELETION_ORDER.index(current.state) >= _DELETION_ORDER.index(state):
                     continue
                 conn.execute(
-                    "UPDATE deletions SET state = ?, updated_at = ? WHERE doc_id = ?",
-                    (state.value, _now(), doc_id),
+                    "UPDATE deletions SET state = ?, updated_at = ? WHERE deletion_id = ?",
+                    (state.value, _now(), deletion_id),
                 )
-                self._audit(conn, actor, f"delete_{state.value}", {"doc_id": doc_id, **details})
-                moved.append(self._deletion(conn, doc_id))
+                keys = {"doc_id": current.doc_id, "content_hash": current.content_hash}
+                self._audit(conn, actor, f"delete_{state.value}", keys | details)
+                moved.append(self._deletion_by_id(conn, deletion_id))
             return moved
 
     def deletion(self, doc_id: str) -> DeletionRecord:
+        """The latest deletion of ``doc_id``; NotFound if it was never deleted."""
         with self._read() as conn:
-            return self._deletion(conn, doc_id)
+            row = conn.execute(
+                "SELECT * FROM deletions WHERE doc_id = ? ORDER BY deletion_id DESC LIMIT 1",
+                (doc_id,),
+            ).fetchone()
+        if row is None:
+            raise NotFound(f"document {doc_id!r} has no deletion")
+        return _deletion_from_row(row)
+
+    def deletions(self, doc_id: str | None = None) -> list[DeletionRecord]:
+        """Every deletion (of ``doc_id``, if given), finished or not, oldest first."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT * FROM deletions WHERE ?1 IS NULL OR doc_id = ?1 ORDER BY deletion_id",
+                (doc_id,),
+            ).fetchall()
+        return [_deletion_from_row(r) for r in rows]
 
     def unfinished_deletions(self) -> list[DeletionRecord]:
         """Deletions not yet purged, oldest first: the work a delete job (re)does."""
         with self._read() as conn:
             rows = conn.execute(
-                "SELECT * FROM deletions WHERE state != 'purged' ORDER BY requested_at, doc_id"
+                "SELECT * FROM deletions WHERE state != 'purged' ORDER BY deletion_id"
             ).fetchall()
         return [_deletion_from_row(r) for r in rows]
 
     @staticmethod
-    def _deletion(conn: sqlite3.Connection, doc_id: str) -> DeletionRecord:
-        row = conn.execute("SELECT * FROM deletions WHERE doc_id = ?", (doc_id,)).fetchone()
+    def _unfinished(conn: sqlite3.Connection, doc_id: str) -> list[DeletionRecord]:
+        rows = conn.execute(
+            "SELECT * FROM deletions WHERE doc_id = ? AND state != 'purged' ORDER BY deletion_id",
+            (doc_id,),
+        ).fetchall()
+        return [_deletion_from_row(r) for r in rows]
+
+    @staticmethod
+    def _deletion_by_id(conn: sqlite3.Connection, deletion_id: int) -> DeletionRecord:
+        row = conn.execute(
+            "SELECT * FROM deletions WHERE deletion_id = ?", (deletion_id,)
+        ).fetchone()
         if row is None:
-            raise NotFound(f"document {doc_id!r} has no deletion")
+            raise NotFound(f"no deletion {deletion_id}")
         return _deletion_from_row(row)
 
     # -- serving replicas' acknowledged epochs ---------------------------------------------
 
     def ack_epoch(self, replica_id: str, epoch: int) -> None:
         """A serving replica has dropped everything revoked up to ``epoch`` (and is alive)."""
-        with self._write() as conn:
+        with self._write() as conn:  # never lowered: a late, older acknowledgement only says alive
             conn.execute(
-                "INSERT OR REPLACE INTO replicas VALUES (?, ?, ?)", (replica_id, epoch, time.time())
+                "INSERT INTO replicas VALUES (?, ?, ?) ON CONFLICT (replica_id) DO UPDATE SET "
+                "epoch = MAX(epoch, excluded.epoch), seen_at = excluded.seen_at",
+                (replica_id, epoch, time.time()),
             )
 
     def forget_replica(self, replica_id: str) -> None:

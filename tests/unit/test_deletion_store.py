@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
@@ -65,26 +66,67 @@ def test_no_version_holding_a_deleting_document_can_be_activated(reg):
     _active(reg, "hr.b1.000", ["d1", "d2"])
     reg.begin_delete(["d1"], "r")
     stale = reg.register_version("hr.b1.000", "hr", "x", ["d1", "d2"]).version  # read too early
-    with pytest.raises(IllegalTransition, match="'d1', which is being deleted"):
+    with pytest.raises(IllegalTransition, match="'d1', whose deletion is unfinished"):
         reg.activate("hr.b1.000", stale)
     assert reg.get_version("hr.b1.000", stale).status == AdapterStatus.TRAINING
     clean = reg.register_version("hr.b1.000", "hr", "x", ["d2"]).version
     assert reg.activate("hr.b1.000", clean).status == AdapterStatus.ACTIVE
 
 
+@pytest.mark.parametrize("state", [DeletionState.REMOVED, DeletionState.RETRAINED])
+def test_activation_stays_blocked_until_the_deletion_is_purged(reg, state):
+    """Stuck at removed (retraining failed) or retrained: still blocked. Only purged frees it."""
+    _active(reg, "hr.b1.000", ["d1", "d2"])
+    _, (record,) = reg.begin_delete(["d1"], "r")
+    reg.advance_deletion([record], state)
+    stale = reg.register_version("hr.b1.001", "hr", "x", ["d1"]).version
+    with pytest.raises(IllegalTransition, match=f"'d1', whose deletion is unfinished \\({state}"):
+        reg.activate("hr.b1.001", stale)
+    reg.advance_deletion([record], DeletionState.PURGED)
+    assert reg.activate("hr.b1.001", stale).status == AdapterStatus.ACTIVE  # re-ingested later
+
+
+def test_activation_is_blocked_content_wise(reg):
+    """A lineage that records content hashes is blocked only by a deletion of that content;
+    one that does not is blocked by any deletion of the id."""
+    reg.begin_delete(["d1"], "r", content_hashes={"d1": "sha256:old"})
+    saw_new = reg.register_version(
+        "hr.b2.000", "hr", "x", ["d1"], content_hashes={"d1": "sha256:new"}
+    )
+    saw_old = reg.register_version(
+        "hr.b1.000", "hr", "x", ["d1"], content_hashes={"d1": "sha256:old"}
+    )
+    unknown = reg.register_version("hr.b3.000", "hr", "x", ["d1"])
+    assert reg.activate("hr.b2.000", saw_new.version).status == AdapterStatus.ACTIVE
+    for version in (saw_old, unknown):
+        with pytest.raises(IllegalTransition, match="whose deletion is unfinished"):
+            reg.activate(version.adapter_id, version.version)
+    assert reg.lineage_hashes("hr.b2.000", 1) == {"d1": "sha256:new"}
+    assert reg.lineage_hashes("hr.b3.000", 1) == {"d1": None}
+    assert [v.adapter_id for v in reg.versions_containing("d1", "sha256:old")] == [
+        "hr.b1.000",
+        "hr.b3.000",
+    ]
+
+
 def test_deletions_only_move_forward_and_each_step_is_audited(reg):
     _active(reg, "hr.b1.000", ["d1"])
-    reg.begin_delete(["d1"], "r")
-    assert [r.state for r in reg.advance_deletion(["d1"], DeletionState.REMOVED)] == ["removed"]
-    assert reg.advance_deletion(["d1"], DeletionState.DELETING) == []  # never backwards
-    assert reg.advance_deletion(["d1"], DeletionState.REMOVED) == []  # idempotent
-    reg.advance_deletion(["d1"], DeletionState.PURGED)
+    _, (record,) = reg.begin_delete(["d1"], "r")
+    assert [r.state for r in reg.advance_deletion([record], DeletionState.REMOVED)] == ["removed"]
+    assert reg.advance_deletion([record], DeletionState.DELETING) == []  # never backwards
+    assert reg.advance_deletion([record.deletion_id], DeletionState.REMOVED) == []  # idempotent
+    reg.advance_deletion([record], DeletionState.PURGED)
     assert reg.unfinished_deletions() == []
     assert reg.deletion("d1").state == DeletionState.PURGED
     actions = [e.action for e in reg.audit_log()]
     assert actions[-2:] == ["delete_removed", "delete_purged"]
     with pytest.raises(NotFound):
         reg.deletion("never")
+    with (
+        sqlite3.connect(reg.db_path) as conn,
+        pytest.raises(sqlite3.IntegrityError, match="only moves forward"),
+    ):
+        conn.execute("UPDATE deletions SET state = 'deleting'")  # the store refuses it too
 
 
 def test_replicas_behind_counts_only_live_replicas_below_the_epoch(reg):

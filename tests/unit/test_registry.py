@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -13,14 +14,17 @@ import pytest
 
 from adapterswap.errors import IllegalTransition, InvalidArgument, NotFound, StoreError
 from adapterswap.registry import (
+    SCHEMA_VERSION,
     AdapterRef,
     AdapterRegistry,
     AdapterStatus,
     AdapterVersion,
+    DeletionState,
     JobState,
 )
 
 REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "tests" / "data"
 HR = "hr.b0001.000"
 TRAINING, ACTIVE, REVOKED, FAILED, PURGED = (
     AdapterStatus.TRAINING,
@@ -440,8 +444,88 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     AdapterRegistry(tmp_path / "store.sqlite").close()
     with sqlite3.connect(tmp_path / "store.sqlite") as conn:
         conn.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'")
-    with pytest.raises(StoreError, match="schema version 99, this code reads 1"):
+    with pytest.raises(StoreError, match=f"schema version 99, this code reads {SCHEMA_VERSION} "):
         AdapterRegistry(tmp_path / "store.sqlite")
+
+
+def test_a_store_from_newer_code_is_refused_before_anything_changes(tmp_path: Path) -> None:
+    db = tmp_path / "store.sqlite"
+    AdapterRegistry(db).close()
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        conn.execute("PRAGMA journal_mode = DELETE")
+    before = db.read_bytes()
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, this code reads"):
+        AdapterRegistry(db)
+    assert db.read_bytes() == before  # not even switched to WAL
+
+
+def _schema(db: Path) -> set[tuple[str, str, str]]:
+    with sqlite3.connect(db) as conn:
+        return set(
+            conn.execute("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")
+        )
+
+
+def test_a_store_written_by_schema_1_code_upgrades_in_place(tmp_path: Path) -> None:
+    """tests/data/store_v1.sqlite was written by the code of 25591f0 (schema 1):
+
+    python tests/data/make_store_v1.py 25591f0 tests/data/store_v1.sqlite
+    """
+    db = tmp_path / "store.sqlite"
+    shutil.copyfile(DATA / "store_v1.sqlite", db)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (0,)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+            1,
+        )
+        audit_rows = conn.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
+    reg = AdapterRegistry(db)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+            SCHEMA_VERSION,
+        )
+        assert [r[1:3] for r in conn.execute("PRAGMA table_info(leases)")] == [
+            ("name", "TEXT"),
+            ("owner", "TEXT"),
+            ("expires_at", "REAL"),
+        ]
+    # everything written by the old code is there, and reads the same
+    assert [(v.adapter_id, v.version, v.status) for v in reg.list_versions()] == [
+        ("hr.b0001.000", 1, REVOKED),
+        ("hr.b0001.001", 1, TRAINING),
+        ("hr.b0001.002", 1, PURGED),
+        ("ops.b0001.000", 1, REVOKED),
+    ]
+    assert reg.lineage_hashes("hr.b0001.000", 1) == {"hr-1": None, "hr-2": None}
+    assert [k.user for k in reg.list_keys()] == ["alice"]
+    assert [(d.doc_id, d.state, d.content_hash, d.shards) for d in reg.deletions()] == [
+        ("hr-1", "deleting", "sha256:hr-1", None),
+        ("o1", "removed", "sha256:o1", None),
+        ("gone", "purged", "sha256:gone", None),
+    ]
+    assert reg.deletion("hr-1").revoked == [AdapterRef("hr.b0001.000", 1)]
+    assert reg.live_replicas(10**9)[0][:2] == ("replica-a", 2)
+    log = reg.audit_log()
+    assert len(log) == audit_rows + 1 and (log[-1].action, log[-1].details) == (
+        "migrate",
+        {"from": 1, "to": 2},
+    )
+    # and behaves by the new rules: the unfinished deletions still block, history is kept
+    stale = reg.register_version("hr.b0001.000", "hr", "x", ["hr-1"]).version
+    with pytest.raises(IllegalTransition, match="'hr-1', whose deletion is unfinished"):
+        reg.activate("hr.b0001.000", stale)
+    reg.advance_deletion(reg.deletions("hr-1"), DeletionState.PURGED)
+    job, _ = reg.begin_delete(["hr-1"], "test", content_hashes={"hr-1": "sha256:hr-1"})
+    assert job is not None and [d.state for d in reg.deletions("hr-1")] == ["purged", "deleting"]
+    reg.close()
+    again = AdapterRegistry(db)  # opening again migrates nothing
+    assert [e.action for e in again.audit_log()].count("migrate") == 1
+    again.close()
+    fresh = tmp_path / "fresh.sqlite"
+    AdapterRegistry(fresh).close()
+    assert _schema(db) == _schema(fresh)  # the upgraded store is exactly a new one
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess[str]:
