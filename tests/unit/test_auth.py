@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import pytest
 
 from adapterswap.auth import Authenticator, effective_groups, require_admin
-from adapterswap.errors import Forbidden, InvalidArgument, Unauthorized
+from adapterswap.errors import Forbidden, InvalidArgument, StoreUnavailable, Unauthorized
 from adapterswap.registry import AdapterRegistry
 
 
@@ -55,7 +58,7 @@ def test_revocation_takes_effect_within_the_ttl(store):
         auth.authenticate(f"Bearer {key}")
 
 
-def test_new_keys_work_at_once_no_negative_cache(store):
+def test_new_keys_work_at_once(store):
     auth = Authenticator(store.lookup_key, ttl_s=60)
     with pytest.raises(Unauthorized):
         auth.authenticate("Bearer as_0123456789abcdef_" + "0" * 64)
@@ -79,3 +82,111 @@ def test_admin_required(store):
         require_admin(store.lookup_key(key))
     admin_key, _ = store.create_key("root", ["hr"], admin=True)
     require_admin(store.lookup_key(admin_key))
+
+
+class CountingLookup:
+    """The store's lookup, counted."""
+
+    def __init__(self, store) -> None:
+        self.store, self.calls = store, 0
+
+    def __call__(self, key):
+        self.calls += 1
+        return self.store.lookup_key(key)
+
+
+WELL_FORMED_UNKNOWN = "as_0123456789abcdef_" + "a" * 64
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "nonsense",
+        "as_0000_1111",
+        "as_0123456789ABCDEF_" + "a" * 64,  # upper-case hex is not a key
+        "as_0123456789abcdef_" + "a" * 63,
+        "as_0123456789abcdef_" + "a" * 64 + "0",
+        "as_٠١٢٣٤٥٦٧٨٩abcdef_" + "a" * 64,  # Unicode digits are not hex digits
+        "x" * 100_000,
+    ],
+)
+def test_a_malformed_key_never_reaches_the_store(store, key):
+    lookup = CountingLookup(store)
+    with pytest.raises(Unauthorized, match="malformed API key"):
+        Authenticator(lookup, ttl_s=5).authenticate(f"Bearer {key}")
+    assert lookup.calls == 0
+
+
+def test_an_unknown_key_is_refused_from_the_cache_for_the_negative_ttl_only(store):
+    lookup, clock = CountingLookup(store), Clock()
+    auth = Authenticator(lookup, ttl_s=60, clock=clock, negative_ttl_s=1.0)
+    for _ in range(5):
+        with pytest.raises(Unauthorized, match="invalid or revoked"):
+            auth.authenticate(f"Bearer {WELL_FORMED_UNKNOWN}")
+    assert lookup.calls == 1
+    clock.now = 1.01  # past the negative TTL: the store is asked again
+    with pytest.raises(Unauthorized):
+        auth.authenticate(f"Bearer {WELL_FORMED_UNKNOWN}")
+    assert lookup.calls == 2
+
+
+def test_a_revoked_key_is_cached_negatively_and_a_new_key_works_at_once(store):
+    key, record = store.create_key("fay", ["hr"])
+    clock = Clock()
+    auth = Authenticator(store.lookup_key, ttl_s=0, clock=clock, negative_ttl_s=1.0)
+    auth.authenticate(f"Bearer {key}")
+    store.revoke_key(record.key_id)
+    clock.now = 0.1
+    with pytest.raises(Unauthorized):
+        auth.authenticate(f"Bearer {key}")
+    fresh, _ = store.create_key("fay", ["hr"])  # never presented before: not in the cache
+    assert auth.authenticate(f"Bearer {fresh}").user == "fay"
+
+
+def test_the_negative_cache_is_bounded(store):
+    lookup = CountingLookup(store)
+    auth = Authenticator(lookup, ttl_s=5, negative_ttl_s=60, negative_cache_size=8)
+    keys = [f"as_{i:016x}_{'b' * 64}" for i in range(100)]
+    for key in keys:
+        with pytest.raises(Unauthorized):
+            auth.authenticate(f"Bearer {key}")
+    assert auth.refused_cached == 8 and lookup.calls == 100
+    with pytest.raises(Unauthorized):  # the most recent are the ones kept
+        auth.authenticate(f"Bearer {keys[-1]}")
+    assert lookup.calls == 100
+
+
+def test_a_store_failure_caches_nothing(store):
+    calls = []
+
+    def failing(key):
+        calls.append(key)
+        raise StoreUnavailable("the adapter store did not answer in time")
+
+    auth = Authenticator(failing, ttl_s=5)
+    for _ in range(2):
+        with pytest.raises(StoreUnavailable):
+            auth.authenticate(f"Bearer {WELL_FORMED_UNKNOWN}")
+    assert len(calls) == 2 and auth.refused_cached == 0
+
+
+def test_the_async_path_answers_hits_inline_and_looks_up_misses_on_its_own_threads(store):
+    key, _ = store.create_key("gus", ["ops"])
+    threads = []
+
+    def lookup(k):
+        threads.append(threading.current_thread().name)
+        return store.lookup_key(k)
+
+    auth = Authenticator(lookup, ttl_s=5)
+
+    async def run():
+        first = await auth.authenticate_async(f"Bearer {key}")
+        again = await auth.authenticate_async(f"Bearer {key}")
+        with pytest.raises(Unauthorized, match="malformed"):
+            await auth.authenticate_async("Bearer as_bad")
+        return first, again
+
+    first, again = asyncio.run(run())
+    assert first == again and first.user == "gus"
+    assert len(threads) == 1 and threads[0].startswith("key-lookup")

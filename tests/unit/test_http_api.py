@@ -503,3 +503,20 @@ def test_a_seed_outside_int64_is_a_400_naming_it(world):
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "seed": -(2**63) - 1}
     answer = post(client, keys["hr"], "/v1/chat/completions", body)
     assert answer.status_code == 400 and "seed" in answer.json()["error"]["message"]
+
+
+def test_the_contract_documents_the_weight_bound_and_the_503_retry(world):
+    """/openapi.json says what a weight may be; a 503 says when to come back."""
+    client, keys, _, _ = world
+    schema = client.get("/openapi.json").json()
+    weight = schema["components"]["schemas"]["AdapterWeight"]["properties"]["weight"]
+    assert "at most 100" in weight["description"]
+    body = {"prompt": "hi", "adapters": [{"id": "hr.b0001.000", "weight": 1e300}]}
+    answer = post(client, keys["hr"], "/v1/completions", body)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "adapters.0.weight"
+    too_big = client.post(
+        "/v1/completions",
+        headers={"Authorization": f"Bearer {keys['hr']}", "Content-Length": "999999999"},
+        content=b"{}",
+    )
+    assert too_big.status_code == 413 and "max_body_bytes" in too_big.json()["error"]["message"]

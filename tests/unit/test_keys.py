@@ -31,6 +31,12 @@ def test_generated_keys_differ() -> None:
         "as_0123456789ABCDEF_" + "a" * 64,
         " as_0123456789abcdef_" + "a" * 64,
         "Bearer as_0123456789abcdef_" + "a" * 64,
+        # The ingress refuses whatever this rejects without asking the store, so it must
+        # reject every lookalike: a trailing newline, Unicode digits, a lone surrogate.
+        "as_0123456789abcdef_" + "a" * 64 + "\n",
+        "as_٠١٢٣٤٥٦٧٨٩abcdef_" + "a" * 64,
+        "as_0123456789abcdef_" + "a" * 63 + "\ud800",
+        "as_" + "0" * 10_000,
         None,
         12,
     ],
