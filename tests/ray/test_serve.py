@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import re
 import time
 import urllib.request
+from pathlib import Path
 
+import httpx2 as httpx
 import openai
 import pytest
 import ray
+import torch
 from ray import serve
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from support import free_port, publish_random_adapter
 
+from actors.adapter_store import get_store
+from adapterswap.artifacts import ADAPTER_WEIGHTS, version_location
 from adapterswap.config import load_config
 from adapterswap.embedding import load_embedder
+from adapterswap.errors import NotFound, StoreUnavailable
 from adapterswap.registry import AdapterRegistry
-from adapterswap.serve_app import build_app
+from adapterswap.serve_app import StoreProxy, _read, build_app
 
 METRICS_URL: list[str] = []  # Ray's Prometheus endpoint of the module's cluster
+LEGAL_KEY: list[str] = []  # a key of group "legal", whose only adapter is corrupt on disk
 OVERRIDES = [
     "model.spec=tiny-random",
     "lora.rank=4",
@@ -45,6 +56,16 @@ def served(tmp_path_factory):
         ["Invoices are paid in 37 days."],
         2,
     )
+    legal = publish_random_adapter(
+        config, registry, embed, "legal.b0001.000", "legal", ["Contracts last 7 years."], 3
+    )
+    weights = Path(
+        version_location(config.storage, legal.id, legal.version).child(ADAPTER_WEIGHTS).path
+    )
+    state = load_safetensors(weights.read_bytes())
+    state = {name: torch.full_like(t, float("nan")) for name, t in state.items()}
+    weights.write_bytes(save_safetensors(state))  # well-formed, but fails the bank's checks
+    LEGAL_KEY.append(registry.create_key("lee", ["legal"])[0])
     key = registry.create_key("hana", ["hr"])[0]
     port = free_port()
     metrics_port = free_port()
@@ -198,3 +219,73 @@ def test_adapterswap_metrics_reach_prometheus(served):
             break
         assert time.monotonic() < deadline, [name for name in wanted if name not in text]
         time.sleep(1)
+
+
+REQUEST_ID = re.compile(r"^internal error \(request id req-[0-9a-f]{16}\)$")
+
+
+def test_a_failing_request_fails_alone_and_shows_nothing_of_the_server(served):
+    """Batch mates of a corrupt adapter, an unbounded weight and a lone surrogate are served;
+    the failures say nothing of the replica (no RayTaskError text: traceback, pid, address)."""
+    hr = {"Authorization": f"Bearer {served.api_key}", "Content-Type": "application/json"}
+    legal = {**hr, "Authorization": f"Bearer {LEGAL_KEY[-1]}"}
+    corrupt = {"prompt": "Contracts?", "max_tokens": 3, "adapters": [{"id": "legal.b0001.000"}]}
+    calls = [(hr, {"prompt": f"Leave {i}", "max_tokens": 3, "temperature": 0}) for i in range(4)]
+    calls += [
+        (legal, corrupt),
+        (hr, {"prompt": "x", "adapters": [{"id": "hr.b0001.000", "weight": 1e300}]}),
+        (hr, {"prompt": "hi \ud800", "max_tokens": 3}),
+    ]
+    with (
+        httpx.Client(base_url=str(served.base_url), timeout=120) as client,
+        concurrent.futures.ThreadPoolExecutor(len(calls)) as pool,
+    ):
+        answers = list(
+            pool.map(
+                lambda c: client.post("completions", headers=c[0], content=json.dumps(c[1])), calls
+            )
+        )
+    assert [a.status_code for a in answers] == [200] * 4 + [500, 400, 400], [
+        a.text for a in answers
+    ]
+    assert REQUEST_ID.match(answers[4].json()["error"]["message"])
+    assert answers[5].json()["error"]["param"] == "adapters.0.weight"
+    assert answers[6].json()["error"]["param"] == "prompt"
+    for answer in answers:
+        for secret in ("Traceback", "pid=", "ip=", "actor", "RayTaskError", "legal.b0001", "/"):
+            assert secret not in answer.json().get("error", {}).get("message", ""), answer.text
+
+
+def test_store_errors_arrive_unwrapped(served):
+    with pytest.raises(NotFound) as info:
+        StoreProxy(get_store("adapterswap")).get_job("train-000000000000")
+    assert type(info.value) is NotFound and "Traceback" not in str(info.value)
+
+
+def test_store_calls_have_deadlines_and_writes_are_sent_once(served):
+    @ray.remote(num_cpus=0)
+    class SlowStore:
+        def __init__(self) -> None:
+            self.writes = 0
+
+        def epoch(self) -> int:
+            time.sleep(2)
+            return 1
+
+        def begin_delete(self, doc_id: str) -> None:
+            self.writes += 1
+            time.sleep(2)
+
+        def written(self) -> int:
+            return self.writes
+
+    slow = SlowStore.remote()
+    ray.get(slow.written.remote(), timeout=60)  # started
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="did not answer within serve.store_timeout_s=0.5"):
+        _read(slow, "epoch", timeout_s=0.5)
+    with pytest.raises(StoreUnavailable, match="may or may not have been made"):
+        StoreProxy(slow, timeout_s=0.5).begin_delete("doc-1")
+    assert time.monotonic() - started < 1.9  # neither waited for the slow store
+    assert ray.get(slow.written.remote(), timeout=60) == 1  # the write was not sent again
+    ray.kill(slow)
