@@ -95,7 +95,7 @@ class MixturePlan:
 
     slots: torch.Tensor  # (U,) long: the distinct slots the batch uses
     rank: int  # r: the largest rank among them; lanes beyond a slot's rank are zero
-    weights: torch.Tensor  # (B, U) float32 w[b,u]; (1, U) when every row is the same
+    weights: torch.Tensor  # (B, U) w[b,u] in the scale's dtype; (1, U) when every row is the same
     uniform: bool  # every row has the same mixture: weights are folded into B_u
     lane_weights: torch.Tensor | None  # (B, 1, U·r) w[b,u] per lane, layer dtype; None if uniform
     index: torch.Tensor | None  # (B, K) long into `slots`: row b's K adapters (padding: w=0)
@@ -124,10 +124,11 @@ class LoraMixtureLinear(nn.Module):
         device, dtype = base.weight.device, base.weight.dtype
         # Buffers, not parameters (nothing here trains), and not persistent: a model's state
         # dict never carries adapter weights, which live in the store as safetensors.
+        # Scales (and mixture weights) are fp32, or fp64 in an fp64 model, so fp64 stays exact.
         for name, shape, kind in (
             ("lora_A", (slots, r_max, self.in_features), dtype),
             ("lora_B", (slots, self.out_features, r_max), dtype),
-            ("scale", (slots,), torch.float32),
+            ("scale", (slots,), torch.promote_types(dtype, torch.float32)),
         ):
             self.register_buffer(name, torch.zeros(shape, device=device, dtype=kind), False)
         self._mix: _LayerMixture | None = None
@@ -150,10 +151,10 @@ class LoraMixtureLinear(nn.Module):
         """Precompute this batch's ``A_u`` and ``B_u`` (once per batch, not per step)."""
         r, dtype = plan.rank, self.lora_B.dtype
         a = self.lora_A[plan.slots, :r].reshape(-1, self.in_features)  # A_u (U·r, d_in)
-        factor = self.scale[plan.slots]  # s_u (U,), fp32 so bf16 folding rounds once
+        factor = self.scale[plan.slots]  # s_u (U,), >= fp32 so bf16 folding rounds once
         if plan.uniform:
             factor = factor * plan.weights[0]  # w_u · s_u
-        b = self.lora_B[plan.slots, :, :r].float() * factor[:, None, None]  # (U, d_out, r)
+        b = self.lora_B[plan.slots, :, :r].to(factor.dtype) * factor[:, None, None]  # (U,d_out,r)
         b = b.to(dtype).permute(1, 0, 2).reshape(self.out_features, -1)  # B_u (d_out, U·r)
         rows = None if plan.uniform else plan.weights.shape[0]
         self._mix = _LayerMixture(a.t(), b.t(), plan, rows)
@@ -662,7 +663,8 @@ class AdapterBank:
             return None
         unique = sorted({s for row in slot_rows for s in row})
         column = {s: j for j, s in enumerate(unique)}
-        weights = torch.zeros(len(slot_rows), len(unique))
+        scale_dtype = next(iter(self.layers.values())).scale.dtype  # w like s: fp32 or fp64
+        weights = torch.zeros(len(slot_rows), len(unique), dtype=scale_dtype)
         for b, row in enumerate(slot_rows):
             for slot, w in row.items():
                 weights[b, column[slot]] = w
@@ -674,7 +676,7 @@ class AdapterBank:
             return MixturePlan(slots, rank, weights[:1].to(device), True, None, None, None)
         k = max(len(row) for row in slot_rows)
         index = torch.zeros(len(slot_rows), k, dtype=torch.long)
-        index_weights = torch.zeros(len(slot_rows), k)
+        index_weights = torch.zeros(len(slot_rows), k, dtype=weights.dtype)
         for b, row in enumerate(slot_rows):
             for j, (slot, w) in enumerate(row.items()):
                 index[b, j], index_weights[b, j] = column[slot], w

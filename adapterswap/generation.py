@@ -225,12 +225,18 @@ def _sample_and_advance(
     return step
 
 
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in fp32 for log-probabilities (bf16 is too coarse), or in fp64 as they are:
+    an fp64 model keeps its precision, so exactness tests run in fp64."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def _record_logprobs(logits: torch.Tensor, rows: list[_Row], tokens: list[int]) -> None:
     """For rows that asked: log p(token) = z[token] − logsumexp z, and the top-k.  logits: (L,V)"""
     wanted = [b for b, row in enumerate(rows) if row.params.logprobs is not None]
     if not wanted:
         return
-    z = logits[wanted].float()  # (W,V)
+    z = _at_least_fp32(logits[wanted])  # (W,V)
     logp = z - torch.logsumexp(z, dim=-1, keepdim=True)  # (W,V)
     chosen = logp.gather(-1, torch.tensor([tokens[b] for b in wanted])[:, None]).squeeze(-1)
     k = max(rows[b].params.logprobs or 0 for b in wanted)
@@ -460,7 +466,7 @@ def _score_group(
         ids[b, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
         mask[b, : len(prompt)] = 1
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B,T,V)
-    logits = logits[:, :-1].float()  # (B,T-1,V): position t-1 predicts token t
+    logits = _at_least_fp32(logits[:, :-1])  # (B,T-1,V): position t-1 predicts token t
     lse = torch.logsumexp(logits, dim=-1)  # (B,T-1)
     lp = logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - lse  # (B,T-1)
     top = None

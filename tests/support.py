@@ -1,5 +1,5 @@
-"""Helpers shared by tests: a free port, real adapter versions without training, recorded jobs,
-and the whole HTTP app served in one process."""
+"""Helpers shared by tests: a free port, a float64 model for exactness tests, real adapter
+versions without training, recorded jobs, and the whole HTTP app served in one process."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import socket
 
 import torch
 from peft import LoraConfig, get_peft_model
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from adapterswap.active_set import ActiveSet
 from adapterswap.artifacts import version_location, write_adapter_version
@@ -27,6 +28,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class _Float64RMSNorm(LlamaRMSNorm):
+    """LlamaRMSNorm in its input's dtype. transformers' own rounds every norm through float32,
+    so two float64 paths 1e-16 apart could land one float32 step (~1e-7) apart."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def exact_float64(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (a Llama, e.g. tiny-random) in float64 end to end, in place, for exactness
+    tests: two float64 computations of one value that add in different orders then agree to
+    ~1e-15, on any processor. Works after an AdapterBank was injected (its buffers follow)."""
+    model.to(torch.float64)
+    for module in model.modules():
+        if type(module) is LlamaRMSNorm:
+            module.__class__ = _Float64RMSNorm
+    return model
 
 
 def publish_random_adapter(

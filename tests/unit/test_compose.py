@@ -4,11 +4,18 @@ Every equality test is preceded by a check that the adapters change the output, 
 fresh LoRA (B = 0) would make any equality pass. References are independent of the code
 under test: peft's own PeftModel, and a copy of the base model whose Linear weights were
 merged by hand as ``W + Σ w s B A``.
+
+Exactness is checked in float64 end to end (``support.exact_float64``): the tiny model, its
+adapters and the references, so "equal" means equal to EXACT whatever order a processor's
+kernels add in. In float32 the bank's zero-padded rank lanes and peft add the same products
+in different orders: on an AMD EPYC machine one element in 1,792 came out 1.35e-5 apart,
+above ``assert_close``'s float32 default, while another processor passed.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,6 +24,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
+from support import exact_float64
 
 from adapterswap import compose
 from adapterswap.base_model import LoadedModel, load_base_model
@@ -41,7 +49,15 @@ SPECS = {
 }
 SPECS[B]["use_rslora"] = True
 R_MAX = 8
-BIG = 1 << 20  # 16 slots of the tiny model at r_max=8
+BIG = 1 << 20  # 8 slots of the float64 tiny model at r_max=8
+# Both sides are float64 computations of one value that add the same products in different
+# orders. A sum of n products, in any order, is within n·u·Σ|products| of the exact sum
+# (u = 2^-53 ≈ 1.1e-16). The widest sums here have n ≤ 128 terms (down_proj's input), so an
+# operation's result moves by at most ~1.4e-14 of the size of its terms; through two layers
+# and the final norm, whose outputs are below 10, that stays under 1e-12 (measured: ≤ 2e-14).
+# A real error (a wrong scale or weight, another adapter's lane) moves the outputs by more
+# than 1e-2 (differs()); float32 rounding alone moved one by 1.35e-5.
+EXACT = {"rtol": 0.0, "atol": 1e-12}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,7 +72,9 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return load_base_model(ModelSettings(spec="tiny-random"), tmp_path_factory.mktemp("models"))
+    """tiny-random in float64 end to end (see EXACT); adapters saved from it are float64 too."""
+    loaded = load_base_model(ModelSettings(spec="tiny-random"), tmp_path_factory.mktemp("models"))
+    return dataclasses.replace(loaded, model=exact_float64(loaded.model), dtype=torch.float64)
 
 
 def _save_adapter(base: torch.nn.Module, out: Path, seed: int, **spec) -> Path:
@@ -141,7 +159,7 @@ def test_one_adapter_matches_peft(tiny, dirs, ids, ref):
     expected = hidden(peft_model, ids)
     assert differs(expected, hidden(tiny.model, ids))
     got = bank_hidden(loaded_bank(tiny, dirs), [[(ref, 1.0)]] * len(ids), ids)
-    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got, expected, **EXACT)
 
 
 def test_rank_and_alpha_patterns_match_peft(tiny, ids, tmp_path):
@@ -151,7 +169,7 @@ def test_rank_and_alpha_patterns_match_peft(tiny, ids, tmp_path):
     expected = hidden(PeftModel.from_pretrained(copy.deepcopy(tiny.model), path), ids)
     bank = make_bank(tiny)
     bank.load(A, *load_adapter_dir(path))
-    torch.testing.assert_close(bank_hidden(bank, [[(A, 1.0)]] * len(ids), ids), expected)
+    torch.testing.assert_close(bank_hidden(bank, [[(A, 1.0)]] * len(ids), ids), expected, **EXACT)
 
 
 @pytest.mark.parametrize(
@@ -161,7 +179,7 @@ def test_mixture_matches_hand_merged(tiny, dirs, ids, mix):
     expected = hidden(hand_merged(tiny.model, dirs, mix), ids)
     assert differs(expected, hidden(tiny.model, ids))
     got = bank_hidden(loaded_bank(tiny, dirs), [mix] * len(ids), ids)
-    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got, expected, **EXACT)
 
 
 M1, M2, M3 = [(A, 0.6), (B, 0.4)], [(B, 1.0)], [(A, 0.2), (B, 0.3), (C, 0.5)]
@@ -186,9 +204,9 @@ def test_mixed_batch_rows_match_each_row_alone(tiny, dirs, ids, monkeypatch, lay
     got = bank_hidden(bank, rows, ids)
     base = hidden(tiny.model, ids)
     for b, row in enumerate(rows):
-        torch.testing.assert_close(got[b], alone[b])
+        torch.testing.assert_close(got[b], alone[b], **EXACT)
         merged = hidden(hand_merged(tiny.model, dirs, row), ids[b : b + 1])[0]
-        torch.testing.assert_close(got[b], merged)
+        torch.testing.assert_close(got[b], merged, **EXACT)
         if row:
             assert differs(got[b], base[b])
         else:
@@ -236,7 +254,7 @@ def test_peft_key_variant_with_adapter_name_loads(tiny, dirs, ids):
     bank = make_bank(tiny)
     bank.load(A, renamed, config)
     expected = hidden(hand_merged(tiny.model, dirs, [(A, 1.0)]), ids)
-    torch.testing.assert_close(bank_hidden(bank, [[(A, 1.0)]] * len(ids), ids), expected)
+    torch.testing.assert_close(bank_hidden(bank, [[(A, 1.0)]] * len(ids), ids), expected, **EXACT)
 
 
 # --------------------------------------------------------------------------- the LRU
@@ -313,7 +331,8 @@ def test_evicting_an_in_flight_adapter_zeroes_it_now_and_frees_it_after(tiny, di
     with torch.no_grad(), bank.mixture([[(A, 1.0)]]):
         before = hidden(bank.model, ids[:1])
         assert bank.evict(A) and slot_is_zero(bank, slot)
-        torch.testing.assert_close(hidden(bank.model, ids[:1]), before)  # admitted: finishes
+        admitted = hidden(bank.model, ids[:1])  # admitted before the eviction: it finishes
+        torch.testing.assert_close(admitted, before, **EXACT)
     bank.load(B, *load_adapter_dir(dirs[B]))
     bank.load(C, *load_adapter_dir(dirs[C]))
     assert bank.evictions == 0  # A's slot came back free
@@ -388,7 +407,9 @@ def test_bad_mixture_weights_are_refused(tiny, dirs, weight):
 
 
 def test_overflowing_weight_is_refused(tiny, dirs):
-    bank = loaded_bank(tiny, dirs)
+    bank = AdapterBank(copy.deepcopy(tiny.model).float(), ALL, R_MAX, BIG)  # float32 serving
+    for ref, path in dirs.items():
+        bank.load(ref, *load_adapter_dir(path))
     with pytest.raises(InvalidMixture, match="mixture row 1: weight 1e\\+39 .* overflow"):
         bank.mixture([[(A, 1.0)], [(B, 1e39)]]).__enter__()
     assert not bank._pinned

@@ -1,7 +1,9 @@
 """The batched decode loop and prompt scoring, each checked against a simple reference.
 
-Fast tests run the tiny-random Llama (real SmolLM2 tokenizer); one slow test runs the
-embedded SmolLM2-135M-Instruct.
+Fast tests run the tiny-random Llama (real SmolLM2 tokenizer) in float64 end to end
+(``support.exact_float64``), so batched and one-at-a-time runs, and the library against its
+references, agree to LOGP whatever order a processor adds in; one slow test runs the embedded
+SmolLM2-135M-Instruct.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from support import exact_float64
 
 from adapterswap import generation
 from adapterswap.base_model import load_base_model
@@ -25,6 +28,13 @@ from adapterswap.generation import (
 )
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+# Log-probabilities computed two ways in float64 (a batched forward against a direct
+# log-softmax, a KV-cached decode step against a full forward). Their logsumexp adds
+# V = 49,152 terms exp(z - max) ≤ 1; any order of that sum is within V·u·Σ of the exact one
+# (u = 2^-53), so the log moves by at most V·u ≈ 5.5e-12, and the logits themselves, sums of
+# 64 products, by ~1e-14. 1e-10 sits above that worst case and far below a real error (a
+# wrong position or token is off by > 1e-3); float32 would be off by ~1e-6.
+LOGP = {"rtol": 0.0, "atol": 1e-10}
 TEXTS = [
     "Hello",
     "The capital of France is a city that",
@@ -36,7 +46,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     loaded = load_base_model(ModelSettings(spec="tiny-random"), tmp_path_factory.mktemp("models"))
-    return loaded.model, loaded.tokenizer
+    return exact_float64(loaded.model), loaded.tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -280,17 +290,18 @@ def test_score_prompt_matches_a_direct_log_softmax(tiny):
     ids = tok("Hello world, héllo 世界 🙂 done").input_ids
     scores = score_prompt(model, tok, ids, top_logprobs=3)
     with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0], dim=-1)  # float64
     expected = logp[:-1].gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
     assert scores.token_logprobs[0] is None
-    torch.testing.assert_close(torch.tensor(scores.token_logprobs[1:]), expected)
+    got = torch.tensor(scores.token_logprobs[1:], dtype=torch.float64)
+    torch.testing.assert_close(got, expected, **LOGP)
     assert scores.top_logprobs[0] is None
     for t, top in enumerate(scores.top_logprobs[1:]):
         best3 = logp[t].topk(3).values.tolist()
         assert 1 <= len(top) <= 3  # ids that decode to the same text share one entry
-        assert max(top.values()) == pytest.approx(best3[0], abs=1e-5)
+        assert max(top.values()) == pytest.approx(best3[0], abs=LOGP["atol"])
         for value in top.values():  # every entry is one of the three most likely tokens
-            assert any(value == pytest.approx(b, abs=1e-5) for b in best3)
+            assert any(value == pytest.approx(b, abs=LOGP["atol"]) for b in best3)
 
 
 def test_score_prompt_tokens_and_offsets_follow_the_text(tiny):
@@ -318,7 +329,7 @@ def test_score_prompts_batched_equals_one_at_a_time(tiny, prompts, monkeypatch):
     for prompt, scores in zip(prompts, batched, strict=True):
         alone = score_prompt(model, tok, prompt, top_logprobs=2)
         assert scores.tokens == alone.tokens and scores.text_offset == alone.text_offset
-        torch.testing.assert_close(scores.token_logprobs[1:], alone.token_logprobs[1:])
+        torch.testing.assert_close(scores.token_logprobs[1:], alone.token_logprobs[1:], **LOGP)
     assert score_prompt(model, tok, prompts[0][:1]).token_logprobs == [None]
 
 
@@ -359,16 +370,17 @@ def test_output_logprobs_match_a_direct_log_softmax_in_a_sampled_batch(tiny, pro
     for request, result in zip(requests[:2], results[:2], strict=True):
         ids = request.prompt_ids + result.token_ids
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+            logits = model(input_ids=torch.tensor([ids])).logits[0]  # float64
         logp = torch.log_softmax(logits, -1)[len(request.prompt_ids) - 1 : -1]  # (n,V)
         expected = logp.gather(1, torch.tensor(result.token_ids)[:, None])[:, 0]
         scores = result.scores
         assert len(scores.token_logprobs) == len(result.token_ids)
-        torch.testing.assert_close(torch.tensor(scores.token_logprobs), expected, atol=1e-4, rtol=0)
+        got = torch.tensor(scores.token_logprobs, dtype=torch.float64)
+        torch.testing.assert_close(got, expected, **LOGP)
         assert "".join(scores.tokens) == tok.decode(result.token_ids)
     top = results[0].scores.top_logprobs  # greedy: the chosen token is the likeliest
     assert all(
-        len(t) <= 2 and max(t.values()) == pytest.approx(lp, abs=1e-5)
+        len(t) <= 2 and max(t.values()) == pytest.approx(lp, abs=LOGP["atol"])
         for t, lp in zip(top, results[0].scores.token_logprobs, strict=True)
     )
     assert results[1].scores.top_logprobs is None
