@@ -2,9 +2,14 @@
 
 The store moves its epoch with every change to the set of active versions. A replica
 ``sync``s: it reads (epoch, active versions) in one snapshot, drops every loaded adapter
-and cached statistic that is no longer active, and only then records that epoch as
-acknowledged. Requests admitted after that see only the new set, so once a replica has
-acknowledged an epoch it never runs a version revoked at or before it.
+and cached statistic that is no longer active, and only then records that epoch. Requests
+admitted after that see only the new set; generations already running check ``epoch``
+before every step and stop the rows whose versions left the set (see ``ModelReplica``), so
+once a replica has acknowledged an epoch, no token is produced with a version revoked at or
+before it.
+
+The epoch only moves forward: a snapshot older than the one applied (a slow read that lost
+a race with a newer one) is ignored, so a view never returns to a revoked version.
 """
 
 from __future__ import annotations
@@ -47,13 +52,19 @@ class ActiveSet:
         self._lock = threading.Lock()
 
     def sync(self) -> SyncResult:
-        """Catch up with the store; returns the acknowledged epoch and what was dropped."""
-        if self._epoch is not None and self._epoch() == self.epoch:
+        """Catch up with the store; returns the epoch now held and what was dropped.
+
+        Never applies a snapshot older than (or as old as) the one held: the epoch returned
+        never goes down, whatever order concurrent syncs' reads come back in.
+        """
+        if self._epoch is not None and self._epoch() <= self.epoch:
             return SyncResult(self.epoch, ())  # the epoch moves with every change to the set
         epoch, versions = self._snapshot()
         with self._lock:
-            if epoch == self.epoch:
-                return SyncResult(epoch, ())
+            if epoch <= self.epoch:
+                return SyncResult(self.epoch, ())
+            # The new set first, then evictions, then the epoch: a decode loop that sees the
+            # new epoch (an int read, no lock) finds at least this set in refs().
             self._by_id = {v.adapter_id: v for v in versions}
             dropped = self._on_drop({v.ref for v in versions})
             self.epoch = epoch

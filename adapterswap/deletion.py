@@ -182,14 +182,31 @@ def wait_for_replicas(
     epoch: int,
     *,
     timeout_s: float,
-    live_within_s: float,
+    is_alive: Callable[[str], bool] | None = None,
+    live_within_s: float | None = None,
     poll_s: float = 0.05,
     sleep: Callable[[float], None] = time.sleep,
 ) -> float:
-    """Block until no live replica is behind ``epoch``; returns the seconds it took."""
+    """Block until no live replica is behind ``epoch``; returns the seconds it took.
+
+    A replica's acknowledgement means it evicted every version revoked up to ``epoch`` and
+    stopped every generation in flight that used one: no token is produced with a revoked
+    version after it. The replicas are those registered in the store (their ``ack_epoch``)
+    that have not unregistered (``forget_replica``, on a clean stop). One is dropped from
+    the barrier only when ``is_alive(replica_id)`` says it is dead: under Ray Serve the ingress asks Serve's
+    controller; without one (``None``) every registered replica counts until it unregisters.
+    Missed heartbeats never drop a replica: one that is alive but slow makes this raise
+    :class:`RevocationTimeout` after ``timeout_s`` (HTTP 503), the revocation in force.
+    ``live_within_s`` is accepted for older callers and ignored.
+    """
+    del live_within_s  # heartbeats say nothing about whether a replica can still serve
+    every_replica_s = 1e12  # live_replicas(window) lists those seen within it: all of them
     started = time.monotonic()
     while True:
-        behind = store.replicas_behind(epoch, live_within_s)
+        registered = store.live_replicas(every_replica_s)
+        behind = [(r, e) for r, e, _ in registered if e < epoch]
+        if behind and is_alive is not None:
+            behind = [(r, e) for r, e in behind if is_alive(r)]
         waited = time.monotonic() - started
         if not behind:
             return waited
@@ -198,7 +215,7 @@ def wait_for_replicas(
             raise RevocationTimeout(
                 f"revocation to epoch {epoch} is in force in the store, but replicas {names} "
                 f"did not acknowledge it within {timeout_s:g} s; they refuse revoked versions "
-                "at their next batch. Retry the delete to wait again"
+                "at their next batch step. Retry the delete to wait again"
             )
         sleep(poll_s)
 

@@ -4,9 +4,15 @@ A model replica syncs before every batch, but an idle one would never notice a r
 and a delete must know when every replica has dropped the revoked versions. So each replica
 runs an :class:`EpochWatcher`: every ``poll_s`` it syncs (a cheap epoch read when nothing
 changed) and, when the acknowledged epoch moved or ``heartbeat_s`` passed, records it in the
-store with ``ack_epoch``. A delete waits until no replica seen within the liveness window is
-behind its epoch (``adapterswap.deletion.wait_for_replicas``). A replica that stops cleanly
-is forgotten at once; one that dies stops counting after the window.
+store with ``ack_epoch``. The epoch ``sync`` returns is one the replica keeps: every version
+revoked at or before it is evicted, and the running generation has stopped every row that
+used one, so no token is produced with a revoked version after the acknowledgement.
+
+A delete waits until no registered replica is behind its epoch
+(``adapterswap.deletion.wait_for_replicas``). A replica that stops cleanly unregisters at
+once; one that dies counts until Ray Serve reports it dead. Missing heartbeats never drop a
+replica from the barrier: a slow replica that is alive makes the delete time out (503)
+instead. The acknowledged epoch never moves backwards.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from typing import Any
 
 logger = logging.getLogger("adapterswap.epoch")
 
-# A replica is live while it acknowledged within this many heartbeats.
+# For status displays only: a replica seen within this many heartbeats is shown as live.
+# The deletion barrier does not use it (see the module docstring).
 LIVE_HEARTBEATS = 3
 
 
@@ -39,8 +46,8 @@ class EpochWatcher:
         poll_s: float,
         heartbeat_s: float,
     ) -> None:
-        """``sync()`` catches up and returns the acknowledged epoch; ``store`` answers
-        ``ack_epoch`` and ``forget_replica`` synchronously."""
+        """``sync()`` catches up and returns the epoch the replica may acknowledge; ``store``
+        answers ``ack_epoch`` and ``forget_replica`` synchronously."""
         self._sync = sync
         self._store = store
         self.replica_id = replica_id
@@ -53,8 +60,11 @@ class EpochWatcher:
         self._thread.start()
 
     def tick(self) -> None:
-        """One sync, and an acknowledgement if the epoch moved or a heartbeat is due."""
-        epoch = self._sync()
+        """One sync, and an acknowledgement if the epoch moved or a heartbeat is due.
+
+        Never acknowledges less than before: an epoch once acknowledged stays kept.
+        """
+        epoch = max(self._sync(), self.acknowledged)
         now = time.monotonic()
         if epoch != self.acknowledged or now - self._acked_at >= self._heartbeat_s:
             self._store.ack_epoch(self.replica_id, epoch)

@@ -29,7 +29,6 @@ from adapterswap.auth import Authenticator, effective_groups, require_admin
 from adapterswap.catalog import Catalog
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.deletion import DeleteRequest, request_delete, wait_for_replicas
-from adapterswap.epoch_watch import live_window_s
 from adapterswap.errors import (
     AdapterSwapError,
     InvalidArgument,
@@ -324,15 +323,26 @@ class Gateway:
             }
         return answer
 
+    # The deletion barrier's oracle: is this registered model replica still alive? The Ray
+    # Serve ingress sets one that asks Serve's controller. None: every registered replica
+    # counts until it unregisters (one process, tests), so a replica is never dropped for
+    # being slow.
+    replica_alive: Callable[[str], bool] | None = None
+
     def _wait_for_replicas(self, epoch: int) -> float:
-        """The deletion barrier, after syncing the ingress's own view."""
+        """The deletion barrier, after syncing the ingress's own view.
+
+        Returns once every live model replica acknowledged ``epoch``: it evicted the revoked
+        versions and stopped every generation in flight that used them, so no token is
+        produced with a revoked version after this returns. A live replica that does not
+        acknowledge in time raises RevocationTimeout (503); the revocation stays in force.
+        """
         self.active.sync()
-        serve = self.config.serve
         return wait_for_replicas(
             self.store,
             epoch,
-            timeout_s=serve.revocation_timeout_s,
-            live_within_s=live_window_s(serve.replica_heartbeat_s),
+            timeout_s=self.config.serve.revocation_timeout_s,
+            is_alive=self.replica_alive,
         )
 
     def document(self, principal: Principal, doc_id: str) -> dict[str, Any]:

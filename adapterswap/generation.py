@@ -3,7 +3,8 @@
 ``generate_batch`` decodes several requests (from different callers) in one loop: the prompts
 are left-padded into one batch, prefilled once, then decoded one forward per step over a KV
 cache. Each row samples with its own seeded generator, so a seed gives the same text whatever
-else shares the batch, and stops on its own EOS, ``max_tokens`` or stop strings.
+else shares the batch, and stops on its own EOS, ``max_tokens`` or stop strings, or when the
+caller's ``step_guard``, entered around every step's sampling, names it (a revoked adapter).
 ``score_prompts`` gives the per-token log-probabilities of prompts (OpenAI ``echo`` +
 ``logprobs``). The adapter mixture, if any, is set on the model by the caller around these
 calls; nothing here knows about adapters. No Ray, no HTTP.
@@ -14,15 +15,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-FinishReason = Literal["stop", "length"]
+# "abort": stopped by the caller's step guard; the caller turns it into an error, never text.
+FinishReason = Literal["stop", "length", "abort"]
 TokenCallback = Callable[[int, str], None]  # (request index, text delta)
 RowsCallback = Callable[[list[int]], None]  # request indices now in the model's batch
+# Entered around each step's sampling and streaming; yields the request indices to stop first.
+StepGuard = Callable[[], AbstractContextManager[Collection[int]]]
 
 # What decode() shows for bytes that end inside a UTF-8 character: the next token completes it.
 _REPLACEMENT = "\ufffd"
@@ -117,6 +122,7 @@ def generate_batch(
     *,
     on_token: TokenCallback | None = None,
     on_rows_kept: RowsCallback | None = None,
+    step_guard: StepGuard | None = None,
 ) -> list[GenerationResult]:
     """Complete every request in one batched, KV-cached decode loop; results in request order.
 
@@ -127,6 +133,13 @@ def generate_batch(
     ``on_rows_kept`` lets the loop drop finished rows (and requests with ``max_tokens=0``)
     instead, which saves compute: it is called with the request indices of the new batch
     rows, in order, before each forward whose batch differs from the last one.
+
+    ``with step_guard() as stop:`` is entered around every step's sampling and streaming
+    (the first right after prefill, never around a forward); ``stop`` holds the request
+    indices to stop before sampling: they sample and stream nothing more, and finish with
+    ``finish_reason="abort"``. The caller may hold a lock in it, so that whatever changes
+    what ``stop`` would hold can wait for the step in progress. It runs every step: it must
+    be cheap when there is nothing to stop (the replica compares one integer).
     """
     for i, request in enumerate(requests):
         if not request.prompt_ids:
@@ -143,7 +156,7 @@ def generate_batch(
             on_rows_kept([row.index for row in batch])
         prompts = [requests[row.index].prompt_ids for row in batch]
         with torch.inference_mode():
-            _decode_loop(model, tokenizer, prompts, batch, on_token, on_rows_kept)
+            _decode_loop(model, tokenizer, prompts, batch, on_token, on_rows_kept, step_guard)
     for row in rows:
         if row.params.logprobs is not None and row.result is not None:
             n = len(row.result.token_ids)  # EOS is not an output token
@@ -176,6 +189,7 @@ def _decode_loop(
     batch: list[_Row],
     on_token: TokenCallback | None,
     on_rows_kept: RowsCallback | None,
+    step_guard: StepGuard | None,
 ) -> None:
     """Prefill the batch once, then sample and forward one token per step until all finish."""
     from transformers import DynamicCache
@@ -186,8 +200,13 @@ def _decode_loop(
     cache = DynamicCache(config=model.config)
     logits = _forward_last(model, ids, mask, pos, cache)  # (B,V)
     next_pos = pos[:, -1:] + 1  # (B,1)
+    guard = step_guard or (lambda: nullcontext(()))
     while True:
-        step = _sample_and_advance(logits, batch, eos, pad_id, on_token)  # (B,)
+        with guard() as stop:
+            _abort_rows(batch, stop)
+            if all(row.result is not None for row in batch):
+                return
+            step = _sample_and_advance(logits, batch, eos, pad_id, on_token)  # (B,)
         live = [k for k, row in enumerate(batch) if row.result is None]
         if not live:
             return
@@ -200,6 +219,19 @@ def _decode_loop(
         mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=1)  # (B,T+1)
         logits = _forward_last(model, step[:, None], mask, next_pos, cache)
         next_pos = next_pos + 1
+
+
+def _abort_rows(batch: list[_Row], indices: Collection[int]) -> None:
+    """Stop the unfinished rows among request ``indices``: nothing more is sampled or streamed."""
+    if not indices:
+        return
+    stop = set(indices)
+    for row in batch:
+        if row.result is None and row.index in stop:
+            text = row.detok.text[: row.emitted]  # what was streamed; the rest is dropped
+            row.result = GenerationResult(
+                list(row.detok.ids), text, "abort", row.prompt_tokens, row.produced
+            )
 
 
 def _sample_and_advance(

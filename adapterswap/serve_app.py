@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -213,6 +214,54 @@ class ModelDeployment:
         self.watcher.stop()
 
 
+class ServeReplicaOracle:
+    """The deletion barrier's ``is_alive``: is a model replica still alive, as Serve sees it?
+
+    A replica registers in the store under ``serve.get_replica_context().replica_id.unique_id``;
+    Serve's controller lists every replica of every application under the same id, in any
+    state, until the replica's actor has stopped (crashed and replaced, scaled down, its
+    node lost). So a replica counts as dead only once the controller no longer lists it,
+    never for being slow. While the controller cannot be asked, every replica counts as
+    alive: the barrier fails closed (a 503 after its timeout, the revocation in force). One
+    controller call serves ``ttl_s`` of barrier polls.
+    """
+
+    def __init__(self, ttl_s: float = 0.5, timeout_s: float = 5.0) -> None:
+        self._ttl_s, self._timeout_s = ttl_s, timeout_s
+        self._listed: set[str] | None = None
+        self._at = -float("inf")
+        self._lock = threading.Lock()
+
+    def __call__(self, replica_id: str) -> bool:
+        listed = self.replica_ids()
+        return listed is None or replica_id in listed
+
+    def replica_ids(self) -> set[str] | None:
+        """Every replica id the controller lists now (None: it could not be asked)."""
+        with self._lock:
+            if time.monotonic() - self._at < self._ttl_s:
+                return self._listed
+        try:
+            from ray.serve.context import _get_global_client
+
+            controller = _get_global_client()._controller
+            details = ray.get(
+                controller.get_serve_instance_details.remote(), timeout=self._timeout_s
+            )
+            listed = {
+                replica["replica_id"]
+                for app in (details.get("applications") or {}).values()
+                for deployment in (app.get("deployments") or {}).values()
+                for replica in deployment.get("replicas") or []
+            }
+        except Exception:  # noqa: BLE001 - no answer: everyone counts as alive (fail closed)
+            logger.warning("Serve's controller did not list replicas", exc_info=True)
+            listed = None
+        with self._lock:
+            self._listed, self._at = listed, time.monotonic()
+        return listed
+
+
 # A replica that died (killed, its node lost) under a request: the request did not complete
 # there, and generation and scoring are pure functions of the job, so it is sent again.
 REPLICA_GONE = (RayActorError, ActorUnavailableError)
@@ -315,6 +364,8 @@ class IngressDeployment:
             jobs=jobs,
             on_routed=ServeMetrics().record_routing,
         )
+        # The deletion barrier drops a model replica only when Serve reports it dead.
+        self.gateway.replica_alive = ServeReplicaOracle(timeout_s=deadline)
         jobs.resume_deletions()  # a crash left a delete unfinished: finish it now
 
     # The same operations for Python callers inside the cluster:
