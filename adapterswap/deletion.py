@@ -193,8 +193,9 @@ def wait_for_replicas(
     stopped every generation in flight that used one: no token is produced with a revoked
     version after it. The replicas are those registered in the store (their ``ack_epoch``)
     that have not unregistered (``forget_replica``, on a clean stop). One is dropped from
-    the barrier only when ``is_alive(replica_id)`` says it is dead: under Ray Serve the ingress asks Serve's
-    controller; without one (``None``) every registered replica counts until it unregisters.
+    the barrier only when ``is_alive(replica_id)`` says it is dead: under Ray Serve the
+    ingress asks Serve's controller; without one (``None``) every registered replica counts
+    until it unregisters.
     Missed heartbeats never drop a replica: one that is alive but slow makes this raise
     :class:`RevocationTimeout` after ``timeout_s`` (HTTP 503), the revocation in force.
     ``live_within_s`` is accepted for older callers and ignored.
@@ -240,7 +241,7 @@ def run_deletion(
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> DeletionReport:
     """Finish every unfinished deletion: remove, retrain, purge (see the module docstring)."""
-    with running_job(registry, "delete", job_id, config.home_path) as job:
+    with running_job(registry, "delete", job_id) as job:
         report = DeletionReport(job=job.job_id)
         _finish_deletions(config, registry, report, job.forwarding(on_progress))
         failed = ", ".join(f["id"] for f in report.training.get("failed", []))
@@ -266,7 +267,7 @@ def _finish_deletions(
         hashes: dict[str, list[str | None]] = {}
         for record in deleting:
             hashes.setdefault(record.doc_id, []).append(record.content_hash)
-        with ingest_lock(config):  # no ingest reads a fragment mid-rewrite
+        with ingest_lock(registry):  # no ingest reads a fragment mid-rewrite
             report.catalog_fragments = catalog.remove(sorted(hashes), hashes)
         registry.advance_deletion(deleting, DeletionState.REMOVED, actor="delete")
 

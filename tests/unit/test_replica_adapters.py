@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -12,7 +15,7 @@ from adapterswap.artifacts import BaseModelMismatch, version_location, write_ada
 from adapterswap.base_model import load_base_model
 from adapterswap.compose import AdapterBank
 from adapterswap.config import ModelSettings
-from adapterswap.errors import NotFound
+from adapterswap.errors import NotFound, StaleMixture
 from adapterswap.registry import AdapterRef, AdapterRegistry
 from adapterswap.router_stats import compute_shard_stats, save_shard_stats
 
@@ -120,3 +123,54 @@ def test_revocation_is_dropped_before_the_epoch_is_acknowledged(world):
         active.resolve("hr.b1.000", ["hr"])
     assert active.sync().dropped == ()  # nothing new: no work
     assert len(snapshots) == 2  # only the two syncs that found a new epoch read the versions
+
+
+def test_a_slow_load_does_not_hold_the_bank_and_an_eviction_during_it_wins(world):
+    storage, _, bank, hr, fin = world
+    source = StorageAdapterSource(storage, base_model_hash="H")
+    started, release, reads = threading.Event(), threading.Event(), []
+
+    def slow(ref):
+        reads.append(ref)
+        started.set()
+        release.wait(30)  # storage that takes its time
+        return source.load(ref)
+
+    outcome = {}
+
+    def load():
+        try:
+            outcome["slot"] = bank.get_or_load(hr, slow)
+        except Exception as exc:  # noqa: BLE001 - what the test looks at
+            outcome["error"] = exc
+
+    loaders = [threading.Thread(target=load) for _ in range(2)]  # two misses on one ref
+    for thread in loaders:
+        thread.start()
+    assert started.wait(30)
+    bank.get_or_load(fin, source.load)  # the bank is not held by the slow load...
+    begun = time.monotonic()
+    assert bank.evict_all_except([fin]) == []  # ...nor is eviction, which cancels the load
+    assert time.monotonic() - begun < 0.5
+    release.set()
+    for thread in loaders:
+        thread.join(30)
+    assert reads == [hr]  # read once for both
+    assert isinstance(outcome["error"], StaleMixture) and "slot" not in outcome
+    assert hr not in bank and bank.loaded() == [fin]
+    assert bank.get_or_load(hr, source.load) >= 0  # asked again later, it loads
+
+
+def test_keeping_rows_gives_each_kept_row_exactly_its_own_mixture(world):
+    storage, _, bank, hr, fin = world
+    source = StorageAdapterSource(storage, base_model_hash="H")
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.no_grad():
+        with bank.mixture([[(fin, 1.0)]], source.load):
+            alone = bank.model(input_ids=ids[1:]).logits
+        with bank.mixture([[(hr, 1.0)], [(fin, 1.0)]], source.load):
+            both = bank.model(input_ids=ids).logits
+            bank.keep_rows([1])  # row 0 finished (or its adapter was revoked)
+            kept = bank.model(input_ids=ids[1:]).logits
+    assert not torch.equal(both[1:], bank.model(input_ids=ids[1:]).logits)  # adapters matter
+    assert torch.equal(kept, alone)  # only fin's adapter left in the layers, as alone
