@@ -30,6 +30,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Log-probabilities computed two ways in float64 (a batched forward against a direct
+# log-softmax, a KV-cached decode step against a full forward). Their logsumexp adds
+# V = 49,152 terms exp(z - max) ≤ 1; any order of that sum is within V·u·Σ of the exact one
+# (u = 2^-53), so the log moves by at most V·u ≈ 5.5e-12, and the logits themselves, sums of
+# 64 products, by ~1e-14. 1e-10 sits above that worst case and far below a real error (a
+# wrong position or token is off by > 1e-3); float32 would be off by ~1e-6.
+LOGP = {"rtol": 0.0, "atol": 1e-10}
+
+
 class _Float64RMSNorm(LlamaRMSNorm):
     """LlamaRMSNorm in its input's dtype. transformers' own rounds every norm through float32,
     so two float64 paths 1e-16 apart could land one float32 step (~1e-7) apart."""

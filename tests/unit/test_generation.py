@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from support import exact_float64
+from support import LOGP, exact_float64
 
 from adapterswap import generation
 from adapterswap.base_model import load_base_model
@@ -28,13 +28,6 @@ from adapterswap.generation import (
 )
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
-# Log-probabilities computed two ways in float64 (a batched forward against a direct
-# log-softmax, a KV-cached decode step against a full forward). Their logsumexp adds
-# V = 49,152 terms exp(z - max) ≤ 1; any order of that sum is within V·u·Σ of the exact one
-# (u = 2^-53), so the log moves by at most V·u ≈ 5.5e-12, and the logits themselves, sums of
-# 64 products, by ~1e-14. 1e-10 sits above that worst case and far below a real error (a
-# wrong position or token is off by > 1e-3); float32 would be off by ~1e-6.
-LOGP = {"rtol": 0.0, "atol": 1e-10}
 TEXTS = [
     "Hello",
     "The capital of France is a city that",

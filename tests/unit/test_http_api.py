@@ -10,7 +10,7 @@ import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import in_process_app, publish_random_adapter
+from support import LOGP, exact_float64, in_process_app, publish_random_adapter
 
 from adapterswap.catalog import Catalog
 from adapterswap.config import load_config
@@ -20,7 +20,6 @@ from adapterswap.forget_check import http_scorer
 from adapterswap.generation import GenerationResult, SamplingParams
 from adapterswap.registry import AdapterRef, AdapterRegistry
 from adapterswap.replica import InferenceJob
-from adapterswap.training import mean_token_nll
 
 HR_TEXTS = [
     "New parents get 23 weeks of paid parental leave.",
@@ -59,6 +58,7 @@ def world(tmp_path_factory):
         ),
     }
     app, replica = in_process_app(config, registry)
+    exact_float64(replica.loaded.model)  # log-probabilities are compared to LOGP below
     keys = {
         "hr": registry.create_key("hana", ["hr"])[0],
         "finance": registry.create_key("finn", ["finance"])[0],
@@ -141,12 +141,10 @@ def test_echo_logprobs_equal_a_direct_log_softmax_under_the_mixture(world):
     ids = replica.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     with torch.no_grad(), replica.bank.mixture([[(refs["hr"], 0.7)]], replica.source.load):
         logits = replica.loaded.model(input_ids=torch.tensor([ids])).logits[0]
-    expected = torch.log_softmax(logits.float(), -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[
-        :, 0
-    ]
+    expected = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
     lp = got["logprobs"]["token_logprobs"]
     assert lp[0] is None
-    torch.testing.assert_close(torch.tensor(lp[1:]), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(lp[1:], dtype=torch.float64), expected, **LOGP)
 
 
 def test_hidden_and_missing_adapters_answer_the_same_404(world):
@@ -424,8 +422,11 @@ def test_the_forget_scorer_measures_what_the_model_computes(world):
 
     text = "Parental leave lasts twenty-three weeks at the company."
     (nll,) = http_scorer(Over())([text], "legal")  # legal holds no adapter: the base model
-    expected = mean_token_nll(replica.loaded.model, replica.tokenizer, text)
-    assert nll == pytest.approx(expected, abs=1e-4)
+    ids = replica.tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = replica.loaded.model(input_ids=torch.tensor([ids])).logits[0]  # float64
+    logp = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])
+    assert nll == pytest.approx(-float(logp.mean()), abs=LOGP["atol"])
 
 
 def test_output_logprobs_in_the_openai_shapes(world):
@@ -439,7 +440,7 @@ def test_output_logprobs_in_the_openai_shapes(world):
     echoed = post(client, keys["hr"], "/v1/completions", {**body, "logprobs": 0, "echo": True})
     elp = echoed.json()["choices"][0]["logprobs"]
     assert elp["token_logprobs"][0] is None and elp["top_logprobs"] is None
-    assert elp["token_logprobs"][-3:] == pytest.approx(lp["token_logprobs"], abs=1e-5)
+    assert elp["token_logprobs"][-3:] == pytest.approx(lp["token_logprobs"], abs=LOGP["atol"])
     assert elp["text_offset"] == sorted(elp["text_offset"])  # prompt then output, in order
     chat = post(
         client,
