@@ -37,9 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import BackupError
-from adapterswap.locks import home_lock
+from adapterswap.locks import exclusive
 from adapterswap.privacy import private_file, private_home
-from adapterswap.registry import SCHEMA_VERSION
+from adapterswap.registry import SCHEMA_VERSION, AdapterRegistry
 from adapterswap.storage import (
     Location,
     list_files,
@@ -104,7 +104,7 @@ def backup_home(config: AdapterSwapConfig, dest: str | os.PathLike[str]) -> Back
         raise BackupError(f"no store at {config.db_path}: nothing to back up; check --home")
     root = resolve(config.storage)
     try:
-        with _quiesced(config.home_path):
+        with _quiesced(config.db_path):
             private_home(target)
             private_file(target / STORE_FILE)
             epoch = _snapshot_store(config.db_path, target / STORE_FILE)
@@ -177,7 +177,7 @@ def restore_home(
     root = resolve(config.storage)
     entries = [f for f in manifest.files if f.path != STORE_FILE]
     store = next(f for f in manifest.files if f.path == STORE_FILE)
-    with _quiesced(config.home_path):
+    with _quiesced(config.db_path):
         if not force:
             _refuse_non_empty(config, root)
         try:
@@ -204,13 +204,21 @@ def restore_home(
 
 
 @contextmanager
-def _quiesced(home: Path) -> Iterator[None]:
-    """Hold the home's ``train`` and ``ingest`` locks: no training, deletion or ingest runs.
+def _quiesced(db_path: Path) -> Iterator[None]:
+    """Hold the store's ``train`` and ``ingest`` locks: no training, deletion or ingest runs.
 
     Taken in the order the delete job takes them (train, then ingest), so they cannot deadlock.
+    A home without a store has nothing running against it (a restore into a new home).
     """
-    with home_lock(home, "train"), home_lock(home, "ingest"):
+    if not db_path.exists():
         yield
+        return
+    store = AdapterRegistry(db_path)
+    try:
+        with exclusive(store, "train"), exclusive(store, "ingest"):
+            yield
+    finally:
+        store.close()
 
 
 def _shown(uri: str) -> str:
@@ -246,6 +254,9 @@ def _snapshot_store(db_path: Path, target: Path) -> int:
     copy = sqlite3.connect(target)
     try:
         source.backup(copy)
+        # The leases are who holds a lock right now (this backup, among others): not state.
+        copy.execute("DELETE FROM leases")
+        copy.commit()
         # One self-contained file: no -wal beside it to lose when the backup is moved.
         copy.execute("PRAGMA journal_mode = DELETE")
         return _store_epoch(copy, db_path)

@@ -390,7 +390,7 @@ class Gateway:
             [doc_id],
             self.jobs.runner,
             f"api:{principal.user}",
-            lock=lambda: ingest_lock(self.config),  # no replacement lands between read and revoke
+            lock=lambda: ingest_lock(self.store),  # no replacement lands between read and revoke
         )
         try:
             waited = self._wait_for_replicas(request.epoch)

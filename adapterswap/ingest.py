@@ -18,15 +18,15 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from adapterswap.catalog import Catalog
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.documents import Document, validate_records
-from adapterswap.locks import home_lock
+from adapterswap.locks import exclusive
 from adapterswap.planner import Embed, ShardPlan, assignments, plan_shards
 from adapterswap.readers import RawRecord, read_inputs
-from adapterswap.registry import DeletionRecord
+from adapterswap.registry import AdapterRegistry, DeletionRecord
 
 AUTO_BATCH = re.compile(r"b(\d{4,})")
 
@@ -50,10 +50,11 @@ class IngestResult:
     replaced: list[str]
 
 
-def ingest_lock(config: AdapterSwapConfig) -> AbstractContextManager[None]:
+def ingest_lock(store: Any) -> AbstractContextManager[str]:
     """The lock that serialises catalog changes: ingests, replacements, the delete request's
-    catalog read and the delete job's removal. Every one of them takes it here."""
-    return home_lock(config.home_path, "ingest")
+    catalog read and the delete job's removal. Every one of them takes it here: the store's
+    ``ingest`` lease, so it holds whichever node each of them runs on."""
+    return exclusive(store, "ingest")
 
 
 def next_batch_label(existing: set[str]) -> str:
@@ -78,14 +79,16 @@ def ingest_records(
 
     Raises :class:`~adapterswap.errors.InvalidDocument` (and writes nothing) when any
     record, or any entry of ``problems`` from the readers, is bad, or when a document's id
-    is still being deleted (see the module docstring; checked when ``audit``, the store, is
-    given). With ``replace``, ids the catalog already holds are allowed: once everything is
+    is still being deleted (see the module docstring). ``audit`` is the store (default: the
+    home's own): its ``ingest`` lock, its deletions and its audit log. With ``replace``, ids the catalog already holds are allowed: once everything is
     valid and the new fragment is built, ``replace(ids)`` is called (under the ingest lock)
     to delete them and take them out of the catalog, then the new versions are written, into
     new shards like any new batch.
     """
     catalog = Catalog(config.storage)
-    with ingest_lock(config):
+    if audit is None:  # the home's own store: its lock and its deletions hold here too
+        audit = AdapterRegistry(config.db_path)
+    with ingest_lock(audit):
         existing = catalog.read(["id", "shard", "batch", "content_hash"])
         current: dict[str, set[str]] = {}
         for doc_id, content in zip(
@@ -97,7 +100,7 @@ def ingest_records(
         held = set(current)
         replacing = sorted(held & {str(r.fields.get("id")) for r in records}) if replace else []
         pending: dict[str, list[DeletionRecord]] = {}
-        for record in audit.unfinished_deletions() if audit is not None else []:
+        for record in audit.unfinished_deletions():
             pending.setdefault(record.doc_id, []).append(record)
 
         def refuse(doc: Document) -> str | None:
@@ -128,14 +131,14 @@ def ingest_records(
         if replacing and replace is not None:
             replace(replacing)
         fragment = catalog.write(built)
-        if audit is not None:  # in the critical section: no other change lands in between
-            audit.append_audit(
-                actor,
-                "ingest",
-                doc_ids=[d.id for d in docs],
-                shards=[p.shard for p in plans],
-                fragment=fragment,
-            )
+        # in the critical section: no other change lands in between
+        audit.append_audit(
+            actor,
+            "ingest",
+            doc_ids=[d.id for d in docs],
+            shards=[p.shard for p in plans],
+            fragment=fragment,
+        )
     return IngestResult(len(docs), batch, plans, fragment, replacing)
 
 

@@ -16,11 +16,10 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Protocol
 
 from adapterswap.config import AdapterSwapConfig
-from adapterswap.locks import home_lock
+from adapterswap.locks import exclusive
 from adapterswap.registry import AdapterRegistry, JobRecord, JobState
 
 PROGRESS_INTERVAL_S = 1.0
@@ -45,16 +44,14 @@ def submit_ray_job(config: AdapterSwapConfig, args: list[str]) -> str | None:
 
 
 @contextmanager
-def running_job(
-    registry: AdapterRegistry, kind: str, job_id: str | None, home: Path
-) -> Iterator[JobReporter]:
-    """Run a job's body under the home's job lock (training and deletion take turns).
+def running_job(registry: AdapterRegistry, kind: str, job_id: str | None) -> Iterator[JobReporter]:
+    """Run a job's body under the store's ``train`` lock (training and deletion take turns).
 
     Yields the started reporter; the body calls ``finish``. If the body raises, the job is
     recorded failed with the exception, which propagates.
     """
     job = JobReporter.open(registry, kind, job_id)
-    with home_lock(home, "train"):
+    with exclusive(registry, "train"):
         job.start()
         try:
             yield job

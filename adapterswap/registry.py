@@ -78,6 +78,7 @@ from typing import Any
 from adapterswap import keys
 from adapterswap.errors import IllegalTransition, InvalidArgument, NotFound, StoreError
 from adapterswap.keys import KeyRecord, Principal
+from adapterswap.leases import LeaseRecords
 from adapterswap.privacy import private_file, private_home
 
 BUSY_TIMEOUT_MS = 10_000
@@ -444,7 +445,7 @@ def _illegal(current: AdapterStatus, target: AdapterStatus, ref: AdapterRef) -> 
     )
 
 
-class AdapterRegistry:
+class AdapterRegistry(LeaseRecords):
     """The durable registry over one SQLite file; safe to open from several processes."""
 
     def __init__(self, db_path: Path | str) -> None:

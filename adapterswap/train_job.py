@@ -120,7 +120,7 @@ def run_training(
     The work is recorded as job ``job_id`` (created ``pending`` by the submitter), or as a
     new job of this process; jobs queue on the home's train lock.
     """
-    with running_job(registry, "train", job_id, config.home_path) as job:
+    with running_job(registry, "train", job_id) as job:
         report = TrainReport(job=job.job_id)
         progress = job.forwarding(on_progress)
         train_changed_shards(config, registry, report, progress, fail_once_at_step)

@@ -21,7 +21,7 @@ from adapterswap.catalog import Catalog
 from adapterswap.config import AdapterSwapConfig, load_config
 from adapterswap.errors import BackupError
 from adapterswap.ingest import ingest_files
-from adapterswap.locks import home_lock
+from adapterswap.locks import exclusive
 from adapterswap.registry import AdapterRegistry
 from adapterswap.storage import resolve
 
@@ -273,11 +273,11 @@ def test_restore_refuses_storage_that_holds_files_without_a_store(backup, tmp_pa
 @pytest.mark.parametrize("lock", ["train", "ingest"])
 def test_backup_waits_while_a_job_or_an_ingest_holds_its_lock(tmp_path, lock):
     config = make_config(tmp_path / "home")
-    AdapterRegistry(config.db_path).close()
+    store = AdapterRegistry(config.db_path)
     dest = tmp_path / "bk"
     done: list[BackupSummary] = []
     worker = threading.Thread(target=lambda: done.append(backup_home(config, dest)))
-    with home_lock(config.home_path, lock):
+    with exclusive(store, lock):
         worker.start()
         worker.join(timeout=0.5)
         assert worker.is_alive() and not (dest / "backup.json").exists()
