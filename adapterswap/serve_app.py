@@ -43,6 +43,7 @@ from adapterswap.gateway import Gateway
 from adapterswap.generation import GenerationResult, PromptScores
 from adapterswap.http_app import create_app
 from adapterswap.metrics import ServeMetrics
+from adapterswap.privacy import private_process
 from adapterswap.replica import InferenceJob, ModelReplica
 from adapterswap.schemas import ChatRequest, CompletionRequest
 
@@ -164,6 +165,7 @@ class ModelDeployment:
     """One base model per replica; concurrent requests are batched, one row each."""
 
     def __init__(self, config: dict[str, Any]) -> None:
+        private_process()  # it writes the model cache
         self.config = AdapterSwapConfig.model_validate(config)
         # Ray sets OMP_NUM_THREADS=floor(num_cpus) or 1 for a fractional replica; a CPU replica
         # that shares a node with a store and trainers still wants every core for its batches.
@@ -330,6 +332,7 @@ class IngressDeployment:
     """Authentication, routing and the OpenAI endpoints; the model runs elsewhere."""
 
     def __init__(self, model: DeploymentHandle, config: dict[str, Any]) -> None:
+        private_process()  # it writes the catalog
         self.config = AdapterSwapConfig.model_validate(config)
         serving = self.config.serve
         store = _store_reader(self.config)
