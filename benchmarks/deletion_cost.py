@@ -1,6 +1,7 @@
 """What a deletion costs: revocation latency to every replica, and retraining one shard vs all.
 
     python benchmarks/deletion_cost.py [--deletes 50] [--replicas 2] [--steps 10]
+        [--only revocation|in_flight|removal] [--in-flight-deletes 12] [--load-clients 3]
 
 1. Revocation latency. A Serve app with ``--replicas`` model replicas (tiny random model: the
    barrier does not depend on the model) serves a home of ``--deletes`` documents. Each
@@ -8,7 +9,16 @@
    epoch; reported: the HTTP round trip and the server's wait for the acknowledgements, p50
    and p99. The documents are never trained, so the delete jobs behind them are trivial and
    the figure is the barrier's own (poll interval ``serve.epoch_poll_s`` = 0.1 s by default).
-2. Cost of removal, on the embedded model and the example corpus (examples/batch1): train
+2. Removal in flight (``--only in_flight``), through the same kind of Serve app under a
+   steady load (``--load-clients`` threads asking for short completions in a loop, on an
+   adapter that is never deleted). For each of ``--in-flight-deletes`` documents, each with
+   its own adapter: a long stream (and a long non-streaming completion) on that adapter is
+   started, and once the stream has shown a few tokens the document is deleted. Reported:
+   the text chunks the stream delivered after the DELETE returned (the client-side upper
+   bound of tokens produced with the revoked version after the acknowledgement; goal 0),
+   how streams ended (the ``adapter_revoked`` error event), completions answered with the
+   revoked version (goal 0), and the acknowledgement latency p50 / p99 under that load.
+3. Cost of removal, on the embedded model and the example corpus (examples/batch1): train
    every shard, then delete one document and let the delete job retrain its shard. Wall time
    and training tokens of one shard against all, beside the paper's "up to 80x cheaper".
 
@@ -19,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +50,9 @@ from adapterswap.readers import RawRecord
 from adapterswap.registry import AdapterRegistry
 from adapterswap.serve_app import build_app
 from adapterswap.train_job import run_training
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from support import publish_random_adapter  # noqa: E402  (tests' helper: real files, random LoRA)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 RESULT = Path(__file__).parent / "results" / "deletion_cost.json"
@@ -89,6 +104,139 @@ def revocation_latency(root: Path, deletes: int, replicas: int) -> dict[str, Any
     return result
 
 
+IN_FLIGHT_TOKENS = 400  # a long generation on the tiny model (512 positions)
+
+
+def in_flight(root: Path, deletes: int, replicas: int, load_clients: int) -> dict[str, Any]:
+    """Delete documents whose adapters are generating, under a steady load (section 2)."""
+    overrides = ["model.spec=tiny-random", f"model.cache_dir={root / 'models'}"]
+    overrides += ["sharding.strategy=sequential", "ray.replica_num_cpus=0.2", "lora.rank=4"]
+    overrides += ["lora.target_modules=[q_proj, v_proj]", "serve.revocation_timeout_s=30"]
+    config = load_config(home=str(root / "in_flight"), environ={}, overrides=overrides)
+    docs = {f"doc-{i}": f"Fact number {i} is {i * 37 % 101}." for i in range(deletes)}
+    docs["keep"] = "A fact nobody deletes."
+    records = [
+        RawRecord(doc, {"id": doc, "text": text, "group": "hr"}) for doc, text in docs.items()
+    ]
+    ingest_records(records, config, embed=None)
+    registry = AdapterRegistry(config.db_path)
+    embed = load_embedder(config.embedding).embed
+    adapters = {
+        doc: publish_random_adapter(
+            config, registry, embed, f"hr.b0001.{i:03d}", "hr", [text], seed=i, doc_ids=[doc]
+        ).id
+        for i, (doc, text) in enumerate(docs.items())
+    }
+    keys = {
+        "admin": registry.create_key("root", ["hr"], admin=True)[0],
+        "hr": registry.create_key("hana", ["hr"])[0],
+    }
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(
+        build_app({"home": config.home, "overrides": overrides, "num_replicas": replicas}),
+        name="adapterswap",
+        route_prefix="/",
+    )
+    base = f"http://127.0.0.1:{port}"
+    headers = {k: {"Authorization": f"Bearer {v}"} for k, v in keys.items()}
+
+    def long_body(doc: str, stream: bool) -> dict[str, Any]:
+        return {
+            "prompt": f"Tell me about {doc}.",
+            "adapters": [{"id": adapters[doc], "weight": 1.0}],
+            "max_tokens": IN_FLIGHT_TOKENS,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": stream,
+        }
+
+    stop = threading.Event()
+    load_statuses: list[int] = []
+
+    def steady_load() -> None:
+        body = {**long_body("keep", False), "max_tokens": 16}
+        with httpx.Client(base_url=base, timeout=120) as http:
+            while not stop.is_set():
+                load_statuses.append(
+                    http.post("/v1/completions", json=body, headers=headers["hr"]).status_code
+                )
+
+    loaders = [threading.Thread(target=steady_load) for _ in range(load_clients)]
+    for thread in loaders:
+        thread.start()
+    after_ack, endings, answered_revoked, acknowledged, round_trip = [], [], 0, [], []
+    with httpx.Client(base_url=base, timeout=120) as client:
+        for i in range(deletes):
+            doc = f"doc-{i}"
+            chunks: list[tuple[float, str]] = []
+            completion: dict[str, Any] = {}
+
+            def stream(doc: str = doc, chunks: list = chunks) -> None:
+                with (
+                    httpx.Client(base_url=base, timeout=120) as http,
+                    http.stream(
+                        "POST", "/v1/completions", json=long_body(doc, True), headers=headers["hr"]
+                    ) as response,
+                ):
+                    for line in response.iter_lines():
+                        if line.startswith("data: "):
+                            chunks.append((time.monotonic(), line.removeprefix("data: ")))
+
+            def complete(doc: str = doc, completion: dict = completion) -> None:
+                with httpx.Client(base_url=base, timeout=120) as http:
+                    r = http.post(
+                        "/v1/completions", json=long_body(doc, False), headers=headers["hr"]
+                    )
+                    completion.update(status=r.status_code, body=r.json())
+
+            workers = [threading.Thread(target=stream), threading.Thread(target=complete)]
+            for thread in workers:
+                thread.start()
+            deadline = time.monotonic() + 60
+            while len(chunks) < 5 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            started = time.perf_counter()
+            answer = client.delete(f"/v1/documents/{doc}", headers=headers["admin"])
+            returned = time.monotonic()
+            round_trip.append(time.perf_counter() - started)
+            answer.raise_for_status()
+            acknowledged.append(answer.json()["acknowledged_after_s"])
+            for thread in workers:
+                thread.join(timeout=120)
+            text = [(t, c) for t, c in chunks if c != "[DONE]" and "error" not in json.loads(c)]
+            after_ack.append(sum(1 for t, c in text if t > returned))
+            last = json.loads(chunks[-2][1]) if len(chunks) >= 2 else {}
+            endings.append(last.get("error", {}).get("code") or "finished")
+            named = completion.get("body", {}).get("adapterswap", {}).get("adapters", [])
+            answered_revoked += completion.get("status") == 200 and any(
+                a["id"] == adapters[doc] for a in named
+            )
+    stop.set()
+    for thread in loaders:
+        thread.join(timeout=120)
+    serve.delete("adapterswap")
+    result = {
+        "replicas": replicas,
+        "deletes": deletes,
+        "load_clients": load_clients,
+        "load_requests": len(load_statuses),
+        "load_errors": sum(1 for s in load_statuses if s != 200),
+        "stream_tokens": IN_FLIGHT_TOKENS,
+        "stream_chunks_after_delete_returned": {"total": sum(after_ack), "max": max(after_ack)},
+        "stream_endings": {e: endings.count(e) for e in sorted(set(endings))},
+        "completions_answered_with_revoked_version": answered_revoked,
+        "acknowledged_after_s": {
+            "p50": percentile(acknowledged, 50),
+            "p99": percentile(acknowledged, 99),
+        },
+        "round_trip_s": {"p50": percentile(round_trip, 50), "p99": percentile(round_trip, 99)},
+        "epoch_poll_s": config.serve.epoch_poll_s,
+    }
+    print(json.dumps(result, indent=2), flush=True)
+    return result
+
+
 def removal_cost(root: Path, steps: int) -> dict[str, Any]:
     cache = Path("~/.adapterswap/models").expanduser()
     config = load_config(
@@ -130,8 +278,12 @@ def main() -> None:
     parser.add_argument("--deletes", type=int, default=50)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10, help="training steps per shard")
+    parser.add_argument("--in-flight-deletes", type=int, default=12)
+    parser.add_argument("--load-clients", type=int, default=3)
     parser.add_argument(
-        "--only", choices=["revocation", "removal"], help="run one part; keep the other's JSON"
+        "--only",
+        choices=["revocation", "in_flight", "removal"],
+        help="run one part; keep the others' JSON",
     )
     args = parser.parse_args()
     previous = json.loads(RESULT.read_text()) if RESULT.exists() else {}
@@ -139,21 +291,40 @@ def main() -> None:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             latency = previous.get("revocation")
-            if args.only != "removal":
+            if args.only in (None, "revocation"):
                 latency = revocation_latency(Path(tmp), args.deletes, args.replicas)
                 serve.shutdown()
+            flight = previous.get("in_flight")
+            if args.only in (None, "in_flight"):
+                flight = in_flight(
+                    Path(tmp), args.in_flight_deletes, args.replicas, args.load_clients
+                )
+                serve.shutdown()
             removal = previous.get("removal")
-            if args.only != "revocation":
+            if args.only in (None, "removal"):
                 removal = removal_cost(Path(tmp), args.steps)
         finally:
             ray.shutdown()
-    write_result("deletion_cost", {"revocation": latency, "removal": removal})
-    print(
-        f"revocation p50 {latency['acknowledged_after_s']['p50'] * 1000:.0f} ms, p99 "
-        f"{latency['acknowledged_after_s']['p99'] * 1000:.0f} ms over {args.deletes} deletes, "
-        f"{args.replicas} replicas; removal: one shard {removal['wall_ratio']:.1f}x faster, "
-        f"{removal['token_ratio']:.1f}x fewer tokens than all {removal['shards']} shards"
-    )
+    write_result("deletion_cost", {"revocation": latency, "in_flight": flight, "removal": removal})
+    if latency:
+        print(
+            f"revocation p50 {latency['acknowledged_after_s']['p50'] * 1000:.0f} ms, p99 "
+            f"{latency['acknowledged_after_s']['p99'] * 1000:.0f} ms over {latency['deletes']} "
+            f"deletes, {latency['replicas']} replicas"
+        )
+    if flight:
+        print(
+            f"in flight: {flight['stream_chunks_after_delete_returned']['total']} stream chunks "
+            f"after the DELETE returned, {flight['completions_answered_with_revoked_version']} "
+            f"completions answered with the revoked version, over {flight['deletes']} deletes; "
+            f"acknowledgement under load p50 {flight['acknowledged_after_s']['p50'] * 1000:.0f} "
+            f"ms, p99 {flight['acknowledged_after_s']['p99'] * 1000:.0f} ms"
+        )
+    if removal:
+        print(
+            f"removal: one shard {removal['wall_ratio']:.1f}x faster, "
+            f"{removal['token_ratio']:.1f}x fewer tokens than all {removal['shards']} shards"
+        )
 
 
 if __name__ == "__main__":

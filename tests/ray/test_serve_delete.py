@@ -23,7 +23,7 @@ from adapterswap.deletion import request_delete
 from adapterswap.ingest import ingest_records
 from adapterswap.readers import RawRecord
 from adapterswap.registry import AdapterRegistry, DeletionState
-from adapterswap.serve_app import build_app
+from adapterswap.serve_app import ServeReplicaOracle, build_app
 
 HR = "hr.b0001.000"
 OVERRIDES = [
@@ -147,3 +147,13 @@ def test_ingest_train_and_delete_under_load_over_http(app):
     assert call(client, keys["admin"], "DELETE", "/v1/documents/hr-secret").status_code == 404
     assert call(client, keys["hr"], "DELETE", "/v1/documents/hr-leave").status_code == 403
     assert registry.replicas_behind(registry.epoch(), live_within_s=60) == []
+
+
+def test_the_barrier_asks_serve_which_model_replicas_are_alive(app):
+    """A replica leaves the deletion barrier only when Serve no longer lists it: the ids the
+    replicas register under are the ones Serve's controller lists."""
+    _, _, registry = app
+    oracle = ServeReplicaOracle(ttl_s=0)
+    registered = [replica for replica, _, _ in registry.live_replicas(1e12)]
+    assert registered and all(oracle(replica) for replica in registered)
+    assert not oracle("a-replica-serve-never-had")
