@@ -193,9 +193,9 @@ def wait_for_replicas(
     stopped every generation in flight that used one: no token is produced with a revoked
     version after it. The replicas are those registered in the store (their ``ack_epoch``)
     that have not unregistered (``forget_replica``, on a clean stop). One is dropped from
-    the barrier only when ``is_alive(replica_id)`` says it is dead: under Ray Serve the
-    ingress asks Serve's controller; without one (``None``) every registered replica counts
-    until it unregisters.
+    the barrier only when ``is_alive(replica_id)`` says it is dead (and is then unregistered,
+    so no later delete asks again): under Ray Serve the ingress asks Serve's controller;
+    without one (``None``) every registered replica counts until it unregisters.
     Missed heartbeats never drop a replica: one that is alive but slow makes this raise
     :class:`RevocationTimeout` after ``timeout_s`` (HTTP 503), the revocation in force.
     ``live_within_s`` is accepted for older callers and ignored.
@@ -207,7 +207,10 @@ def wait_for_replicas(
         registered = store.live_replicas(every_replica_s)
         behind = [(r, e) for r, e, _ in registered if e < epoch]
         if behind and is_alive is not None:
-            behind = [(r, e) for r, e in behind if is_alive(r)]
+            dead = [r for r, _ in behind if not is_alive(r)]
+            for replica in dead:
+                store.forget_replica(replica)  # it would re-register with its next heartbeat
+            behind = [(r, e) for r, e in behind if r not in dead]
         waited = time.monotonic() - started
         if not behind:
             return waited

@@ -224,8 +224,9 @@ class ServeReplicaOracle:
     state, until the replica's actor has stopped (crashed and replaced, scaled down, its
     node lost). So a replica counts as dead only once the controller no longer lists it,
     never for being slow. While the controller cannot be asked, every replica counts as
-    alive: the barrier fails closed (a 503 after its timeout, the revocation in force). One
-    controller call serves ``ttl_s`` of barrier polls.
+    alive: the barrier fails closed (a 503 after its timeout, the revocation in force). A
+    listing serves ``ttl_s`` of barrier polls for the replicas it holds; a replica missing
+    from it is looked up in a fresh one (it may have started since).
     """
 
     def __init__(self, ttl_s: float = 0.5, timeout_s: float = 5.0) -> None:
@@ -236,12 +237,14 @@ class ServeReplicaOracle:
 
     def __call__(self, replica_id: str) -> bool:
         listed = self.replica_ids()
+        if listed is not None and replica_id not in listed:
+            listed = self.replica_ids(fresh=True)  # dead, or newer than the cached listing
         return listed is None or replica_id in listed
 
-    def replica_ids(self) -> set[str] | None:
-        """Every replica id the controller lists now (None: it could not be asked)."""
+    def replica_ids(self, fresh: bool = False) -> set[str] | None:
+        """Every replica id the controller lists (None: it could not be asked)."""
         with self._lock:
-            if time.monotonic() - self._at < self._ttl_s:
+            if not fresh and time.monotonic() - self._at < self._ttl_s:
                 return self._listed
         try:
             from ray.serve.context import _get_global_client
