@@ -358,6 +358,7 @@ class IngressDeployment:
                 serving.key_cache_ttl_s,
                 negative_ttl_s=serving.negative_key_cache_ttl_s,
                 negative_cache_size=serving.negative_key_cache_size,
+                key_ids=lambda: [k.key_id for k in read("list_keys")() if not k.revoked],
             ),
             active=ActiveSet(
                 read("active_snapshot"),

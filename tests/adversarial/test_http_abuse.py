@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import re
+import secrets
 import select
 import socket
 import threading
@@ -63,12 +64,14 @@ def world(tmp_path_factory):
     _corrupt(config.storage, legal.id, legal.version)
     app, _ = in_process_app(config, registry)
     gateway = app.state.gateway
-    # A small negative cache, so its bound shows in a few requests.
+    # As the Serve ingress builds it (with the store's key ids), with a small negative cache
+    # so that its bound shows in a few requests.
     gateway.auth = Authenticator(
         registry.lookup_key,
         config.serve.key_cache_ttl_s,
         negative_ttl_s=0.5,
         negative_cache_size=16,
+        key_ids=lambda: [k.key_id for k in registry.list_keys() if not k.revoked],
     )
     keys = {
         "hr": registry.create_key("hana", ["hr"])[0],
@@ -470,19 +473,39 @@ def test_a_malformed_key_is_refused_without_calling_the_store(world):
 
 def test_unknown_keys_are_refused_from_a_short_bounded_cache(world):
     """Before: no negative cache: the same unknown key was a store call every time."""
-    client, _, app = world
+    client, keys, app = world
     auth = app.state.gateway.auth
-    unknown = "as_0123456789abcdef_" + "e" * 64
+    known_id = keys["hr"].split("_")[1]
+    forged = f"as_{known_id}_{'e' * 64}"  # a real key id, a wrong secret: a store lookup
+    time.sleep(0.6)
     before = auth.store_lookups
     for _ in range(20):
-        assert (
-            client.get("/v1/models", headers={"Authorization": f"Bearer {unknown}"}).status_code
-            == 401
-        )
+        answer = client.get("/v1/models", headers={"Authorization": f"Bearer {forged}"})
+        assert answer.status_code == 401
     assert auth.store_lookups == before + 1
     time.sleep(0.6)  # the negative TTL (0.5 s here) passes: the store is asked again
-    client.get("/v1/models", headers={"Authorization": f"Bearer {unknown}"})
+    client.get("/v1/models", headers={"Authorization": f"Bearer {forged}"})
     assert auth.store_lookups == before + 2
     for i in range(40):  # a flood of distinct keys: the cache stays within its bound
-        client.get("/v1/models", headers={"Authorization": f"Bearer as_{i:016x}_{'f' * 64}"})
+        client.get("/v1/models", headers={"Authorization": f"Bearer {known_id_key(known_id, i)}"})
     assert auth.refused_cached <= 16
+
+
+def known_id_key(key_id: str, i: int) -> str:
+    return f"as_{key_id}_{i:064x}"
+
+
+def test_a_flood_of_random_well_formed_keys_costs_one_store_read_per_ttl(world):
+    """Before: every one of them was a lookup in the store."""
+    client, _, app = world
+    auth = app.state.gateway.auth
+    time.sleep(0.6)  # let the id list age past the negative TTL
+    lookups, reads = auth.store_lookups, auth.id_list_reads
+    started = time.monotonic()
+    for _ in range(100):
+        key = f"as_{secrets.token_hex(8)}_{secrets.token_hex(32)}"
+        answer = client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert answer.status_code == 401
+    ttls = (time.monotonic() - started) / 0.5
+    assert auth.store_lookups == lookups
+    assert 1 <= auth.id_list_reads - reads <= 1 + ttls

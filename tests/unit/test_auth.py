@@ -190,3 +190,52 @@ def test_the_async_path_answers_hits_inline_and_looks_up_misses_on_its_own_threa
     first, again = asyncio.run(run())
     assert first == again and first.user == "gus"
     assert len(threads) == 1 and threads[0].startswith("key-lookup")
+
+
+def active_ids(store):
+    return lambda: [r.key_id for r in store.list_keys() if not r.revoked]
+
+
+def test_random_well_formed_keys_cost_one_id_list_read_per_ttl_not_a_lookup_each(store):
+    store.create_key("hal", ["hr"])
+    lookup, clock = CountingLookup(store), Clock()
+    auth = Authenticator(
+        lookup, ttl_s=5, clock=clock, negative_ttl_s=1.0, key_ids=active_ids(store)
+    )
+    for i in range(500):  # a flood of distinct, well-formed, unknown keys
+        with pytest.raises(Unauthorized):
+            auth.authenticate(f"Bearer as_{i:016x}_{'c' * 64}")
+    assert (lookup.calls, auth.id_list_reads) == (0, 1)
+    clock.now = 1.5
+    with pytest.raises(Unauthorized):
+        auth.authenticate(f"Bearer as_{501:016x}_{'c' * 64}")
+    assert (lookup.calls, auth.id_list_reads) == (0, 2)
+
+
+def test_with_the_id_list_a_new_key_works_at_once_or_within_the_negative_ttl(store):
+    clock = Clock()
+    auth = Authenticator(
+        store.lookup_key, ttl_s=5, clock=clock, negative_ttl_s=1.0, key_ids=active_ids(store)
+    )
+    first, _ = store.create_key("ivy", ["hr"])
+    assert auth.authenticate(f"Bearer {first}").user == "ivy"  # the list is read: it is there
+    clock.now = 10.0
+    with pytest.raises(Unauthorized):  # an unknown id reads the list at t=10
+        auth.authenticate(f"Bearer as_{'0' * 16}_{'d' * 64}")
+    late, _ = store.create_key("jo", ["hr"])  # created just after that read
+    clock.now = 10.5
+    with pytest.raises(Unauthorized):
+        auth.authenticate(f"Bearer {late}")
+    clock.now = 11.01  # past the negative TTL: the list is read again
+    assert auth.authenticate(f"Bearer {late}").user == "jo"
+
+
+def test_a_known_id_with_a_wrong_secret_is_a_lookup_and_is_refused(store):
+    key, record = store.create_key("kim", ["hr"])
+    lookup = CountingLookup(store)
+    auth = Authenticator(lookup, ttl_s=5, key_ids=active_ids(store))
+    forged = f"as_{record.key_id}_{'0' * 64}"
+    with pytest.raises(Unauthorized, match="invalid or revoked"):
+        auth.authenticate(f"Bearer {forged}")
+    assert lookup.calls == 1
+    assert auth.authenticate(f"Bearer {key}").user == "kim"
