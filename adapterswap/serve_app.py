@@ -278,7 +278,7 @@ _NO_CAPACITY = (BackPressureError, DeploymentUnavailableError)
 def _model_error(exc: BaseException) -> BaseException:
     """What the ingress raises for a model call's failure: the replica's own exception out of
     its Ray wrapper, or Overloaded (HTTP 503, Retry-After) for a lack of capacity."""
-    if isinstance(exc, _NO_CAPACITY | REPLICA_GONE):
+    if isinstance(exc, (*_NO_CAPACITY, *REPLICA_GONE)):
         return Overloaded("no model replica can take the request now; retry shortly")
     return unwrap_remote(exc)
 

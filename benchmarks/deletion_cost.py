@@ -166,6 +166,7 @@ def in_flight(root: Path, deletes: int, replicas: int, load_clients: int) -> dic
     for thread in loaders:
         thread.start()
     after_ack, endings, answered_revoked, acknowledged, round_trip = [], [], 0, [], []
+    outcomes: list[str] = []
     with httpx.Client(base_url=base, timeout=120) as client:
         for i in range(deletes):
             doc = f"doc-{i}"
@@ -188,7 +189,7 @@ def in_flight(root: Path, deletes: int, replicas: int, load_clients: int) -> dic
                     r = http.post(
                         "/v1/completions", json=long_body(doc, False), headers=headers["hr"]
                     )
-                    completion.update(status=r.status_code, body=r.json())
+                    completion.update(status=r.status_code, body=r.json(), at=time.monotonic())
 
             workers = [threading.Thread(target=stream), threading.Thread(target=complete)]
             for thread in workers:
@@ -207,11 +208,19 @@ def in_flight(root: Path, deletes: int, replicas: int, load_clients: int) -> dic
             text = [(t, c) for t, c in chunks if c != "[DONE]" and "error" not in json.loads(c)]
             after_ack.append(sum(1 for t, c in text if t > returned))
             last = json.loads(chunks[-2][1]) if len(chunks) >= 2 else {}
-            endings.append(last.get("error", {}).get("code") or "finished")
-            named = completion.get("body", {}).get("adapterswap", {}).get("adapters", [])
-            answered_revoked += completion.get("status") == 200 and any(
-                a["id"] == adapters[doc] for a in named
+            ended = "before" if chunks and chunks[-1][0] < returned else "after"
+            endings.append(
+                last.get("error", {}).get("code") or f"ran to the end, {ended} the DELETE returned"
             )
+            named = completion.get("body", {}).get("adapterswap", {}).get("adapters", [])
+            revoked_named = any(a["id"] == adapters[doc] for a in named)
+            if completion.get("status") == 200 and revoked_named:
+                before = completion["at"] < returned
+                outcome = "200 revoked version, before the DELETE returned" if before else None
+                answered_revoked += not before
+            else:
+                outcome = str(completion.get("status"))
+            outcomes.append(outcome or "200 revoked version, after the DELETE returned")
     stop.set()
     for thread in loaders:
         thread.join(timeout=120)
@@ -226,6 +235,7 @@ def in_flight(root: Path, deletes: int, replicas: int, load_clients: int) -> dic
         "stream_chunks_after_delete_returned": {"total": sum(after_ack), "max": max(after_ack)},
         "stream_endings": {e: endings.count(e) for e in sorted(set(endings))},
         "completions_answered_with_revoked_version": answered_revoked,
+        "completion_outcomes": {o: outcomes.count(o) for o in sorted(set(outcomes))},
         "acknowledged_after_s": {
             "p50": percentile(acknowledged, 50),
             "p99": percentile(acknowledged, 99),
