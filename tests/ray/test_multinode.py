@@ -33,14 +33,16 @@ import pytest
 import ray
 from ray import serve
 from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from support import free_port
 
-from actors.adapter_store import STORE_ACTOR_NAME, get_store
+from actors.adapter_store import STORE_ACTOR_NAME, get_or_create_store, get_store
 from adapterswap.cluster_status import collect_cluster
 from adapterswap.config import load_config
 from adapterswap.ingest import ingest_files
+from adapterswap.locks import exclusive
 from adapterswap.registry import AdapterRegistry, AdapterStatus
-from adapterswap.serve_app import build_app
+from adapterswap.serve_app import StoreProxy, build_app
 from adapterswap.status import collect_status, format_status
 from adapterswap.train_job import run_training
 
@@ -125,6 +127,41 @@ def test_shards_train_at_once_on_different_nodes(cluster, home):
     assert nodes == worker_nodes  # one shard per worker node, none on the head (no slot)
     (a_start, a_end), (b_start, b_end) = ((w["start"], w["end"]) for w in workers)
     assert a_start < b_end and b_start < a_end  # their lifetimes overlap: trained at once
+
+
+@ray.remote(num_cpus=0)
+class LockHolder:
+    """Takes the ingest lock in turns with holders on other nodes, through the one store."""
+
+    def __init__(self, namespace: str) -> None:
+        self.store = StoreProxy(get_store(namespace))
+
+    def hold(self, rounds: int) -> list[tuple[float, float]]:
+        spans = []
+        for _ in range(rounds):
+            with exclusive(self.store, "ingest"):
+                start = time.time()
+                time.sleep(0.2)
+                spans.append((start, time.time()))
+        return spans
+
+
+def test_the_ingest_lock_holds_across_nodes(cluster, home):
+    """A per-host file lock would let a holder on each node in at once (each host has its own
+    lock file); the store's lease lets one in at a time, whichever node it runs on."""
+    _, worker_nodes, _ = cluster
+    config, _, _ = home
+    get_or_create_store(config)
+    holders = [
+        LockHolder.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+        ).remote(config.ray.namespace)
+        for node in sorted(worker_nodes)
+    ]
+    spans = sorted(s for spans in ray.get([h.hold.remote(4) for h in holders]) for s in spans)
+    assert len(spans) == 8
+    overlaps = [(a, b) for a, b in zip(spans, spans[1:], strict=False) if a[1] > b[0]]
+    assert overlaps == []
 
 
 def test_a_killed_training_worker_resumes_from_its_checkpoint(cluster, home, tmp_path):
