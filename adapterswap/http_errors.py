@@ -38,6 +38,7 @@ from adapterswap.errors import (
     Unauthorized,
     unwrap_remote,
 )
+from adapterswap.replica import AdapterLoadFailed, GenerationFailed
 
 logger = logging.getLogger("adapterswap.http")
 
@@ -48,6 +49,8 @@ RETRY_AFTER_S = 1
 # Server-side failures, whatever their class: shown only as a request id.
 _INTERNAL: tuple[type[Exception], ...] = (
     ServerFault,
+    AdapterLoadFailed,
+    GenerationFailed,
     InvalidAdapter,
     InvalidMixture,
     AdapterNotLoaded,

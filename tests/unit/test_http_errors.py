@@ -22,6 +22,7 @@ from adapterswap.errors import (
     unwrap_remote,
 )
 from adapterswap.http_errors import error_reply, from_exception
+from adapterswap.replica import AdapterLoadFailed, GenerationFailed
 from adapterswap.schemas import CompletionRequest
 
 
@@ -130,6 +131,8 @@ def test_codes_say_what_a_client_branches_on():
         InvalidAdapter("legal.b0001.000 v1: /home/adapters/legal/v1 holds NaN"),
         InvalidMixture("mixture row 3: weight 1e300 for legal.b0001.000 v1"),
         ServerFault("adapter legal.b0001.000 could not be loaded"),
+        AdapterLoadFailed("an adapter this request needs could not be loaded"),
+        ray_wrapped(GenerationFailed("the batch failed")),
     ],
 )
 def test_server_faults_are_500s_with_only_a_request_id(exc, caplog):
