@@ -16,7 +16,7 @@ from adapterswap.epoch_watch import EpochWatcher
 from adapterswap.errors import IllegalTransition, NotFound, RevocationTimeout
 from adapterswap.ingest import ingest_records
 from adapterswap.readers import RawRecord
-from adapterswap.registry import AdapterRegistry, AdapterStatus, DeletionState
+from adapterswap.registry import AdapterRegistry, AdapterStatus, DeletionState, JobState
 from adapterswap.train_plan import shards_to_train
 
 CANARY = "zq-canary-5521 the vault code is Quillon Amber"
@@ -211,3 +211,118 @@ def test_shards_to_train_can_be_limited_to_the_deleted_documents_shards(tmp_path
     assert shards_to_train(catalog, reg, only=set()) == []  # a delete of untrained documents
     assert [w.adapter_id for w in shards_to_train(catalog, reg, only={hr})] == [hr]
     assert len(shards_to_train(catalog, reg)) == 2
+
+
+def test_an_acknowledged_epoch_never_moves_back(reg):
+    """Point 6: a late acknowledgement of an older epoch only says the replica is alive."""
+    reg.ack_epoch("r1", 5)
+    ((_, _, first_seen),) = reg.live_replicas(60)
+    time.sleep(0.01)
+    reg.ack_epoch("r1", 3)
+    assert reg.replicas_behind(5, live_within_s=60) == []
+    ((replica, epoch, seen),) = reg.live_replicas(60)
+    assert (replica, epoch) == ("r1", 5) and seen > first_seen  # still refreshed
+    reg.ack_epoch("r1", 7)
+    assert reg.live_replicas(60)[0][1] == 7
+
+
+def test_every_delete_revokes_whatever_holds_the_id_even_mid_deletion(reg):
+    """A DELETE while an earlier deletion of the id is unfinished is no no-op: whatever
+    holds the id now (here, a version trained on a replacement) is revoked too."""
+    _active(reg, "hr.b1.000", ["d1"])
+    job, (old,) = reg.begin_delete(["d1"], "r", content_hashes={"d1": "sha256:old"})
+    reg.advance_deletion([old], DeletionState.REMOVED)
+    fresh = reg.register_version(
+        "hr.b2.000", "hr", "x", ["d1"], content_hashes={"d1": "sha256:new"}
+    )
+    reg.activate("hr.b2.000", fresh.version)  # the replacement's version: not held back
+    epoch = reg.epoch()
+    again, records = reg.begin_delete(["d1"], "r", content_hashes={"d1": "sha256:new"})
+    assert reg.get_version("hr.b2.000", fresh.version).status == AdapterStatus.REVOKED
+    assert reg.epoch() == epoch + 1 and again is not None and again.job_id != job.job_id
+    assert [(r.content_hash, r.state) for r in records] == [("sha256:new", "deleting")]
+    assert records[0].revoked == [fresh.ref] and records[0].epoch == epoch + 1
+    assert reg.deletions("d1")[0].state == DeletionState.REMOVED  # the old one goes on
+    # a repeat with no content known (the catalog no longer holds it) still revokes
+    third = reg.register_version("hr.b3.000", "hr", "x", ["d1"], content_hashes={"d1": "sha256:x"})
+    reg.activate("hr.b3.000", third.version)
+    _, records = reg.begin_delete(["d1"], "r")
+    assert reg.get_version("hr.b3.000", third.version).status == AdapterStatus.REVOKED
+    assert all(third.ref in r.revoked for r in records) and len(records) == 2
+    assert len(reg.deletions("d1")) == 2  # no new deletion: the unfinished ones cover it
+
+
+def test_a_repeat_delete_takes_over_a_deletion_whose_job_ended(reg):
+    _active(reg, "hr.b1.000", ["d1"])
+    job, (record,) = reg.begin_delete(["d1"], "r", content_hashes={"d1": "sha256:a"})
+    same, _ = reg.begin_delete(["d1"], "r")
+    assert same is None  # its job is pending: it carries the deletion on
+    reg.update_job(job.job_id, JobState.RUNNING)
+    reg.update_job(job.job_id, JobState.FAILED, error="retraining failed")
+    new, (again,) = reg.begin_delete(["d1"], "r")
+    assert new is not None and new.job_id != job.job_id
+    assert (again.deletion_id, again.job_id) == (record.deletion_id, new.job_id)
+
+
+def test_deletions_are_keyed_by_id_and_content_and_kept_as_history(reg):
+    _, first = reg.begin_delete(["d1"], "r", content_hashes={"d1": ["sha256:a", "sha256:b"]})
+    assert [r.content_hash for r in first] == ["sha256:a", "sha256:b"]
+    with sqlite3.connect(reg.db_path) as conn, pytest.raises(sqlite3.IntegrityError):
+        conn.execute(  # one unfinished deletion per (id, content)
+            "INSERT INTO deletions (doc_id, content_hash, state, job_id, actor, epoch, revoked, "
+            "requested_at, updated_at) VALUES ('d1', 'sha256:a', 'deleting', 'j', 'a', 0, '[]', "
+            "'t', 't')"
+        )
+    reg.advance_deletion(first, DeletionState.PURGED)
+    _, (later,) = reg.begin_delete(["d1"], "r", content_hashes={"d1": "sha256:a"})  # re-ingested
+    assert [(d.content_hash, d.state) for d in reg.deletions("d1")] == [
+        ("sha256:a", "purged"),
+        ("sha256:b", "purged"),
+        ("sha256:a", "deleting"),
+    ]
+    assert reg.deletion("d1") == later
+
+
+def test_catalog_removal_matches_any_of_several_contents_and_ids_stay_unique(tmp_path):
+    config = _home(tmp_path)
+    catalog = Catalog(config.storage)
+    rows = {r["id"]: r["content_hash"] for r in catalog.read(["id", "content_hash"]).to_pylist()}
+    assert catalog.duplicate_ids() == []
+    assert catalog.remove(["hr-1", "hr-2"], {"hr-1": ["sha256:other"], "hr-2": []}) == []
+    catalog.remove(["hr-1", "hr-2"], {"hr-1": ["sha256:other", rows["hr-1"]], "hr-2": None})
+    assert catalog.ids() == {"fin-1"}
+
+
+def test_a_delete_reads_the_catalog_again_and_deletes_a_replacement_that_landed(tmp_path):
+    """Without the ingest lock (the CLI), a replacement written between the DELETE's catalog
+    read and its revocation is found on the second read and deleted too."""
+    config = _home(tmp_path)
+    reg, catalog = AdapterRegistry(config.db_path), Catalog(config.storage)
+
+    def replace(doc_ids):  # what the gateway does for replace: true
+        request = request_delete(reg, catalog, doc_ids, "r", "replacer")
+        catalog.remove(doc_ids, request.held)
+        reg.advance_deletion(request.records, DeletionState.REMOVED)
+
+    class Racing:  # the store, with a replace landing just before the DELETE's revocation
+        landed = False
+
+        def __getattr__(self, name):
+            return getattr(reg, name)
+
+        def begin_delete(self, *args, **kwargs):
+            if not self.landed:
+                self.landed = True
+                new = {"id": "hr-1", "text": "a replacement", "group": "hr"}
+                ingest_records(
+                    [RawRecord("r", new)], config, embed=None, audit=reg, replace=replace
+                )
+            return reg.begin_delete(*args, **kwargs)
+
+    request = request_delete(Racing(), catalog, ["hr-1"], "r", "root")
+    replaced, deleted = reg.deletions("hr-1")
+    assert (replaced.actor, replaced.state, deleted.actor) == ("replacer", "removed", "root")
+    (row,) = [r for r in catalog.read(["id", "content_hash"]).to_pylist() if r["id"] == "hr-1"]
+    assert deleted.content_hash == row["content_hash"]  # the replacement's content
+    assert deleted.content_hash != replaced.content_hash and deleted in request.records
+    assert request.held == {"hr-1": [deleted.content_hash]}

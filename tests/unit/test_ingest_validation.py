@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,8 +12,11 @@ import pytest
 
 from adapterswap.catalog import Catalog
 from adapterswap.config import load_config
+from adapterswap.deletion import request_delete
 from adapterswap.errors import InvalidDocument
-from adapterswap.ingest import ingest_files
+from adapterswap.ingest import ingest_files, ingest_lock, ingest_records
+from adapterswap.readers import RawRecord
+from adapterswap.registry import AdapterRegistry, DeletionState
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -66,6 +70,14 @@ BAD_RECORDS = [
     ({"id": "d1", "text": "hi", "group": "hr"}, "id 'd1' already exists in the catalog"),
     ({"id": "a", "text": "x" * 100_001, "group": "hr"}, "over ingest.max_doc_chars=100000"),
     ({"id": "a", "text": "\ud800 lone", "group": "hr"}, "cannot be encoded as UTF-8"),
+    (
+        {"id": "a", "text": "hi", "group": "hr", "metadata": {"note": "\ud800"}},
+        "field 'metadata' contains characters that cannot be encoded as UTF-8",
+    ),
+    (
+        {"id": "a", "text": "hi", "group": "hr", "metadata": {"\udfff": 1}},
+        "field 'metadata' contains characters that cannot be encoded as UTF-8",
+    ),
 ]
 
 
@@ -204,3 +216,117 @@ def test_all_three_formats_ingest(config, tmp_path):
     assert {r["batch"] for r in rows.values()} == {"b0001"}
     assert rows["d2"]["shard"].startswith("finance.b0001.")
     assert rows["d1"]["ingested_at"] is not None
+
+
+# -- ingest while deletions are unfinished, replace, and the critical section ---------------
+
+
+@pytest.fixture
+def store(config):
+    registry = AdapterRegistry(config.db_path)
+    yield registry
+    registry.close()
+
+
+def hash_of(config, doc_id: str) -> str:
+    rows = Catalog(config.storage).read(["id", "content_hash"]).to_pylist()
+    return next(r["content_hash"] for r in rows if r["id"] == doc_id)
+
+
+def replacer(config, store):
+    """What the gateway does for ``replace: true`` (under the ingest lock): revoke, remove the
+    old rows, record them removed."""
+    calls = []
+
+    def replace(doc_ids):
+        catalog = Catalog(config.storage)
+        request = request_delete(store, catalog, doc_ids, "test", "test")
+        catalog.remove(doc_ids, {d: request.held.get(d, []) for d in doc_ids})
+        done = [r for r in request.records if r.content_hash in request.held.get(r.doc_id, [])]
+        store.advance_deletion(done, DeletionState.REMOVED)
+        calls.append(doc_ids)
+
+    return replace, calls
+
+
+def test_an_id_being_deleted_is_refused_until_its_deletion_is_purged(config, store, tmp_path):
+    seed = write_jsonl(tmp_path / "seed.jsonl", [doc(0), doc(1)])
+    ingest_files([seed], config, embed=None, audit=store)
+    request = request_delete(store, Catalog(config.storage), ["d1"], "test", "test")
+    again = write_jsonl(tmp_path / "again.jsonl", [doc(2), doc(1, text="A new text.")])
+    with pytest.raises(InvalidDocument, match="again.jsonl:2: id 'd1' already exists"):
+        ingest_files([again], config, embed=None, audit=store)  # deleting: still in the catalog
+    Catalog(config.storage).remove(["d1"])
+    for state in (DeletionState.REMOVED, DeletionState.RETRAINED):
+        store.advance_deletion(request.records, state)
+        with pytest.raises(
+            InvalidDocument,
+            match=rf"again.jsonl:2: document 'd1' is still being deleted \(deletion {state}, "
+            rf"job {request.job_id}\); ingest it again once that job has finished",
+        ):
+            ingest_files([again], config, embed=None, audit=store)
+        assert Catalog(config.storage).ids() == {"d0"}
+    store.advance_deletion(request.records, DeletionState.PURGED)
+    assert ingest_files([again], config, embed=None, audit=store).accepted == 2
+
+
+def test_replace_may_follow_a_replace_but_never_a_delete(config, store):
+    records = lambda text: [RawRecord("r", doc(1, text=text))]  # noqa: E731
+    ingest_records(records("zero"), config, embed=None, audit=store)
+    replace, calls = replacer(config, store)
+    zero = hash_of(config, "d1")
+    ingest_records(records("one"), config, embed=None, audit=store, replace=replace)
+    ingest_records(records("two"), config, embed=None, audit=store, replace=replace)
+    assert calls == [["d1"], ["d1"]]  # the deletion of "zero" is unfinished: fine, other text
+    assert [r["text"] for r in Catalog(config.storage).read(["id", "text"]).to_pylist()] == ["two"]
+    with pytest.raises(InvalidDocument, match="'d1' is still being deleted"):  # "zero" again
+        ingest_records(records("zero"), config, embed=None, audit=store, replace=replace)
+    assert [d.content_hash for d in store.deletions("d1")][0] == zero
+    request_delete(store, Catalog(config.storage), ["d1"], "test", "test")  # DELETE d1
+    with pytest.raises(InvalidDocument, match="'d1' is still being deleted"):
+        ingest_records(records("three"), config, embed=None, audit=store, replace=replace)
+    assert len(calls) == 2  # refused before anything was revoked
+
+
+def test_a_replace_revokes_only_after_the_fragment_is_built(config, store, monkeypatch):
+    ingest_records([RawRecord("r", doc(1))], config, embed=None, audit=store)
+    replace, calls = replacer(config, store)
+
+    def unbuildable(*args, **kwargs):
+        raise pa.ArrowInvalid("cannot encode")
+
+    monkeypatch.setattr(Catalog, "build", unbuildable)
+    with pytest.raises(pa.ArrowInvalid):
+        ingest_records(
+            [RawRecord("r", doc(1, text="new"))], config, embed=None, audit=store, replace=replace
+        )
+    assert calls == [] and store.deletions("d1") == []  # nothing revoked, nothing recorded
+
+
+def test_the_audit_row_is_written_inside_the_ingest_critical_section(config, store):
+    """Point 6: no other catalog change can land between an ingest and its audit row."""
+    seen = []
+
+    class Audit:  # the store, watching its audit row being written
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def append_audit(self, actor, action, **details):
+            got = threading.Event()
+
+            def other_ingest():
+                with ingest_lock(store):
+                    got.set()
+
+            thread = threading.Thread(target=other_ingest)
+            thread.start()
+            seen.append(got.wait(0.3))  # another ingest cannot start: the lock is held
+            store.append_audit(actor, action, **details)
+            others.append((thread, got))
+
+    others = []
+    ingest_records([RawRecord("r", doc(1))], config, embed=None, audit=Audit())
+    ((thread, got),) = others
+    thread.join(10)  # and takes its turn once this ingest is done
+    assert seen == [False] and got.is_set()
+    assert store.audit_log()[-1].action == "ingest"
