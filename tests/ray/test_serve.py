@@ -289,3 +289,20 @@ def test_store_calls_have_deadlines_and_writes_are_sent_once(served):
     assert time.monotonic() - started < 1.9  # neither waited for the slow store
     assert ray.get(slow.written.remote(), timeout=60) == 1  # the write was not sent again
     ray.kill(slow)
+
+
+def test_an_oversized_body_is_refused_before_it_is_read_whole(served):
+    """Behind Serve's proxy too: the ingress answers 413 on Content-Length, so the client is
+    stopped long before it sends 400 MiB. (Serve's proxy buffers what arrives meanwhile;
+    a terminating proxy's own body limit stops even that.)"""
+    from adversarial.test_http_abuse import push
+
+    port = int(str(served.base_url).split(":")[2].split("/")[0])
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {served.api_key}\r\nContent-Length: {400 * 2**20}\r\n\r\n"
+    ).encode()
+    answer, sent = push(port, head, b" " * 65536, cap=400 * 2**20)
+    assert answer.startswith(b"HTTP/1.1 413"), (answer[:300], sent)
+    print(f"sent {sent / 2**20:.1f} MiB before the 413")
+    assert sent < 100 * 2**20
