@@ -38,7 +38,6 @@ from adapterswap.errors import (
     Unauthorized,
     unwrap_remote,
 )
-from adapterswap.replica import AdapterLoadFailed, GenerationFailed
 
 logger = logging.getLogger("adapterswap.http")
 
@@ -48,9 +47,7 @@ RETRY_AFTER_S = 1
 
 # Server-side failures, whatever their class: shown only as a request id.
 _INTERNAL: tuple[type[Exception], ...] = (
-    ServerFault,
-    AdapterLoadFailed,
-    GenerationFailed,
+    ServerFault,  # the replica's AdapterLoadFailed and GenerationFailed among them
     InvalidAdapter,
     InvalidMixture,
     AdapterNotLoaded,

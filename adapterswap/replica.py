@@ -44,7 +44,13 @@ from adapterswap.artifacts import BaseModelMismatch
 from adapterswap.base_model import LoadedModel, hash_base_model, load_base_model
 from adapterswap.compose import AdapterBank, InvalidAdapter, InvalidMixture
 from adapterswap.config import AdapterSwapConfig
-from adapterswap.errors import AdapterSwapError, InvalidArgument, PayloadTooLarge, StaleMixture
+from adapterswap.errors import (
+    AdapterSwapError,
+    InvalidArgument,
+    PayloadTooLarge,
+    ServerFault,
+    StaleMixture,
+)
 from adapterswap.generation import (
     GenerationRequest,
     GenerationResult,
@@ -65,13 +71,13 @@ _LOAD_FAILED = (
 )
 
 
-class AdapterLoadFailed(AdapterSwapError):
+class AdapterLoadFailed(ServerFault):
     """A stored adapter version a job needs could not be loaded: damaged files, another base
     model, a storage error. The server's fault, not the caller's (HTTP 500); the message
     names nothing, the log has the details."""
 
 
-class GenerationFailed(AdapterSwapError):
+class GenerationFailed(ServerFault):
     """A job failed while it ran, for a reason that is not the caller's (HTTP 500); the
     message says nothing of the server, the log has the details."""
 
@@ -112,6 +118,7 @@ class ModelReplica:
         self.active = ActiveSet(snapshot, self._drop, epoch)
         self.max_prompt_tokens = config.serve.max_prompt_tokens
         self.last_composition_ms = 0.0  # mixture setup of the latest batch (a metric)
+        self.adapter_hits = self.adapter_misses = 0  # jobs' adapters found loaded, or not
         self._lock = threading.Lock()  # the bank holds one mixture at a time
         # Held while a step samples and streams (and while a score is checked): a sync waits
         # for that, never for a forward.
@@ -234,6 +241,11 @@ class ModelReplica:
             raise StaleMixture(f"adapter {gone[0].id!r} version {gone[0].version} is not active")
         ids = self.prompt_ids(job)
         if job.mixture:
+            # Hits and misses are counted here, at each job's first look at the bank: the
+            # batch then finds every adapter loaded.
+            loaded = sum(ref in self.bank for ref, _ in job.mixture)
+            self.adapter_hits += loaded
+            self.adapter_misses += len(job.mixture) - loaded
             self.bank.check_row(job.mixture, self._load)  # weights, loading, overflow
         return ids
 

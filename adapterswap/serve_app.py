@@ -171,15 +171,16 @@ class ModelDeployment:
         # that shares a node with a store and trainers still wants every core for its batches.
         torch.set_num_threads(self.config.serve.cpu_threads or os.cpu_count() or 1)
         store = _store_reader(self.config)
+        deadline = self.config.serve.store_timeout_s
         self.replica = ModelReplica(
             self.config,
-            lambda: _read(store, "active_snapshot"),
-            epoch=lambda: _read(store, "epoch"),
+            lambda: _read(store, "active_snapshot", timeout_s=deadline),
+            epoch=lambda: _read(store, "epoch", timeout_s=deadline),
         )
         self.metrics = ServeMetrics()
         self.watcher = EpochWatcher(
             self.replica.sync,
-            StoreProxy(store),
+            StoreProxy(store, deadline),
             replica_id=serve.get_replica_context().replica_id.unique_id,
             poll_s=self.config.serve.epoch_poll_s,
             heartbeat_s=self.config.serve.replica_heartbeat_s,
@@ -192,11 +193,13 @@ class ModelDeployment:
         self, jobs: list[InferenceJob]
     ) -> list[GenerationResult | AdapterSwapError]:
         # A job that cannot run comes back as its error, in its place: it fails alone.
-        bank = self.replica.bank
-        hits, misses = bank.hits, bank.misses
-        results = await asyncio.to_thread(self.replica.generate, jobs)
+        replica = self.replica
+        hits, misses = replica.adapter_hits, replica.adapter_misses
+        results = await asyncio.to_thread(replica.generate, jobs)
         self.metrics.record_batch(
-            bank.hits - hits, bank.misses - misses, self.replica.last_composition_ms
+            replica.adapter_hits - hits,
+            replica.adapter_misses - misses,
+            replica.last_composition_ms,
         )
         return results
 

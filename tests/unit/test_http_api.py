@@ -521,3 +521,14 @@ def test_the_contract_documents_the_weight_bound_and_the_503_retry(world):
         content=b"{}",
     )
     assert too_big.status_code == 413 and "max_body_bytes" in too_big.json()["error"]["message"]
+
+
+def test_each_requests_adapter_counts_once_as_a_cache_hit_or_miss(world):
+    client, keys, refs, replica = world
+    replica.bank.evict(refs["hr"])
+    before = replica.adapter_hits, replica.adapter_misses
+    body = {"prompt": "Leave?", "max_tokens": 1, "adapters": [{"id": refs["hr"].id}]}
+    for _ in range(2):
+        assert post(client, keys["hr"], "/v1/completions", body).status_code == 200
+    # the first request missed and loaded it, the second found it; the batch counts nothing
+    assert (replica.adapter_hits - before[0], replica.adapter_misses - before[1]) == (1, 1)
