@@ -18,7 +18,6 @@ from adapterswap.deletion import (
     run_deletion,
     wait_for_replicas,
 )
-from adapterswap.epoch_watch import live_window_s
 from adapterswap.errors import AdapterSwapError
 from adapterswap.jobs import process_runner, submit_ray_job
 from adapterswap.registry import AdapterRegistry
@@ -43,7 +42,6 @@ def delete_documents(
         registry,
         request.epoch,
         timeout_s=config.serve.revocation_timeout_s,
-        live_within_s=live_window_s(config.serve.replica_heartbeat_s),
     )
     revoked = ", ".join(f"{r['id']} v{r['version']}" for r in request.revoked) or "none"
     lines = [

@@ -183,7 +183,6 @@ def wait_for_replicas(
     *,
     timeout_s: float,
     is_alive: Callable[[str], bool] | None = None,
-    live_within_s: float | None = None,
     poll_s: float = 0.05,
     sleep: Callable[[float], None] = time.sleep,
 ) -> float:
@@ -198,9 +197,7 @@ def wait_for_replicas(
     without one (``None``) every registered replica counts until it unregisters.
     Missed heartbeats never drop a replica: one that is alive but slow makes this raise
     :class:`RevocationTimeout` after ``timeout_s`` (HTTP 503), the revocation in force.
-    ``live_within_s`` is accepted for older callers and ignored.
     """
-    del live_within_s  # heartbeats say nothing about whether a replica can still serve
     every_replica_s = 1e12  # live_replicas(window) lists those seen within it: all of them
     started = time.monotonic()
     while True:

@@ -319,9 +319,7 @@ def test_only_a_replica_reported_dead_leaves_the_barrier(tmp_path):
     time.sleep(0.05)
     dead = {"dead"}
     with pytest.raises(RevocationTimeout, match=r"slow \(at epoch 0\)"):
-        wait_for_replicas(
-            registry, 1, timeout_s=0.2, live_within_s=0.01, is_alive=lambda r: r not in dead
-        )
+        wait_for_replicas(registry, 1, timeout_s=0.2, is_alive=lambda r: r not in dead)
     assert [r for r, _, _ in registry.live_replicas(3600)] == ["slow"]  # "dead" unregistered
     dead.add("slow")  # Serve reports it dead too: nothing to wait for
     assert wait_for_replicas(registry, 1, timeout_s=5, is_alive=lambda r: r not in dead) < 1
