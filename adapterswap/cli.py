@@ -236,6 +236,7 @@ def _forwarded_flags(args: argparse.Namespace) -> list[str]:
 
 
 def _cmd_delete(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
+    from adapterswap.cluster_status import replica_liveness
     from adapterswap.delete_cli import delete_documents, finish_deletions
 
     if args.finish == bool(args.doc_ids):
@@ -249,6 +250,7 @@ def _cmd_delete(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[st
         wait=args.wait,
         forward=_forwarded_flags(args),
         quiet=args.json,
+        is_alive=replica_liveness(config),
     )
 
 

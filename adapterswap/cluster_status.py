@@ -1,4 +1,5 @@
-"""The cluster half of ``adapterswap status --cluster``: Ray's nodes and the Serve apps.
+"""What the command line asks a running cluster: Ray's nodes and the Serve apps for
+``adapterswap status --cluster``, and which model replicas are alive for ``adapterswap delete``.
 
 This module imports ray. It joins a running cluster (``ray.address``, else the one ``ray
 start`` recorded) and never starts one: with no cluster there is nothing to report on.
@@ -6,6 +7,7 @@ start`` recorded) and never starts one: with no cluster there is nothing to repo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -22,15 +24,7 @@ class NoCluster(AdapterSwapError):
 
 def collect_cluster(config: AdapterSwapConfig) -> dict[str, Any]:
     """Nodes (alive, address, total resources) and every Serve app's deployments."""
-    if not ray.is_initialized():
-        address = config.ray.address or "auto"
-        try:
-            ray.init(address=address, namespace=config.ray.namespace, log_to_driver=False)
-        except ConnectionError as error:
-            raise NoCluster(
-                f"ray.address {address!r}: no running Ray cluster ({error}); start one with "
-                "`ray start --head` or `adapterswap serve`, or drop --cluster"
-            ) from None
+    _join(config)
     nodes = [
         {
             "node_id": n["NodeID"],
@@ -45,6 +39,45 @@ def collect_cluster(config: AdapterSwapConfig) -> dict[str, Any]:
         for n in ray.nodes()
     ]
     return {"nodes": nodes, "serve": _serve_apps()}
+
+
+def replica_liveness(config: AdapterSwapConfig) -> Callable[[str], bool]:
+    """The deletion barrier's ``is_alive`` for ``adapterswap delete``, run outside Serve.
+
+    On its first call it joins the running cluster and from then on asks Serve's controller
+    (:class:`~adapterswap.serve_app.ServeReplicaOracle`), as the ingress does. With no Ray
+    running where the store is (``ray.address`` unset), nothing can serve: every registered
+    replica is one that died without unregistering. A cluster that cannot be asked counts
+    every replica alive: the barrier fails closed.
+    """
+    from adapterswap.serve_app import ServeReplicaOracle
+
+    oracle: list[Callable[[str], bool]] = []
+
+    def is_alive(replica_id: str) -> bool:
+        if not oracle:
+            try:
+                _join(config)
+                oracle.append(ServeReplicaOracle())
+            except NoCluster:
+                oracle.append(lambda _: bool(config.ray.address))
+        return oracle[0](replica_id)
+
+    return is_alive
+
+
+def _join(config: AdapterSwapConfig) -> None:
+    """Join the running cluster unless already joined; NoCluster if there is none."""
+    if ray.is_initialized():
+        return
+    address = config.ray.address or "auto"
+    try:
+        ray.init(address=address, namespace=config.ray.namespace, log_to_driver=False)
+    except ConnectionError as error:
+        raise NoCluster(
+            f"ray.address {address!r}: no running Ray cluster ({error}); start one with "
+            "`ray start --head` or `adapterswap serve`, or drop --cluster"
+        ) from None
 
 
 def _serve_apps() -> dict[str, Any]:

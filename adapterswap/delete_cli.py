@@ -8,6 +8,7 @@ runs it here. ``adapterswap delete --finish`` finishes every deletion a crash le
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from adapterswap.catalog import Catalog
@@ -35,13 +36,16 @@ def delete_documents(
     wait: bool,
     forward: list[str],
     quiet: bool,
+    is_alive: Callable[[str], bool] | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """The ``delete`` command: its text and JSON payload."""
+    """The ``delete`` command: its text and JSON payload (``is_alive``: see
+    :func:`~adapterswap.deletion.wait_for_replicas`)."""
     request = request_delete(registry, Catalog(config.storage), doc_ids, process_runner(), "cli")
     waited = wait_for_replicas(
         registry,
         request.epoch,
         timeout_s=config.serve.revocation_timeout_s,
+        is_alive=is_alive,
     )
     revoked = ", ".join(f"{r['id']} v{r['version']}" for r in request.revoked) or "none"
     lines = [

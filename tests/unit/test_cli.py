@@ -184,3 +184,34 @@ def test_backup_then_restore(capsys, tmp_path):
     assert code == 1 and "already has a store" in err and "Traceback" not in err
     code, out, _ = run(capsys, "--home", other, "restore", bk, "--force")
     assert code == 0 and out.startswith("restored 2 files (") and "store epoch 0" in out
+
+
+def test_delete_leaves_out_a_replica_that_died_without_unregistering(capsys, tmp_path, monkeypatch):
+    """A replica killed with SIGKILL never unregisters. The command asks the cluster which
+    replicas are alive; with no Ray running where the store is, none can be serving."""
+    import adapterswap.cluster_status as cluster_status
+
+    def no_cluster(config):
+        raise cluster_status.NoCluster("no running Ray cluster")
+
+    monkeypatch.setattr(cluster_status, "_join", no_cluster)
+    home = tmp_path / "h"
+    docs = write_docs(tmp_path / "d.jsonl", [{"id": "d1", "text": "fact", "group": "ops"}])
+    assert run(capsys, "ingest", docs, "--home", str(home))[0] == 0
+    registry = AdapterRegistry(home / "store.sqlite")
+    registry.ack_epoch("killed-replica", -1)  # behind whatever epoch the delete moves to
+    code, out, err = run(capsys, "--home", str(home), "delete", "d1", "--wait", "--json")
+    assert code == 0, err
+    assert registry.live_replicas(1e12) == []  # unregistered: no later delete waits for it
+
+
+def test_a_cluster_that_cannot_be_asked_counts_every_replica_alive(monkeypatch):
+    import adapterswap.cluster_status as cluster_status
+    from adapterswap.config import load_config
+
+    def unreachable(config):
+        raise cluster_status.NoCluster("ray.address 'ray://10.0.0.9:10001' does not answer")
+
+    monkeypatch.setattr(cluster_status, "_join", unreachable)
+    config = load_config(environ={}, overrides=["ray.address=ray://10.0.0.9:10001"])
+    assert cluster_status.replica_liveness(config)("replica-1") is True  # fails closed
