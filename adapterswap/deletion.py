@@ -56,6 +56,7 @@ from adapterswap.registry import (
     DeletionRecord,
     DeletionState,
     JobRecord,
+    covers_row,
 )
 from adapterswap.train_job import TrainReport, delete_checkpoints, train_changed_shards
 
@@ -108,15 +109,12 @@ def _catalog_rows(catalog: Catalog, doc_ids: Sequence[str]) -> dict[str, dict[st
 def _uncovered(
     rows: dict[str, dict[str, set[str]]], unfinished: Iterable[DeletionRecord]
 ) -> dict[str, dict[str, set[str]]]:
-    """The catalog contents no unfinished deletion covers."""
-    covered: dict[str, list[str | None]] = {}
-    for record in unfinished:
-        covered.setdefault(record.doc_id, []).append(record.content_hash)
+    """The catalog contents no deletion will take out (see ``covers_row``)."""
+    pending = list(unfinished)
     left: dict[str, dict[str, set[str]]] = {}
     for doc_id, contents in rows.items():
-        hashes = covered.get(doc_id, [])
         for content_hash, shards in contents.items():
-            if None not in hashes and content_hash not in hashes:
+            if not any(r.doc_id == doc_id and covers_row(r, content_hash) for r in pending):
                 left.setdefault(doc_id, {})[content_hash] = shards
     return left
 

@@ -42,7 +42,7 @@ from adapterswap.ingest import ingest_lock, ingest_records
 from adapterswap.jobs import Jobs
 from adapterswap.keys import Principal
 from adapterswap.readers import RawRecord
-from adapterswap.registry import AdapterRef, DeletionState
+from adapterswap.registry import AdapterRef, DeletionState, covers_row
 from adapterswap.replica import InferenceJob, Mixture
 from adapterswap.router import Candidate, RoutingDecision, route, routing_texts
 from adapterswap.router_stats import ShardStats
@@ -368,7 +368,7 @@ class Gateway:
             {"content_hash": d.content_hash, "state": d.state.value, "job": d.job_id}
             for d in unfinished
         ]
-        covered = any(d.content_hash in (None, row["content_hash"]) for d in unfinished)
+        covered = any(covers_row(d, row["content_hash"]) for d in unfinished)
         row["metadata"] = json.loads(row["metadata"])
         row["ingested_at"] = row["ingested_at"].isoformat()
         status = "deleting" if covered else "active"

@@ -5,10 +5,10 @@ serialised by a lock, so the duplicate-id check and the shard numbering cannot r
 catalog ids stay unique; the audit row is written inside the same critical section.
 
 A document whose id has an unfinished deletion is refused, with the job to wait for: the
-deletion would otherwise race the new row (and the id's old versions are still being
-purged). One exception: ``replace`` of the id's current row, when that row is not itself
-being deleted and the new text differs from every text of the id still being deleted (so
-replacing twice in a row works; each replaced content's deletion goes on).
+id was acknowledged deleted, and its old versions are still being purged. One exception:
+``replace`` of the id's current row, when that row is not itself being deleted (so
+replacing twice in a row works; each replaced content's deletion goes on, and a version
+trained on the new text is activated once no deletion of that text is unfinished).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from adapterswap.documents import Document, validate_records
 from adapterswap.locks import exclusive
 from adapterswap.planner import Embed, ShardPlan, assignments, plan_shards
 from adapterswap.readers import RawRecord, read_inputs
-from adapterswap.registry import AdapterRegistry, DeletionRecord
+from adapterswap.registry import AdapterRegistry, DeletionRecord, covers_row
 
 AUTO_BATCH = re.compile(r"b(\d{4,})")
 
@@ -149,15 +149,9 @@ def _still_deleting(
     replacing: set[str],
 ) -> str | None:
     """Why ``doc`` cannot be ingested while ``deletions`` (of its id) are unfinished, or None."""
-    if doc.id in replacing:  # only deletions of replaced contents may still run
+    if doc.id in replacing:  # refused only while its current row is itself being deleted
         rows = current.get(doc.id, set())
-        deletions = [
-            r
-            for r in deletions
-            if r.content_hash is None
-            or r.content_hash in rows
-            or r.content_hash == doc.content_hash
-        ]
+        deletions = [r for r in deletions if any(covers_row(r, h) for h in rows)]
     if not deletions:
         return None
     record = deletions[0]

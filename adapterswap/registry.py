@@ -27,15 +27,17 @@ when the trainer says (NULL otherwise, which matches every content of that id).
 
 A deletion is a row keyed by (document id, content hash) that only moves forward (a
 trigger refuses a step back), so a crashed delete is finished by running the delete job
-again (``adapterswap.deletion``). At most one unfinished deletion exists per key; purged
-ones stay as history, so an id may be deleted, re-ingested and deleted again::
+again (``adapterswap.deletion``). At most one deletion per key awaits its catalog removal
+(``deleting``): only such a one covers a catalog row with its content, since a row with
+that content seen after the removal is a newer one (a replacement by the very same text).
+Finished ones stay as history, so an id may be deleted, re-ingested and deleted again::
 
     state      reached by
     ---------  -----------------------------------------------------------------------------
     deleting   begin_delete, one transaction: revoke EVERY active version whose lineage holds
                the id (whatever earlier deletions of it are unfinished), fail every training
                one, bump the epoch if anything was revoked, record a deletion for each content
-               the catalog holds that no unfinished deletion covers, create the job (or reuse
+               the catalog holds that no ``deleting`` one covers, create the job (or reuse
                the request's; a new job also takes over deletions whose job ended unfinished)
     removed    the row with that content is gone from the catalog (a replacement stays)
     retrained  the shards that held it were retrained without it (or retired, if now empty)
@@ -211,8 +213,8 @@ INSERT INTO deletions_v2 (doc_id, content_hash, state, job_id, actor, epoch, rev
     updated_at FROM deletions ORDER BY requested_at, doc_id;
 DROP TABLE deletions;
 ALTER TABLE deletions_v2 RENAME TO deletions;
-CREATE UNIQUE INDEX one_unfinished_deletion ON deletions(doc_id, COALESCE(content_hash, ''))
-    WHERE state != 'purged';
+CREATE UNIQUE INDEX one_pending_removal ON deletions(doc_id, COALESCE(content_hash, ''))
+    WHERE state = 'deleting';
 CREATE INDEX deletions_by_doc ON deletions(doc_id);
 CREATE TRIGGER deletions_only_forward BEFORE UPDATE OF state ON deletions
     WHEN {_rank("NEW.state")} < {_rank("OLD.state")}
@@ -346,7 +348,7 @@ class DeletionRecord:
 
     A deletion is keyed by (``doc_id``, ``content_hash``): a replacement with the same id has
     another content hash, so its own deletion is told apart from the one it replaced. At most
-    one unfinished deletion exists per key; finished (purged) ones stay as history.
+    one per key awaits its catalog removal; finished (purged) ones stay as history.
     """
 
     doc_id: str
@@ -385,8 +387,13 @@ def _as_list(value: str | Iterable[str] | None) -> list[str]:
     return [value] if isinstance(value, str) else sorted(set(value))
 
 
-def _covers(record: DeletionRecord, content_hash: str | None) -> bool:
-    """Whether deleting ``record`` deletes that content (None on either side: any content)."""
+def covers_row(record: DeletionRecord, content_hash: str | None) -> bool:
+    """Whether ``record`` will still take a catalog row with that content out: it has not
+    done its catalog removal yet, and its content is that one (None: any content). A row
+    with the same content as a deletion already past ``deleting`` is a newer row (a
+    replacement by the very same text), which that deletion no longer touches."""
+    if record.state != DeletionState.DELETING:
+        return False
     return (
         record.content_hash is None or content_hash is None or record.content_hash == content_hash
     )
@@ -889,8 +896,8 @@ class AdapterRegistry(LeaseRecords):
         For every id, EVERY active version whose lineage holds it is revoked and every
         training one failed, whatever earlier deletions of the id are still unfinished, and
         the epoch moves once if anything was revoked. ``content_hashes`` gives the contents
-        the catalog holds for an id (``shards`` where they are): each one without an
-        unfinished deletion gets a new ``deleting`` record; an id given no content gets one
+        the catalog holds for an id (``shards`` where they are): each one no ``deleting``
+        record covers (see ``covers_row``) gets a new one; an id given no content gets one
         for "any content" (None) unless it already has unfinished deletions. A deletion job is
         created (or ``job_id``, a pending one of the same request, reused) when anything
         changed, or when an unfinished deletion's job has ended (it was interrupted): the new
@@ -904,11 +911,11 @@ class AdapterRegistry(LeaseRecords):
             for doc_id in docs:
                 unfinished = self._unfinished(conn, doc_id)
                 hashes = given[doc_id]
-                fresh = [h for h in hashes if not any(_covers(r, h) for r in unfinished)]
+                fresh = [h for h in hashes if not any(covers_row(r, h) for r in unfinished)]
                 if not hashes and not unfinished:
                     fresh = [None]
                 covering = [
-                    r for r in unfinished if not hashes or any(_covers(r, h) for h in hashes)
+                    r for r in unfinished if not hashes or any(covers_row(r, h) for h in hashes)
                 ]
                 holders = [
                     v

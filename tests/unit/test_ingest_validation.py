@@ -274,18 +274,21 @@ def test_replace_may_follow_a_replace_but_never_a_delete(config, store):
     records = lambda text: [RawRecord("r", doc(1, text=text))]  # noqa: E731
     ingest_records(records("zero"), config, embed=None, audit=store)
     replace, calls = replacer(config, store)
-    zero = hash_of(config, "d1")
     ingest_records(records("one"), config, embed=None, audit=store, replace=replace)
     ingest_records(records("two"), config, embed=None, audit=store, replace=replace)
-    assert calls == [["d1"], ["d1"]]  # the deletion of "zero" is unfinished: fine, other text
-    assert [r["text"] for r in Catalog(config.storage).read(["id", "text"]).to_pylist()] == ["two"]
-    with pytest.raises(InvalidDocument, match="'d1' is still being deleted"):  # "zero" again
-        ingest_records(records("zero"), config, embed=None, audit=store, replace=replace)
-    assert [d.content_hash for d in store.deletions("d1")][0] == zero
+    ingest_records(records("two"), config, embed=None, audit=store, replace=replace)  # same text
+    ingest_records(records("zero"), config, embed=None, audit=store, replace=replace)
+    assert calls == [["d1"]] * 4  # the earlier deletions are unfinished: fine, those rows are gone
+    assert [r["text"] for r in Catalog(config.storage).read(["id", "text"]).to_pylist()] == ["zero"]
+    assert [d.state for d in store.deletions("d1")] == [DeletionState.REMOVED] * 4
     request_delete(store, Catalog(config.storage), ["d1"], "test", "test")  # DELETE d1
+    assert [d.state for d in store.deletions("d1")][-1] == DeletionState.DELETING  # "zero", anew
     with pytest.raises(InvalidDocument, match="'d1' is still being deleted"):
         ingest_records(records("three"), config, embed=None, audit=store, replace=replace)
-    assert len(calls) == 2  # refused before anything was revoked
+    assert len(calls) == 4  # refused before anything was revoked
+    Catalog(config.storage).remove(["d1"])
+    with pytest.raises(InvalidDocument, match="'d1' is still being deleted"):  # not a replace now
+        ingest_records(records("three"), config, embed=None, audit=store, replace=replace)
 
 
 def test_a_replace_revokes_only_after_the_fragment_is_built(config, store, monkeypatch):
