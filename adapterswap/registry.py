@@ -950,12 +950,9 @@ class AdapterRegistry(LeaseRecords):
                             conn, doc_id, content_hash, job, actor, epoch, revoked, shards, now
                         )
                     )
-                refs = [[r.id, r.version] for r in revoked]
                 for record in covering:  # what this request revoked is theirs too
                     if revoked:
-                        merged = sorted(
-                            {(r.id, r.version) for r in record.revoked} | set(map(tuple, refs))
-                        )
+                        merged = sorted({(r.id, r.version) for r in (*record.revoked, *revoked)})
                         conn.execute(
                             "UPDATE deletions SET revoked = ?, epoch = ?, updated_at = ? "
                             "WHERE deletion_id = ?",
