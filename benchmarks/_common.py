@@ -37,3 +37,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def serve_on_loopback(home: str, overrides: list[str], replicas: int) -> str:
+    """Deploy AdapterSwap on Ray Serve (Ray already initialised) on a free loopback port, with
+    ``replicas`` model replicas; returns its base URL."""
+    from ray import serve
+
+    from adapterswap.serve_app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(
+        build_app({"home": home, "overrides": overrides, "num_replicas": replicas}),
+        name="adapterswap",
+        route_prefix="/",
+    )
+    return f"http://127.0.0.1:{port}"

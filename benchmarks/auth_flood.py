@@ -41,7 +41,7 @@ from typing import Any
 
 import httpx2 as httpx
 import ray
-from _common import free_port, write_result
+from _common import serve_on_loopback, write_result
 from deletion_cost import percentile
 from ray import serve
 
@@ -50,7 +50,6 @@ from adapterswap.config import load_config
 from adapterswap.ingest import ingest_records
 from adapterswap.readers import RawRecord
 from adapterswap.registry import AdapterRegistry
-from adapterswap.serve_app import build_app
 
 
 def bad_key(i: int, repeated: list[str]) -> str:
@@ -146,14 +145,8 @@ def serve_home(root: Path, docs: int, replicas: int) -> tuple[str, str, Any]:
         version = registry.register_version(row["shard"], "hr", "unused", [row["id"]]).version
         registry.activate(row["shard"], version)
     admin = registry.create_key("root", ["hr"], admin=True)[0]
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(
-        build_app({"home": config.home, "overrides": overrides, "num_replicas": replicas}),
-        name="adapterswap",
-        route_prefix="/",
-    )
-    return f"http://127.0.0.1:{port}", admin, config
+    base = serve_on_loopback(config.home, overrides, replicas)
+    return base, admin, config
 
 
 def measure(root: Path, deletes: int, rate: float, blocks: int, replicas: int) -> dict[str, Any]:

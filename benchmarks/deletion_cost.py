@@ -40,7 +40,7 @@ from typing import Any
 
 import httpx2 as httpx
 import ray
-from _common import free_port, write_result
+from _common import serve_on_loopback, write_result
 from ray import serve
 
 from adapterswap.catalog import Catalog
@@ -50,7 +50,6 @@ from adapterswap.embedding import load_embedder
 from adapterswap.ingest import ingest_files, ingest_records
 from adapterswap.readers import RawRecord
 from adapterswap.registry import AdapterRegistry
-from adapterswap.serve_app import build_app
 from adapterswap.train_job import run_training
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
@@ -75,16 +74,10 @@ def revocation_latency(root: Path, deletes: int, replicas: int) -> dict[str, Any
     ]
     ingest_records(records, config, embed=None)
     key = AdapterRegistry(config.db_path).create_key("root", ["hr"], admin=True)[0]
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(
-        build_app({"home": config.home, "overrides": overrides, "num_replicas": replicas}),
-        name="adapterswap",
-        route_prefix="/",
-    )
+    base = serve_on_loopback(config.home, overrides, replicas)
     round_trip, acknowledged = [], []
     headers = {"Authorization": f"Bearer {key}"}
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+    with httpx.Client(base_url=base, timeout=120) as client:
         for i in range(deletes):
             started = time.perf_counter()
             answer = client.delete(f"/v1/documents/doc-{i}", headers=headers)
@@ -134,14 +127,7 @@ def in_flight(root: Path, deletes: int, replicas: int, load_clients: int) -> dic
         "admin": registry.create_key("root", ["hr"], admin=True)[0],
         "hr": registry.create_key("hana", ["hr"])[0],
     }
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(
-        build_app({"home": config.home, "overrides": overrides, "num_replicas": replicas}),
-        name="adapterswap",
-        route_prefix="/",
-    )
-    base = f"http://127.0.0.1:{port}"
+    base = serve_on_loopback(config.home, overrides, replicas)
     headers = {k: {"Authorization": f"Bearer {v}"} for k, v in keys.items()}
 
     def long_body(doc: str, stream: bool) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from typing import Any
 import httpx2 as httpx
 import ray
 import torch
-from _common import free_port, write_result
+from _common import serve_on_loopback, write_result
 from compose_overhead import PROMPTS, arithmetic_floor, load_model
 from fastapi import FastAPI
 from ray import serve
@@ -47,7 +47,6 @@ from adapterswap.artifacts import version_location
 from adapterswap.config import ServeSettings, load_config
 from adapterswap.embedding import load_embedder
 from adapterswap.registry import AdapterRegistry
-from adapterswap.serve_app import build_app
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from support import publish_random_adapter  # noqa: E402  (tests' helper: real files, random LoRA)
@@ -161,18 +160,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         settings = overrides(model_cache, args.batch_wait_s)
         config, key, dirs = setup_home(Path(tmp), settings)
-        port = free_port()
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(
-                build_app({"home": config.home, "overrides": settings, "num_replicas": 1}),
-                name="adapterswap",
-                route_prefix="/",
-            )
+            base = serve_on_loopback(config.home, settings, 1)
             peft = serve.deployment(PeftServer, ray_actor_options={"num_cpus": 0.5})
             serve.run(peft.bind(dirs, str(model_cache), threads), name="peft", route_prefix="/peft")
-            median, tokens = measure(f"http://127.0.0.1:{port}", key, args)
+            median, tokens = measure(base, key, args)
         finally:
             serve.shutdown()
             ray.shutdown()
