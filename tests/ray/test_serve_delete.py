@@ -15,7 +15,7 @@ import httpx2 as httpx
 import pytest
 import ray
 from ray import serve
-from support import free_port
+from support import TINY_OVERRIDES, free_port
 
 from adapterswap.catalog import Catalog
 from adapterswap.config import load_config
@@ -27,13 +27,7 @@ from adapterswap.serve_app import ServeReplicaOracle, build_app
 
 HR = "hr.b0001.000"
 OVERRIDES = [
-    "model.spec=tiny-random",
-    "lora.rank=4",
-    "lora.target_modules=[q_proj, v_proj]",
-    "sharding.strategy=sequential",
-    "training.max_steps=4",
-    "training.seq_len=32",
-    "training.batch_size=2",
+    *TINY_OVERRIDES,
     "ray.train_num_cpus_per_worker=0.5",
     "router.min_score=-1",  # the tiny model's answers are noise: always route, to test routing
     "serve.epoch_poll_s=0.05",
