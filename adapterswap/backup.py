@@ -39,7 +39,7 @@ from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import BackupError
 from adapterswap.locks import exclusive
 from adapterswap.privacy import private_file, private_home
-from adapterswap.registry import SCHEMA_VERSION, AdapterRegistry
+from adapterswap.registry import SCHEMA_VERSION, AdapterRegistry, stored_schema_version
 from adapterswap.storage import (
     Location,
     list_files,
@@ -266,16 +266,15 @@ def _snapshot_store(db_path: Path, target: Path) -> int:
 
 
 def _store_epoch(conn: sqlite3.Connection, where: Path) -> int:
-    """The epoch of a store, after checking its schema is the one this code reads."""
-    rows = dict(
-        conn.execute("SELECT key, value FROM meta WHERE key IN ('schema_version', 'epoch')")
-    )
-    if rows.get("schema_version") != SCHEMA_VERSION:
+    """The epoch of a store, after checking this code can read its schema: its own, or an
+    older one, which the store's migrations upgrade once it is restored."""
+    found = stored_schema_version(conn)
+    if not 1 <= found <= SCHEMA_VERSION:
         raise BackupError(
-            f"{where}: store schema version {rows.get('schema_version')}, this code reads "
-            f"{SCHEMA_VERSION}; use the AdapterSwap version that wrote it"
+            f"{where}: store schema version {found}, this code reads 1 to {SCHEMA_VERSION}; "
+            "use the AdapterSwap version that wrote it"
         )
-    return int(rows["epoch"])
+    return int(conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0])
 
 
 def _storage_files(root: Location) -> list[Location]:
@@ -362,3 +361,4 @@ def _install_store(db_path: Path, data: bytes) -> None:
     for suffix in ("-wal", "-shm"):
         Path(f"{db_path}{suffix}").unlink(missing_ok=True)
     write_local_atomic(db_path, data)
+    AdapterRegistry(db_path).close()  # a backup of an older schema is migrated now

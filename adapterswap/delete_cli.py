@@ -20,6 +20,7 @@ from adapterswap.deletion import (
     wait_for_replicas,
 )
 from adapterswap.errors import AdapterSwapError
+from adapterswap.ingest import ingest_lock
 from adapterswap.jobs import process_runner, submit_ray_job
 from adapterswap.registry import AdapterRegistry
 
@@ -40,7 +41,14 @@ def delete_documents(
 ) -> tuple[str, dict[str, Any]]:
     """The ``delete`` command: its text and JSON payload (``is_alive``: see
     :func:`~adapterswap.deletion.wait_for_replicas`)."""
-    request = request_delete(registry, Catalog(config.storage), doc_ids, process_runner(), "cli")
+    request = request_delete(
+        registry,
+        Catalog(config.storage),
+        doc_ids,
+        process_runner(),
+        "cli",
+        lock=lambda: ingest_lock(registry),  # no ingest or replace lands between read and revoke
+    )
     waited = wait_for_replicas(
         registry,
         request.epoch,

@@ -30,6 +30,7 @@ from adapterswap.artifacts import (
 from adapterswap.base_model import hash_base_model
 from adapterswap.catalog import Catalog
 from adapterswap.config import AdapterSwapConfig
+from adapterswap.documents import content_hash
 from adapterswap.errors import IllegalTransition
 from adapterswap.jobs import running_job
 from adapterswap.registry import AdapterRegistry, AdapterStatus
@@ -86,6 +87,8 @@ def _register(
         work.doc_ids,
         manifest={"data_hash": work.data_hash},
         actor="train",
+        # which text of each document it saw: a deletion of an older text does not block it
+        content_hashes={d: content_hash(t) for d, t in zip(work.doc_ids, work.texts, strict=True)},
     )
     return make_shard_run(work, version.version, config, config.model.spec, base_hash)
 

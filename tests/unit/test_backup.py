@@ -320,3 +320,28 @@ def test_a_backup_can_be_moved_before_it_is_restored(backup, tmp_path):
     shutil.move(backup, moved)
     target = make_config(tmp_path / "target")
     assert restore_home(target, moved).backup == str(moved)
+
+
+def test_a_backup_of_an_older_store_schema_restores_and_is_migrated(tmp_path):
+    """A backup taken before the store's migrations (schema 1) stays restorable."""
+    old_store = Path(__file__).parent.parent / "data" / "store_v1.sqlite"
+    backup = tmp_path / "bk"
+    backup.mkdir()
+    shutil.copyfile(old_store, backup / "store.sqlite")
+    data = old_store.read_bytes()
+    manifest = {
+        "format": "adapterswap-backup",
+        "format_version": 1,
+        "created_at": "2026-11-25T00:00:00+00:00",
+        "epoch": 5,
+        "storage_uri": "/elsewhere",
+        "files": [
+            {"path": "store.sqlite", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        ],
+    }
+    (backup / "backup.json").write_text(json.dumps(manifest))
+    target = make_config(tmp_path / "home")
+    restore_home(target, backup)
+    with sqlite3.connect(target.db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] >= 2
+    assert AdapterRegistry(target.db_path).epoch() == 5

@@ -328,3 +328,20 @@ def test_a_delete_reads_the_catalog_again_and_deletes_a_replacement_that_landed(
         (d.actor, d.content_hash, d.state) for d in deleted
     ]
     assert request.held == {"hr-1": [row["content_hash"]]}
+
+
+def test_a_training_run_records_the_text_each_document_had(tmp_path):
+    """So a replacement's shard can be published while the old text's deletion still runs."""
+    from support import tiny_config
+
+    from adapterswap.documents import content_hash
+    from adapterswap.train_job import _register
+    from adapterswap.train_plan import ShardWork
+
+    config = tiny_config(tmp_path)
+    reg = AdapterRegistry(config.db_path)
+    reg.begin_delete(["d1"], "r", content_hashes={"d1": content_hash("old text")})
+    work = ShardWork("hr.b0002.000", "hr", ("d1",), ("new text",), "data")
+    run = _register(work, config, reg, "base")
+    assert reg.lineage_hashes(work.adapter_id, run.version) == {"d1": content_hash("new text")}
+    assert reg.activate(work.adapter_id, run.version).status == AdapterStatus.ACTIVE

@@ -492,7 +492,7 @@ def test_replace_is_a_delete_plus_an_ingest_and_keeps_the_new_version(world):
     rows = catalog.read(["id", "text"]).to_pylist()
     assert [r["text"] for r in rows if r["id"] == "memo-7"] == [new["text"]]  # one, the new one
     record = registry.deletion("memo-7")
-    assert record.state == "deleting" and record.job_id == body["job"]
+    assert record.state == "removed" and record.job_id == body["job"]
     catalog.remove(["memo-7"], {"memo-7": record.content_hash})  # what the delete job does
     assert [r["text"] for r in catalog.read(["id", "text"]).to_pylist() if r["id"] == "memo-7"] == [
         new["text"]
