@@ -83,8 +83,15 @@ class Gateway:
         store: Any,
         jobs: Jobs,
         on_routed: Callable[[float, int], None] | None = None,
+        replica_alive: Callable[[str], bool] | None = None,
     ) -> None:
-        """``store`` answers the registry's methods synchronously (a registry or an actor proxy)."""
+        """``store`` answers the registry's methods synchronously (a registry or an actor proxy).
+
+        ``replica_alive`` is the deletion barrier's oracle: is this registered model replica
+        still alive? The Ray Serve ingress passes one that asks Serve's controller. None:
+        every registered replica counts until it unregisters (one process, tests), so a
+        replica is never dropped for being slow.
+        """
         self.config = config
         self.model = model
         self.model_id = model_id
@@ -95,6 +102,7 @@ class Gateway:
         self.store = store
         self.jobs = jobs
         self._on_routed = on_routed  # (milliseconds, adapters): metrics, when served by Ray
+        self.replica_alive = replica_alive
 
     # -- routing ----------------------------------------------------------------------
 
@@ -322,12 +330,6 @@ class Gateway:
                 "job": deleted[0].job_id,
             }
         return answer
-
-    # The deletion barrier's oracle: is this registered model replica still alive? The Ray
-    # Serve ingress sets one that asks Serve's controller. None: every registered replica
-    # counts until it unregisters (one process, tests), so a replica is never dropped for
-    # being slow.
-    replica_alive: Callable[[str], bool] | None = None
 
     def _wait_for_replicas(self, epoch: int) -> float:
         """The deletion barrier, after syncing the ingress's own view.

@@ -373,9 +373,9 @@ class IngressDeployment:
             store=proxy,
             jobs=jobs,
             on_routed=ServeMetrics().record_routing,
+            # the deletion barrier drops a model replica only when Serve reports it dead
+            replica_alive=ServeReplicaOracle(timeout_s=deadline),
         )
-        # The deletion barrier drops a model replica only when Serve reports it dead.
-        self.gateway.replica_alive = ServeReplicaOracle(timeout_s=deadline)
         jobs.resume_deletions()  # a crash left a delete unfinished: finish it now
 
     # The same operations for Python callers inside the cluster:
