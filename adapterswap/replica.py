@@ -320,6 +320,13 @@ class ModelReplica:
             logger.warning("a batch of %d failed; running its rows one at a time", len(run))
         for i in run:
             if stream is not None:
+                params = jobs[i].params
+                if stream.sent(i) and params.temperature > 0 and params.seed is None:
+                    # a rerun samples another text: it cannot continue what was streamed
+                    results[i] = GenerationFailed(
+                        "the batch this stream ran in failed after it had started; ask again"
+                    )
+                    continue
                 stream.restart(i)
             try:
                 (results[i],) = self._run_batch(jobs, [i], admitted, prompts, stream)
@@ -395,7 +402,8 @@ def _check_text(text: str, where: str) -> None:
 
 class _Streamed:
     """Text streamed so far per job, so that rerunning a job (its batch failed) streams only
-    what it had not streamed yet. Reruns are deterministic for greedy and seeded requests."""
+    what it had not streamed yet. Only greedy and seeded requests are rerun once streaming:
+    their rerun produces the same text."""
 
     def __init__(self, on_token: TokenCallback) -> None:
         self._on_token = on_token
@@ -409,6 +417,10 @@ class _Streamed:
         if new:
             self._sent[index] += len(new)
             self._on_token(index, new)
+
+    def sent(self, index: int) -> bool:
+        """Whether any of job ``index``'s text reached the caller."""
+        return self._sent[index] > 0
 
     def restart(self, index: int) -> None:
         self._seen[index] = 0
