@@ -60,6 +60,9 @@ def exclusive(store: Any, name: str, *, ttl_s: float = LEASE_TTL_S) -> Iterator[
     finally:
         stop.set()
         renewer.join()
+        # Still ours at the end? A renewer starved of CPU may not have looked lately.
+        if not lost.is_set() and not store.renew_lease(name, owner, ttl_s):
+            lost.set()
         store.release_lease(name, owner)
     if lost.is_set():
         raise LeaseLost(
