@@ -3,7 +3,9 @@ versions without training, recorded jobs, and the whole HTTP app served in one p
 
 from __future__ import annotations
 
+import select
 import socket
+import time
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -21,6 +23,52 @@ from adapterswap.model_client import LocalModelClient
 from adapterswap.registry import AdapterRef, AdapterRegistry, JobRecord
 from adapterswap.replica import ModelReplica
 from adapterswap.router_stats import compute_shard_stats, save_shard_stats
+
+# Raw HTTP, for what a client library will not send: a lying Content-Length, an endless body.
+CHUNKED = "Transfer-Encoding: chunked"
+CHUNK = b"4000\r\n" + b" " * 0x4000 + b"\r\n"  # one 16 KiB chunk of a chunked body
+
+
+def post_head(key: str | None, framing: str) -> bytes:
+    """The head of a ``POST /v1/completions`` with ``framing`` (its Content-Length or
+    Transfer-Encoding header) and the key, if any."""
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    return (
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"{auth}{framing}\r\n\r\n"
+    ).encode()
+
+
+def push(port: int, head: bytes, chunk: bytes, cap: int) -> tuple[bytes, int]:
+    """Send ``head``, then ``chunk`` over and over until the server answers or ``cap`` bytes
+    went out; returns (what the server answered, body bytes sent)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    sock.sendall(head)
+    sock.setblocking(False)
+    sent, answer = 0, b""
+    with sock:
+        while sent < cap:
+            readable, writable, _ = select.select([sock], [sock], [], 5)
+            if readable:
+                break
+            if writable:
+                try:
+                    sent += sock.send(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and b"\r\n\r\n" not in answer:
+            readable, _, _ = select.select([sock], [], [], 0.5)
+            if readable:
+                try:
+                    data = sock.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not data:
+                    break
+                answer += data
+    return answer, sent
 
 
 def free_port() -> int:

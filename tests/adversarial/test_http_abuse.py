@@ -22,8 +22,6 @@ import json
 import logging
 import re
 import secrets
-import select
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -36,7 +34,16 @@ from fastapi.testclient import TestClient
 from ray.exceptions import RayTaskError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from support import free_port, in_process_app, publish_random_adapter, tiny_config
+from support import (
+    CHUNK,
+    CHUNKED,
+    free_port,
+    in_process_app,
+    post_head,
+    publish_random_adapter,
+    push,
+    tiny_config,
+)
 
 from adapterswap.artifacts import ADAPTER_WEIGHTS, version_location
 from adapterswap.auth import Authenticator
@@ -372,38 +379,6 @@ def uvicorn_serving(app) -> Iterator[int]:
         thread.join(10)
 
 
-def push(port: int, head: bytes, chunk: bytes, cap: int) -> tuple[bytes, int]:
-    """Send ``head``, then ``chunk`` over and over until the server answers or ``cap`` bytes
-    went out; returns (what the server answered, body bytes sent)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
-    sock.sendall(head)
-    sock.setblocking(False)
-    sent, answer = 0, b""
-    with sock:
-        while sent < cap:
-            readable, writable, _ = select.select([sock], [sock], [], 5)
-            if readable:
-                break
-            if writable:
-                try:
-                    sent += sock.send(chunk)
-                except (BrokenPipeError, ConnectionResetError):
-                    break
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and b"\r\n\r\n" not in answer:
-            readable, _, _ = select.select([sock], [], [], 0.5)
-            if readable:
-                try:
-                    data = sock.recv(65536)
-                except ConnectionResetError:
-                    break
-                if not data:
-                    break
-                answer += data
-    return answer, sent
-
-
 @pytest.fixture(scope="module")
 def served(world):
     _, keys, app = world
@@ -416,10 +391,7 @@ def test_a_huge_content_length_is_413_before_a_byte_is_read(served):
     """Before: request.body() read all 400 MiB into memory, then answered 413."""
     port, keys, counting = served
     counting.read = 0
-    head = (
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Authorization: Bearer {keys['hr']}\r\nContent-Length: {400 * 2**20}\r\n\r\n"
-    ).encode()
+    head = post_head(keys["hr"], f"Content-Length: {400 * 2**20}")
     answer, sent = push(port, head, b" " * 65536, cap=64 * 2**20)
     assert answer.startswith(b"HTTP/1.1 413"), (answer[:200], sent)
     assert counting.read == 0  # the app never asked for the body
@@ -430,13 +402,7 @@ def test_a_chunked_body_is_cut_off_at_the_limit(served):
     """Before: read to its end (here: never), then measured."""
     port, keys, counting = served
     counting.read = 0
-    head = (
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Authorization: Bearer {keys['hr']}\r\nTransfer-Encoding: chunked\r\n\r\n"
-    ).encode()
-    piece = b" " * 16384
-    chunk = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
-    answer, sent = push(port, head, chunk, cap=64 * 2**20)
+    answer, sent = push(port, post_head(keys["hr"], CHUNKED), CHUNK, cap=64 * 2**20)
     assert answer.startswith(b"HTTP/1.1 413"), (answer[:200], sent)
     # The app stopped at the limit plus what uvicorn had buffered when it asked (uvicorn
     # pauses reading past 64 KiB; one socket read may bring more).
@@ -448,12 +414,7 @@ def test_an_unauthenticated_huge_body_is_never_read(served):
     """A guard rather than an attack that worked: the key is checked before the body is read."""
     port, _, counting = served
     counting.read = 0
-    head = (
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n"
-    )
-    piece = b" " * 16384
-    answer, _ = push(port, head, f"{len(piece):x}\r\n".encode() + piece + b"\r\n", 64 * 2**20)
+    answer, _ = push(port, post_head(None, CHUNKED), CHUNK, cap=64 * 2**20)
     assert answer.startswith(b"HTTP/1.1 401") and counting.read == 0
 
 

@@ -17,7 +17,7 @@ import torch
 from ray import serve
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from support import free_port, publish_random_adapter
+from support import free_port, post_head, publish_random_adapter, push
 
 from actors.adapter_store import get_store
 from adapterswap.artifacts import ADAPTER_WEIGHTS, version_location
@@ -295,13 +295,8 @@ def test_an_oversized_body_is_refused_before_it_is_read_whole(served):
     """Behind Serve's proxy too: the ingress answers 413 on Content-Length, so the client is
     stopped long before it sends 400 MiB. (Serve's proxy buffers what arrives meanwhile;
     a terminating proxy's own body limit stops even that.)"""
-    from adversarial.test_http_abuse import push
-
     port = int(str(served.base_url).split(":")[2].split("/")[0])
-    head = (
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Authorization: Bearer {served.api_key}\r\nContent-Length: {400 * 2**20}\r\n\r\n"
-    ).encode()
+    head = post_head(served.api_key, f"Content-Length: {400 * 2**20}")
     answer, sent = push(port, head, b" " * 65536, cap=400 * 2**20)
     assert answer.startswith(b"HTTP/1.1 413"), (answer[:300], sent)
     print(f"sent {sent / 2**20:.1f} MiB before the 413")
