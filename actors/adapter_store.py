@@ -1,6 +1,6 @@
 """The AdapterStore actor: AdapterRegistry behind ``ray.remote``, named, detached, restartable.
 
-All logic stays in :class:`adapterswap.registry.AdapterRegistry`. The actor's only state is
+All logic stays in :class:`adapterswap.store.registry.AdapterRegistry`. The actor's only state is
 the SQLite file whose path it is constructed with, so a restarted actor re-opens the same
 file and serves exactly what was acknowledged before the crash.
 """
@@ -12,7 +12,7 @@ from ray.actor import ActorHandle
 
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import StoreNotRunning
-from adapterswap.registry import AdapterRegistry
+from adapterswap.store.registry import AdapterRegistry
 
 STORE_ACTOR_NAME = "adapter_store"
 # A sliver of the head node's built-in resource pins the actor there, so its SQLite file

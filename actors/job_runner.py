@@ -2,8 +2,8 @@
 
 ``POST /v1/train`` and ``DELETE /v1/documents/{id}`` record a ``pending`` job in the store,
 then queue it on its kind's runner, which runs its jobs one after the other (they would
-queue on the home's lock anyway) with :func:`adapterswap.train_job.run_training` or
-:func:`adapterswap.deletion.run_deletion`; those report progress and the outcome to the
+queue on the home's lock anyway) with :func:`adapterswap.train.job.run_training` or
+:func:`adapterswap.delete.job.run_deletion`; those report progress and the outcome to the
 job's row. One long-lived process per kind, not one per job: a burst of deletes queues
 cheap tasks instead of starting processes. The runners live on the head node, where the
 home (its locks, the store's SQLite file) is. A runner that dies leaves its jobs pending or
@@ -18,8 +18,8 @@ from typing import Any
 import ray
 
 from adapterswap.config import AdapterSwapConfig
-from adapterswap.privacy import private_process
-from adapterswap.registry import JobRecord, JobState
+from adapterswap.storage.privacy import private_process
+from adapterswap.store.registry import JobRecord, JobState
 
 _HEAD_NODE = {"node:__internal_head__": 0.001}
 RUNNER = "ray-actor"  # the job's runner column; the actor is named "<kind>-runner"
@@ -30,9 +30,9 @@ class JobRunner:
     """Runs the jobs of one kind, in the order they were queued."""
 
     def run(self, kind: str, config: dict[str, Any], job_id: str) -> None:
-        from adapterswap.deletion import run_deletion
-        from adapterswap.registry import AdapterRegistry
-        from adapterswap.train_job import run_training
+        from adapterswap.delete.job import run_deletion
+        from adapterswap.store.registry import AdapterRegistry
+        from adapterswap.train.job import run_training
 
         private_process()
         settings = AdapterSwapConfig.model_validate(config)

@@ -7,6 +7,6 @@ Importing this package starts nothing: no Ray, no model loading.
 
 __version__ = "0.1.0"
 
-from adapterswap.client import Client  # noqa: E402  (importing it starts nothing)
+from adapterswap.api.client import Client  # noqa: E402  (importing it starts nothing)
 
 __all__ = ["Client", "__version__"]

@@ -2,6 +2,6 @@
 
 import sys
 
-from adapterswap.cli import main
+from adapterswap.cli.main import main
 
 sys.exit(main())

@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from adapterswap.config import AdapterSwapConfig
-from adapterswap.locks import exclusive
-from adapterswap.registry import AdapterRegistry, JobRecord, JobState
+from adapterswap.store.locks import exclusive
+from adapterswap.store.registry import AdapterRegistry, JobRecord, JobState
 
 PROGRESS_INTERVAL_S = 1.0
 

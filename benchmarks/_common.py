@@ -44,7 +44,7 @@ def serve_on_loopback(home: str, overrides: list[str], replicas: int) -> str:
     ``replicas`` model replicas; returns its base URL."""
     from ray import serve
 
-    from adapterswap.serve_app import build_app
+    from actors.serve_app import build_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

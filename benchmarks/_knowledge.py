@@ -21,14 +21,14 @@ import torch
 from _common import RESULTS
 from peft.utils import get_peft_model_state_dict
 
-from adapterswap.base_model import LoadedModel, load_base_model
-from adapterswap.compose import AdapterBank, find_target_linears
+from adapterswap.compose.mixture import AdapterBank, find_target_linears
 from adapterswap.config import LoraSettings, ModelSettings, RouterSettings, TrainingSettings
-from adapterswap.embedding import Embedder
-from adapterswap.registry import AdapterRef, AdapterStatus, AdapterVersion
-from adapterswap.router import Candidate, route
-from adapterswap.router_stats import compute_shard_stats
-from adapterswap.training import ShardTrainer, pack_documents
+from adapterswap.models.base import LoadedModel, load_base_model
+from adapterswap.models.embedder import Embedder
+from adapterswap.route.router import Candidate, route
+from adapterswap.route.stats import compute_shard_stats
+from adapterswap.store.registry import AdapterRef, AdapterStatus, AdapterVersion
+from adapterswap.train.loop import ShardTrainer, pack_documents
 
 MODEL_CACHE = Path("~/.adapterswap/models").expanduser()
 Rows = list[tuple[AdapterRef, float]]

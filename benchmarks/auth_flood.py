@@ -45,11 +45,11 @@ from _common import serve_on_loopback, write_result
 from deletion_cost import percentile
 from ray import serve
 
-from adapterswap.catalog import Catalog
+from adapterswap.catalog.dataset import Catalog
+from adapterswap.catalog.ingest import ingest_records
+from adapterswap.catalog.readers import RawRecord
 from adapterswap.config import load_config
-from adapterswap.ingest import ingest_records
-from adapterswap.readers import RawRecord
-from adapterswap.registry import AdapterRegistry
+from adapterswap.store.registry import AdapterRegistry
 
 
 def bad_key(i: int, repeated: list[str]) -> str:

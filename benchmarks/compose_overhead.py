@@ -33,10 +33,10 @@ import torch
 from _common import write_result
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from adapterswap.base_model import load_base_model
-from adapterswap.compose import AdapterBank, find_target_linears, load_adapter_dir
+from adapterswap.compose.mixture import AdapterBank, find_target_linears, load_adapter_dir
 from adapterswap.config import LoraSettings, ModelSettings
-from adapterswap.registry import AdapterRef
+from adapterswap.models.base import load_base_model
+from adapterswap.store.registry import AdapterRef
 
 TARGETS = LoraSettings().target_modules
 RANK, ALPHA, K = 16, 32.0, 3

@@ -43,14 +43,14 @@ import ray
 from _common import serve_on_loopback, write_result
 from ray import serve
 
-from adapterswap.catalog import Catalog
+from adapterswap.catalog.dataset import Catalog
+from adapterswap.catalog.ingest import ingest_files, ingest_records
+from adapterswap.catalog.readers import RawRecord
 from adapterswap.config import load_config
-from adapterswap.deletion import request_delete, run_deletion
-from adapterswap.embedding import load_embedder
-from adapterswap.ingest import ingest_files, ingest_records
-from adapterswap.readers import RawRecord
-from adapterswap.registry import AdapterRegistry
-from adapterswap.train_job import run_training
+from adapterswap.delete.job import request_delete, run_deletion
+from adapterswap.models.embedder import load_embedder
+from adapterswap.store.registry import AdapterRegistry
+from adapterswap.train.job import run_training
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from support import publish_random_adapter  # noqa: E402  (tests' helper: real files, random LoRA)

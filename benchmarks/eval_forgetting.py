@@ -38,11 +38,11 @@ from _knowledge import (
 from _plots import line_chart
 from manpages import ensure_corpus
 
-from adapterswap.chronological import train_chronological
 from adapterswap.config import EmbeddingSettings, LoraSettings, TrainingSettings
-from adapterswap.embedding import load_embedder
-from adapterswap.registry import AdapterRef
-from adapterswap.training import ShardTrainer
+from adapterswap.models.embedder import load_embedder
+from adapterswap.store.registry import AdapterRef
+from adapterswap.train.chronological import train_chronological
+from adapterswap.train.loop import ShardTrainer
 
 SERIES = (
     "AdapterSwap (routed)",

@@ -45,12 +45,12 @@ from _plots import bar_chart
 from eval_routing import as_documents
 from manpages import Corpus, ensure_corpus
 
+from adapterswap.catalog.planner import ShardPlan, plan_shards
 from adapterswap.config import EmbeddingSettings, ShardingSettings, TrainingSettings
-from adapterswap.embedding import Embedder, load_embedder
-from adapterswap.forget_check import verify_forget
-from adapterswap.planner import ShardPlan, plan_shards
-from adapterswap.registry import AdapterRef
-from adapterswap.training import shard_seed
+from adapterswap.delete.verify_forget import verify_forget
+from adapterswap.models.embedder import Embedder, load_embedder
+from adapterswap.store.registry import AdapterRef
+from adapterswap.train.loop import shard_seed
 
 CONDITIONS = ("correct adapter", "routed (ours)", "uniform top-3", "base model")
 GOAL_RATIO = 1.2

@@ -24,13 +24,13 @@ from _common import RESULTS, write_result
 from _plots import bar_chart
 from manpages import Corpus, ensure_corpus
 
+from adapterswap.catalog.documents import Document, content_hash
+from adapterswap.catalog.planner import ShardPlan, assignments, plan_shards
 from adapterswap.config import EmbeddingSettings, RouterSettings, ShardingSettings
-from adapterswap.documents import Document, content_hash
-from adapterswap.embedding import Embedder, load_embedder
-from adapterswap.planner import ShardPlan, assignments, plan_shards
-from adapterswap.registry import AdapterStatus, AdapterVersion
-from adapterswap.router import Candidate, route
-from adapterswap.router_stats import compute_shard_stats
+from adapterswap.models.embedder import Embedder, load_embedder
+from adapterswap.route.router import Candidate, route
+from adapterswap.route.stats import compute_shard_stats
+from adapterswap.store.registry import AdapterStatus, AdapterVersion
 
 PAPER = {"top1": (0.69, 0.81), "top3": (0.93, 0.95)}
 GOAL = {"top1": 0.90, "top3": 0.98}

@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from adapterswap.catalog.ingest import ingest_files
 from adapterswap.config import load_config
-from adapterswap.embedding import load_embedder
-from adapterswap.ingest import ingest_files
+from adapterswap.models.embedder import load_embedder
 
 GROUPS = ["hr", "engineering", "finance", "legal"]
 WORDS = [

@@ -32,8 +32,7 @@ from _common import RESULTS, write_result
 from compose_overhead import arithmetic_floor
 from peft.utils import get_peft_model_state_dict
 
-from adapterswap.base_model import load_base_model
-from adapterswap.compose import AdapterBank
+from adapterswap.compose.mixture import AdapterBank
 from adapterswap.config import (
     EmbeddingSettings,
     LoraSettings,
@@ -41,11 +40,12 @@ from adapterswap.config import (
     RouterSettings,
     TrainingSettings,
 )
-from adapterswap.embedding import load_embedder
-from adapterswap.registry import AdapterRef, AdapterStatus, AdapterVersion
-from adapterswap.router import Candidate, route
-from adapterswap.router_stats import compute_shard_stats
-from adapterswap.training import ShardTrainer, mean_token_nll, pack_documents
+from adapterswap.models.base import load_base_model
+from adapterswap.models.embedder import load_embedder
+from adapterswap.route.router import Candidate, route
+from adapterswap.route.stats import compute_shard_stats
+from adapterswap.store.registry import AdapterRef, AdapterStatus, AdapterVersion
+from adapterswap.train.loop import ShardTrainer, mean_token_nll, pack_documents
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 GROUPS = ("hr", "engineering", "finance")

@@ -32,7 +32,7 @@ from compose_overhead import PROMPTS
 from ray import serve
 from serve_throughput import mixture, setup_home
 
-from adapterswap.serve_app import build_app
+from actors.serve_app import build_app
 
 
 def run_load(url: str, key: str, clients: int, seconds: float, new_tokens: int) -> dict[str, Any]:

@@ -43,10 +43,10 @@ from compose_overhead import PROMPTS, arithmetic_floor, load_model
 from fastapi import FastAPI
 from ray import serve
 
-from adapterswap.artifacts import version_location
 from adapterswap.config import ServeSettings, load_config
-from adapterswap.embedding import load_embedder
-from adapterswap.registry import AdapterRegistry
+from adapterswap.models.embedder import load_embedder
+from adapterswap.storage.artifacts import version_location
+from adapterswap.store.registry import AdapterRegistry
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from support import publish_random_adapter  # noqa: E402  (tests' helper: real files, random LoRA)
@@ -71,8 +71,8 @@ class PeftServer:
     def __init__(self, adapter_dirs: dict[str, str], model_cache: str, threads: int) -> None:
         from peft import PeftModel
 
-        from adapterswap.base_model import load_base_model
         from adapterswap.config import ModelSettings
+        from adapterswap.models.base import load_base_model
 
         torch.set_num_threads(threads)
         loaded = load_base_model(ModelSettings(spec="embedded", device="cpu"), Path(model_cache))

@@ -18,10 +18,10 @@ from pathlib import Path
 import ray
 from _common import write_result
 
+from adapterswap.catalog.ingest import ingest_files
 from adapterswap.config import load_config
-from adapterswap.ingest import ingest_files
-from adapterswap.registry import AdapterRegistry
-from adapterswap.train_job import run_training
+from adapterswap.store.registry import AdapterRegistry
+from adapterswap.train.job import run_training
 
 CORPUS = sorted((Path(__file__).resolve().parents[1] / "examples" / "batch1").glob("*.jsonl"))
 

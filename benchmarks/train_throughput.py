@@ -22,12 +22,12 @@ from _common import write_result
 from peft import LoraConfig, get_peft_model
 from transformers import get_cosine_schedule_with_warmup
 
-from adapterswap.base_model import load_base_model
+from adapterswap.catalog.ingest import ingest_files
 from adapterswap.config import load_config
-from adapterswap.ingest import ingest_files
-from adapterswap.registry import AdapterRegistry
-from adapterswap.train_job import run_training
-from adapterswap.training import pack_documents
+from adapterswap.models.base import load_base_model
+from adapterswap.store.registry import AdapterRegistry
+from adapterswap.train.job import run_training
+from adapterswap.train.loop import pack_documents
 
 CORPUS = Path(__file__).resolve().parents[1] / "examples" / "batch1" / "hr.jsonl"
 

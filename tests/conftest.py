@@ -24,7 +24,7 @@ def _isolated_home(tmp_path, monkeypatch):
 def embed():
     """The real embedded all-MiniLM-L6-v2 embedder (loads offline in well under a second)."""
     from adapterswap.config import EmbeddingSettings
-    from adapterswap.embedding import load_embedder
+    from adapterswap.models.embedder import load_embedder
 
     return load_embedder(EmbeddingSettings()).embed
 
@@ -61,8 +61,8 @@ def s3_query(s3_endpoint, monkeypatch):
 @pytest.fixture(scope="session")
 def embedded_cache(tmp_path_factory):
     """A model cache holding the embedded SmolLM2 conversion, made once per session (~19 s)."""
-    from adapterswap.base_model import load_base_model
     from adapterswap.config import ModelSettings
+    from adapterswap.models.base import load_base_model
 
     cache = tmp_path_factory.mktemp("embedded-models")
     load_base_model(ModelSettings(spec="embedded"), cache)

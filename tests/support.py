@@ -11,18 +11,18 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from adapterswap.active_set import ActiveSet
-from adapterswap.artifacts import version_location, write_adapter_version
-from adapterswap.auth import Authenticator
-from adapterswap.base_model import hash_base_model, load_base_model
+from adapterswap.api.app import create_app
+from adapterswap.api.auth import Authenticator
+from adapterswap.api.gateway import Gateway
+from adapterswap.api.model_client import LocalModelClient
 from adapterswap.config import AdapterSwapConfig, load_config
-from adapterswap.embedding import load_embedder
-from adapterswap.gateway import Gateway
-from adapterswap.http_app import create_app
-from adapterswap.model_client import LocalModelClient
-from adapterswap.registry import AdapterRef, AdapterRegistry, JobRecord
-from adapterswap.replica import ModelReplica
-from adapterswap.router_stats import compute_shard_stats, save_shard_stats
+from adapterswap.engine.replica import ModelReplica
+from adapterswap.models.base import hash_base_model, load_base_model
+from adapterswap.models.embedder import load_embedder
+from adapterswap.route.active_set import ActiveSet
+from adapterswap.route.stats import compute_shard_stats, save_shard_stats
+from adapterswap.storage.artifacts import version_location, write_adapter_version
+from adapterswap.store.registry import AdapterRef, AdapterRegistry, JobRecord
 
 # Raw HTTP, for what a client library will not send: a lying Content-Length, an endless body.
 CHUNKED = "Transfer-Encoding: chunked"

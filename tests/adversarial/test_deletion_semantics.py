@@ -16,13 +16,13 @@ import torch
 from fastapi.testclient import TestClient
 from support import in_process_app, publish_random_adapter, tiny_config
 
-from adapterswap.catalog import Catalog
-from adapterswap.deletion import run_deletion
+from actors.train_launcher import ShardOutcome
+from adapterswap.catalog.dataset import Catalog
+from adapterswap.delete.job import run_deletion
 from adapterswap.errors import IllegalTransition
-from adapterswap.ray_train import ShardOutcome
-from adapterswap.registry import AdapterRegistry, AdapterStatus, DeletionState
-from adapterswap.train_job import run_training
-from adapterswap.train_shard import finish_shard_run, start_shard_trainer
+from adapterswap.store.registry import AdapterRegistry, AdapterStatus, DeletionState
+from adapterswap.train.job import run_training
+from adapterswap.train.shard import finish_shard_run, start_shard_trainer
 
 GROUP = "hr"
 
@@ -53,7 +53,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture
 def world(tmp_path, models, monkeypatch):
-    monkeypatch.setattr("adapterswap.ray_train.train_shards_with_ray", train_in_process)
+    monkeypatch.setattr("actors.train_launcher.train_shards_with_ray", train_in_process)
     config = tiny_config(tmp_path, f"model.cache_dir={models}", "training.max_steps=1")
     registry = AdapterRegistry(config.db_path)
     app, _ = in_process_app(config, registry)
@@ -167,7 +167,7 @@ def test_a_deletion_stuck_at_removed_blocks_reingest_activation_and_a_new_delete
     assert first.status_code == 200 and first.json()["revoked"] == [
         {"id": trained.id, "version": trained.version}
     ]
-    monkeypatch.setattr("adapterswap.ray_train.train_shards_with_ray", failing_training)
+    monkeypatch.setattr("actors.train_launcher.train_shards_with_ray", failing_training)
     finish(config, registry, first.json()["job"])  # retraining fails: stuck at removed
     stuck = registry.deletion("memo")
     assert stuck.state == DeletionState.REMOVED
@@ -189,7 +189,7 @@ def test_a_deletion_stuck_at_removed_blocks_reingest_activation_and_a_new_delete
     assert repeat.status_code == 200
     assert repeat.json()["job"] != stuck.job_id  # the old job ended: a new one carries it on
     assert registry.deletion("memo").job_id == repeat.json()["job"]
-    monkeypatch.setattr("adapterswap.ray_train.train_shards_with_ray", train_in_process)
+    monkeypatch.setattr("actors.train_launcher.train_shards_with_ray", train_in_process)
     report = finish(config, registry, repeat.json()["job"])
     assert registry.deletion("memo").state == DeletionState.PURGED, report
     assert all("memo" not in registry.lineage(v.id, v.version) for v in active_versions(registry))

@@ -49,13 +49,13 @@ from hypothesis.stateful import (
 )
 from support import in_process_app, tiny_config
 
-from adapterswap.catalog import Catalog
-from adapterswap.deletion import run_deletion
-from adapterswap.documents import content_hash
-from adapterswap.ray_train import ShardOutcome
-from adapterswap.registry import AdapterRegistry, AdapterStatus, DeletionState, covers_row
-from adapterswap.train_job import run_training
-from adapterswap.train_shard import finish_shard_run, start_shard_trainer
+from actors.train_launcher import ShardOutcome
+from adapterswap.catalog.dataset import Catalog
+from adapterswap.catalog.documents import content_hash
+from adapterswap.delete.job import run_deletion
+from adapterswap.store.registry import AdapterRegistry, AdapterStatus, DeletionState, covers_row
+from adapterswap.train.job import run_training
+from adapterswap.train.shard import finish_shard_run, start_shard_trainer
 
 GROUP = "hr"
 IDS = ("a", "b", "c")
@@ -328,7 +328,7 @@ class DeletionMachine(RuleBasedStateMachine):
         stack.enter_context(mock.patch.object(registry, "activate", activate))
         stack.enter_context(mock.patch.object(Catalog, "remove", remove))
         stack.enter_context(
-            mock.patch("adapterswap.ray_train.train_shards_with_ray", self.train_here)
+            mock.patch("actors.train_launcher.train_shards_with_ray", self.train_here)
         )
         return stack
 

@@ -45,12 +45,12 @@ from support import (
     tiny_config,
 )
 
-from adapterswap.artifacts import ADAPTER_WEIGHTS, version_location
-from adapterswap.auth import Authenticator
-from adapterswap.compose import SlotsExhausted
-from adapterswap.embedding import load_embedder
+from adapterswap.api.auth import Authenticator
+from adapterswap.compose.mixture import SlotsExhausted
 from adapterswap.errors import NotFound, Overloaded, StaleMixture, StoreUnavailable
-from adapterswap.registry import AdapterRegistry
+from adapterswap.models.embedder import load_embedder
+from adapterswap.storage.artifacts import ADAPTER_WEIGHTS, version_location
+from adapterswap.store.registry import AdapterRegistry
 
 LIMIT = 1_000_000  # serve.max_body_bytes (the default)
 REQUEST_ID = re.compile(r"^internal error \(request id (req-[0-9a-f]{16})\)$")
@@ -112,7 +112,7 @@ def ray_wrapped(cause: Exception) -> Exception:
     header += "actor_id=ab12cd34)"
     trace = (
         f"{header}\nTraceback (most recent call last):\n"
-        '  File "/srv/app/adapterswap/replica.py", line 140, in generate\n'
+        '  File "/srv/app/adapterswap/engine/replica.py", line 140, in generate\n'
         "    jobs=[InferenceJob(prompt='other-caller-secret')]\n"
         f"{type(cause).__name__}: {cause}"
     )

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from support import tiny_config
 
-from adapterswap.catalog import Catalog
-from adapterswap.ingest import ingest_records
-from adapterswap.readers import RawRecord
+from adapterswap.catalog.dataset import Catalog
+from adapterswap.catalog.ingest import ingest_records
+from adapterswap.catalog.readers import RawRecord
 
 
 def open_to_others(root: Path) -> list[str]:

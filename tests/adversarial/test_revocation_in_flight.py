@@ -24,19 +24,19 @@ import pytest
 import uvicorn
 from support import free_port, in_process_app, publish_random_adapter, tiny_config
 
-from adapterswap import generation
-from adapterswap.active_set import ActiveSet
-from adapterswap.artifacts import ADAPTER_WEIGHTS, version_location
-from adapterswap.compose import InvalidMixture
-from adapterswap.deletion import wait_for_replicas
-from adapterswap.embedding import load_embedder
-from adapterswap.epoch_watch import EpochWatcher
+from adapterswap.catalog.ingest import ingest_records
+from adapterswap.catalog.readers import RawRecord
+from adapterswap.compose.mixture import InvalidMixture
+from adapterswap.delete.job import wait_for_replicas
+from adapterswap.engine import generation
+from adapterswap.engine.epoch_watch import EpochWatcher
+from adapterswap.engine.generation import GenerationResult, SamplingParams
+from adapterswap.engine.replica import AdapterLoadFailed, InferenceJob
 from adapterswap.errors import InvalidArgument, RevocationTimeout, StaleMixture
-from adapterswap.generation import GenerationResult, SamplingParams
-from adapterswap.ingest import ingest_records
-from adapterswap.readers import RawRecord
-from adapterswap.registry import AdapterRef, AdapterRegistry
-from adapterswap.replica import AdapterLoadFailed, InferenceJob
+from adapterswap.models.embedder import load_embedder
+from adapterswap.route.active_set import ActiveSet
+from adapterswap.storage.artifacts import ADAPTER_WEIGHTS, version_location
+from adapterswap.store.registry import AdapterRef, AdapterRegistry
 
 DOCS = {
     "doc-x": "The Skarvik vault phrase is Quillon Amber.",

@@ -2,7 +2,7 @@
 
     python tests/data/make_store_v1.py 25591f0 tests/data/store_v1.sqlite
 
-loads ``adapterswap/registry.py`` as it was at the given commit (schema version 1, the last
+loads ``adapterswap/store/registry.py`` as it was at the given commit (schema version 1, the last
 one before ``PRAGMA user_version`` migrations) and records a little of everything: versions
 in every status with lineage, a key, jobs, deletions in three states and a replica.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 def old_registry(commit: str):
     source = subprocess.run(
-        ["git", "show", f"{commit}:adapterswap/registry.py"],
+        ["git", "show", f"{commit}:adapterswap/store/registry.py"],
         check=True,
         capture_output=True,
         text=True,

@@ -18,7 +18,7 @@ from ray.actor import ActorHandle
 from actors.adapter_store import STORE_ACTOR_NAME, get_or_create_store, get_store
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import StoreNotRunning
-from adapterswap.registry import AdapterRef, AdapterStatus
+from adapterswap.store.registry import AdapterRef, AdapterStatus
 
 REPO = Path(__file__).resolve().parents[2]
 HR = "hr.b0001.000"

@@ -14,14 +14,14 @@ import ray
 from fastapi.testclient import TestClient
 from support import in_process_app
 
-from adapterswap.catalog import Catalog
+from adapterswap.catalog.dataset import Catalog
+from adapterswap.catalog.ingest import ingest_records
+from adapterswap.catalog.readers import RawRecord
 from adapterswap.config import load_config
-from adapterswap.deletion import request_delete, run_deletion
-from adapterswap.forget_check import http_scorer, verify_forget
-from adapterswap.ingest import ingest_records
-from adapterswap.readers import RawRecord
-from adapterswap.registry import AdapterRegistry
-from adapterswap.train_job import run_training
+from adapterswap.delete.job import request_delete, run_deletion
+from adapterswap.delete.verify_forget import http_scorer, verify_forget
+from adapterswap.store.registry import AdapterRegistry
+from adapterswap.train.job import run_training
 
 HR = {
     "hr-vault": "The Skarvik office vault opens with the spoken phrase Quillon Amber Seventeen.",

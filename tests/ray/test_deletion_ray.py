@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 import ray
 
-from adapterswap import deletion
-from adapterswap.artifacts import adapters_root, version_location
-from adapterswap.catalog import Catalog
+from adapterswap.catalog.dataset import Catalog
+from adapterswap.catalog.ingest import ingest_records
+from adapterswap.catalog.readers import RawRecord
 from adapterswap.config import load_config
-from adapterswap.deletion import request_delete, run_deletion
+from adapterswap.delete import job as deletion
+from adapterswap.delete.job import request_delete, run_deletion
 from adapterswap.errors import NotFound
-from adapterswap.ingest import ingest_records
-from adapterswap.readers import RawRecord
-from adapterswap.registry import AdapterRegistry, AdapterStatus, DeletionState, JobState
-from adapterswap.train_job import run_training
+from adapterswap.storage.artifacts import adapters_root, version_location
+from adapterswap.store.registry import AdapterRegistry, AdapterStatus, DeletionState, JobState
+from adapterswap.train.job import run_training
 
 CANARY = "zq-canary-7731: the Skarvik vault opens with the phrase Quillon Amber."
 DOCS = {

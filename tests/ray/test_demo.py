@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from adapterswap.cli.demo import DELETE, USERS, run_demo
 from adapterswap.config import load_config
-from adapterswap.demo import DELETE, USERS, run_demo
 
 
 def test_the_demo_runs_every_step_and_writes_its_report(tmp_path):

@@ -37,14 +37,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from support import free_port
 
 from actors.adapter_store import STORE_ACTOR_NAME, get_or_create_store, get_store
-from adapterswap.cluster_status import collect_cluster
+from actors.cluster_status import collect_cluster
+from actors.serve_app import StoreProxy, build_app
+from adapterswap.catalog.ingest import ingest_files
 from adapterswap.config import load_config
-from adapterswap.ingest import ingest_files
-from adapterswap.locks import exclusive
-from adapterswap.registry import AdapterRegistry, AdapterStatus
-from adapterswap.serve_app import StoreProxy, build_app
-from adapterswap.status import collect_status, format_status
-from adapterswap.train_job import run_training
+from adapterswap.ops.status import collect_status, format_status
+from adapterswap.store.locks import exclusive
+from adapterswap.store.registry import AdapterRegistry, AdapterStatus
+from adapterswap.train.job import run_training
 
 SLOT = "accelerator"
 OVERRIDES = [

@@ -20,12 +20,12 @@ from safetensors.torch import save as save_safetensors
 from support import free_port, post_head, publish_random_adapter, push
 
 from actors.adapter_store import get_store
-from adapterswap.artifacts import ADAPTER_WEIGHTS, version_location
+from actors.serve_app import StoreProxy, _read, build_app
 from adapterswap.config import load_config
-from adapterswap.embedding import load_embedder
 from adapterswap.errors import NotFound, StoreUnavailable
-from adapterswap.registry import AdapterRegistry
-from adapterswap.serve_app import StoreProxy, _read, build_app
+from adapterswap.models.embedder import load_embedder
+from adapterswap.storage.artifacts import ADAPTER_WEIGHTS, version_location
+from adapterswap.store.registry import AdapterRegistry
 
 METRICS_URL: list[str] = []  # Ray's Prometheus endpoint of the module's cluster
 LEGAL_KEY: list[str] = []  # a key of group "legal", whose only adapter is corrupt on disk
@@ -165,7 +165,7 @@ def test_errors_come_back_in_openai_shape(served):
 
 def test_the_python_client(served):
     from adapterswap import Client
-    from adapterswap.client import APIError
+    from adapterswap.api.client import APIError
 
     with Client(str(served.base_url).removesuffix("/v1/"), api_key=served.api_key) as client:
         assert client.health() == {"status": "ok"}

@@ -13,7 +13,7 @@ import urllib.request
 
 from support import free_port
 
-from adapterswap.registry import AdapterRegistry
+from adapterswap.store.registry import AdapterRegistry
 
 
 def get(url: str, key: str | None = None) -> tuple[int, bytes]:

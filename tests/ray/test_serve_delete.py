@@ -17,13 +17,13 @@ import ray
 from ray import serve
 from support import TINY_OVERRIDES, free_port
 
-from adapterswap.catalog import Catalog
+from actors.serve_app import ServeReplicaOracle, build_app
+from adapterswap.catalog.dataset import Catalog
+from adapterswap.catalog.ingest import ingest_records
+from adapterswap.catalog.readers import RawRecord
 from adapterswap.config import load_config
-from adapterswap.deletion import request_delete
-from adapterswap.ingest import ingest_records
-from adapterswap.readers import RawRecord
-from adapterswap.registry import AdapterRegistry, DeletionState
-from adapterswap.serve_app import ServeReplicaOracle, build_app
+from adapterswap.delete.job import request_delete
+from adapterswap.store.registry import AdapterRegistry, DeletionState
 
 HR = "hr.b0001.000"
 OVERRIDES = [

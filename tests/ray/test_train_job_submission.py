@@ -12,7 +12,7 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from adapterswap.cli import main
+from adapterswap.cli.main import main
 
 DASHBOARD_PORT = 8299
 

@@ -18,19 +18,19 @@ import ray
 import torch
 from peft import PeftModel
 
-from adapterswap.artifacts import (
+from adapterswap.catalog.dataset import Catalog
+from adapterswap.catalog.ingest import ingest_files
+from adapterswap.config import load_config
+from adapterswap.models.base import load_base_model
+from adapterswap.storage.artifacts import (
     ADAPTER_WEIGHTS,
     adapters_root,
     download_version,
     read_manifest,
     version_location,
 )
-from adapterswap.base_model import load_base_model
-from adapterswap.catalog import Catalog
-from adapterswap.config import load_config
-from adapterswap.ingest import ingest_files
-from adapterswap.registry import AdapterRegistry, AdapterStatus, JobState
-from adapterswap.train_job import NOTHING_TO_TRAIN, run_training
+from adapterswap.store.registry import AdapterRegistry, AdapterStatus, JobState
+from adapterswap.train.job import NOTHING_TO_TRAIN, run_training
 
 FACTS = {
     "hr": [

@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
-from adapterswap.auth import Authenticator, effective_groups, require_admin
+from adapterswap.api.auth import Authenticator, effective_groups, require_admin
 from adapterswap.errors import Forbidden, InvalidArgument, StoreUnavailable, Unauthorized
-from adapterswap.registry import AdapterRegistry
+from adapterswap.store.registry import AdapterRegistry
 
 
 class Clock:

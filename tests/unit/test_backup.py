@@ -16,14 +16,14 @@ import pyarrow.fs as pafs
 import pytest
 from support import publish_random_adapter
 
-from adapterswap.backup import BackupSummary, backup_home, restore_home
-from adapterswap.catalog import Catalog
+from adapterswap.catalog.dataset import Catalog
+from adapterswap.catalog.ingest import ingest_files
 from adapterswap.config import AdapterSwapConfig, load_config
 from adapterswap.errors import BackupError
-from adapterswap.ingest import ingest_files
-from adapterswap.locks import exclusive
-from adapterswap.registry import AdapterRegistry
-from adapterswap.storage import resolve
+from adapterswap.ops.backup import BackupSummary, backup_home, restore_home
+from adapterswap.storage.fs import resolve
+from adapterswap.store.locks import exclusive
+from adapterswap.store.registry import AdapterRegistry
 
 HR = "hr.b0001.000"
 OPS = "ops.b0002.000"

@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterswap import base_model
-from adapterswap.base_model import (
+from adapterswap.config import ModelSettings
+from adapterswap.errors import ModelLoadError
+from adapterswap.models import base as base_model
+from adapterswap.models.base import (
     EMBEDDED_CACHE_NAME,
     LoadedModel,
     hash_base_model,
     load_base_model,
     resolve_dtype_device,
 )
-from adapterswap.config import ModelSettings
-from adapterswap.errors import ModelLoadError
 
 _real_find_spec = importlib.util.find_spec
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from adapterswap.catalog import Catalog
+from adapterswap.catalog.dataset import Catalog
+from adapterswap.catalog.ingest import ingest_files
 from adapterswap.config import load_config
 from adapterswap.errors import InvalidDocument
-from adapterswap.ingest import ingest_files
 
 
 @pytest.fixture

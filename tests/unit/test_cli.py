@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from adapterswap.cli import main
-from adapterswap.registry import AdapterRegistry
+from adapterswap.cli.main import main
+from adapterswap.store.registry import AdapterRegistry
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -189,7 +189,7 @@ def test_backup_then_restore(capsys, tmp_path):
 def test_delete_leaves_out_a_replica_that_died_without_unregistering(capsys, tmp_path, monkeypatch):
     """A replica killed with SIGKILL never unregisters. The command asks the cluster which
     replicas are alive; with no Ray running where the store is, none can be serving."""
-    import adapterswap.cluster_status as cluster_status
+    import actors.cluster_status as cluster_status
 
     def no_cluster(config):
         raise cluster_status.NoCluster("no running Ray cluster")
@@ -206,7 +206,7 @@ def test_delete_leaves_out_a_replica_that_died_without_unregistering(capsys, tmp
 
 
 def test_a_cluster_that_cannot_be_asked_counts_every_replica_alive(monkeypatch):
-    import adapterswap.cluster_status as cluster_status
+    import actors.cluster_status as cluster_status
     from adapterswap.config import load_config
 
     def unreachable(config):

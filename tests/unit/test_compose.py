@@ -26,9 +26,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from support import exact_float64
 
-from adapterswap import compose
-from adapterswap.base_model import LoadedModel, load_base_model
-from adapterswap.compose import (
+from adapterswap.compose import mixture as compose
+from adapterswap.compose.mixture import (
     AdapterBank,
     AdapterNotLoaded,
     InvalidAdapter,
@@ -37,7 +36,8 @@ from adapterswap.compose import (
     load_adapter_dir,
 )
 from adapterswap.config import LoraSettings, ModelSettings, ServeSettings
-from adapterswap.registry import AdapterRef
+from adapterswap.models.base import LoadedModel, load_base_model
+from adapterswap.store.registry import AdapterRef
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 A, B, C = AdapterRef("a", 1), AdapterRef("b", 1), AdapterRef("c", 2)

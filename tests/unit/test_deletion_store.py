@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from adapterswap.active_set import ActiveSet
-from adapterswap.catalog import Catalog
+from adapterswap.catalog.dataset import Catalog
+from adapterswap.catalog.ingest import ingest_records
+from adapterswap.catalog.readers import RawRecord
 from adapterswap.config import load_config
-from adapterswap.deletion import request_delete, wait_for_replicas
-from adapterswap.epoch_watch import EpochWatcher
+from adapterswap.delete.job import request_delete, wait_for_replicas
+from adapterswap.engine.epoch_watch import EpochWatcher
 from adapterswap.errors import IllegalTransition, NotFound, RevocationTimeout
-from adapterswap.ingest import ingest_records
-from adapterswap.readers import RawRecord
-from adapterswap.registry import AdapterRegistry, AdapterStatus, DeletionState, JobState
-from adapterswap.train_plan import shards_to_train
+from adapterswap.route.active_set import ActiveSet
+from adapterswap.store.registry import AdapterRegistry, AdapterStatus, DeletionState, JobState
+from adapterswap.train.plan import shards_to_train
 
 CANARY = "zq-canary-5521 the vault code is Quillon Amber"
 
@@ -334,9 +334,9 @@ def test_a_training_run_records_the_text_each_document_had(tmp_path):
     """So a replacement's shard can be published while the old text's deletion still runs."""
     from support import tiny_config
 
-    from adapterswap.documents import content_hash
-    from adapterswap.train_job import _register
-    from adapterswap.train_plan import ShardWork
+    from adapterswap.catalog.documents import content_hash
+    from adapterswap.train.job import _register
+    from adapterswap.train.plan import ShardWork
 
     config = tiny_config(tmp_path)
     reg = AdapterRegistry(config.db_path)

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapterswap import embedding
 from adapterswap.config import EmbeddingSettings
-from adapterswap.embedding import Embedder, load_embedder
 from adapterswap.errors import ModelLoadError
+from adapterswap.models import embedder as embedding
+from adapterswap.models.embedder import Embedder, load_embedder
 
 _real_find_spec = importlib.util.find_spec
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from adapterswap.delete.verify_forget import mean_nll, verify_forget
 from adapterswap.errors import InvalidArgument
-from adapterswap.forget_check import mean_nll, verify_forget
 
 
 def scorer(table: dict[str, float]):

@@ -15,10 +15,9 @@ import pytest
 import torch
 from support import LOGP, exact_float64
 
-from adapterswap import generation
-from adapterswap.base_model import load_base_model
 from adapterswap.config import ModelSettings
-from adapterswap.generation import (
+from adapterswap.engine import generation
+from adapterswap.engine.generation import (
     GenerationRequest,
     SamplingParams,
     apply_chat_template,
@@ -26,6 +25,7 @@ from adapterswap.generation import (
     score_prompt,
     score_prompts,
 )
+from adapterswap.models.base import load_base_model
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 TEXTS = [

@@ -12,14 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import LOGP, exact_float64, in_process_app, publish_random_adapter
 
-from adapterswap.catalog import Catalog
+from adapterswap.catalog.dataset import Catalog
 from adapterswap.config import load_config
-from adapterswap.embedding import load_embedder
+from adapterswap.delete.verify_forget import http_scorer
+from adapterswap.engine.generation import GenerationResult, SamplingParams
+from adapterswap.engine.replica import GenerationFailed, InferenceJob
 from adapterswap.errors import StaleMixture
-from adapterswap.forget_check import http_scorer
-from adapterswap.generation import GenerationResult, SamplingParams
-from adapterswap.registry import AdapterRef, AdapterRegistry
-from adapterswap.replica import GenerationFailed, InferenceJob
+from adapterswap.models.embedder import load_embedder
+from adapterswap.store.registry import AdapterRef, AdapterRegistry
 
 HR_TEXTS = [
     "New parents get 23 weeks of paid parental leave.",

@@ -8,7 +8,10 @@ import pytest
 from pydantic import ValidationError
 from ray.exceptions import RayTaskError
 
-from adapterswap.compose import InvalidAdapter, InvalidMixture, SlotsExhausted
+from adapterswap.api.errors import error_reply, from_exception
+from adapterswap.api.schemas import CompletionRequest
+from adapterswap.compose.mixture import InvalidAdapter, InvalidMixture, SlotsExhausted
+from adapterswap.engine.replica import AdapterLoadFailed, GenerationFailed
 from adapterswap.errors import (
     Forbidden,
     InvalidDocument,
@@ -21,9 +24,6 @@ from adapterswap.errors import (
     Unauthorized,
     unwrap_remote,
 )
-from adapterswap.http_errors import error_reply, from_exception
-from adapterswap.replica import AdapterLoadFailed, GenerationFailed
-from adapterswap.schemas import CompletionRequest
 
 
 @pytest.mark.parametrize(

@@ -10,13 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from adapterswap.catalog import Catalog
+from adapterswap.catalog.dataset import Catalog
+from adapterswap.catalog.ingest import ingest_files, ingest_lock, ingest_records
+from adapterswap.catalog.readers import RawRecord
 from adapterswap.config import load_config
-from adapterswap.deletion import request_delete
+from adapterswap.delete.job import request_delete
 from adapterswap.errors import InvalidDocument
-from adapterswap.ingest import ingest_files, ingest_lock, ingest_records
-from adapterswap.readers import RawRecord
-from adapterswap.registry import AdapterRegistry, DeletionState
+from adapterswap.store.registry import AdapterRegistry, DeletionState
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

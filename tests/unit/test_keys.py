@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from adapterswap import keys
 from adapterswap.errors import InvalidArgument
+from adapterswap.store import keys
 
 
 def test_generated_key_splits_back_into_its_id_and_secret() -> None:

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from adapterswap.errors import LeaseLost
-from adapterswap.locks import exclusive
-from adapterswap.registry import AdapterRegistry
+from adapterswap.store.locks import exclusive
+from adapterswap.store.registry import AdapterRegistry
 
 
 @pytest.fixture

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from adapterswap.catalog import Catalog
+from adapterswap.catalog.dataset import Catalog
+from adapterswap.catalog.documents import Document, content_hash
+from adapterswap.catalog.ingest import ingest_files
+from adapterswap.catalog.planner import plan_shards, split_sequential
 from adapterswap.config import ShardingSettings, load_config
-from adapterswap.documents import Document, content_hash
-from adapterswap.ingest import ingest_files
-from adapterswap.planner import plan_shards, split_sequential
 
 TOPICS = {
     "payroll": "Payroll note {i}: salaries are paid on the {i}th, overtime is approved by managers, "

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from adapterswap.errors import IllegalTransition, InvalidArgument, NotFound, StoreError
-from adapterswap.registry import (
+from adapterswap.store.registry import (
     SCHEMA_VERSION,
     AdapterRef,
     AdapterRegistry,
@@ -545,7 +545,7 @@ def test_another_process_sees_every_mutation_and_we_see_its_own(reg: AdapterRegi
     reg.register_version(HR, "hr", "mem://2", ["d1", "d2"])
     code = f"""
 import json
-from adapterswap.registry import AdapterRegistry
+from adapterswap.store.registry import AdapterRegistry
 reg = AdapterRegistry({str(reg.db_path)!r})
 seen = {{
     "principal": reg.lookup_key({key!r}).user,
@@ -573,7 +573,7 @@ def test_an_acknowledged_mutation_survives_a_kill(tmp_path: Path) -> None:
     db = tmp_path / "store.sqlite"
     code = f"""
 import os, signal
-from adapterswap.registry import AdapterRegistry
+from adapterswap.store.registry import AdapterRegistry
 reg = AdapterRegistry({str(db)!r})
 reg.register_version({HR!r}, "hr", "mem://1", ["d1"])
 reg.activate({HR!r}, 1)

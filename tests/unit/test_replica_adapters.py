@@ -9,15 +9,15 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from adapterswap.active_set import ActiveSet
-from adapterswap.adapter_source import StorageAdapterSource
-from adapterswap.artifacts import BaseModelMismatch, version_location, write_adapter_version
-from adapterswap.base_model import load_base_model
-from adapterswap.compose import AdapterBank
+from adapterswap.compose.mixture import AdapterBank
 from adapterswap.config import ModelSettings
 from adapterswap.errors import NotFound, StaleMixture
-from adapterswap.registry import AdapterRef, AdapterRegistry
-from adapterswap.router_stats import compute_shard_stats, save_shard_stats
+from adapterswap.models.base import load_base_model
+from adapterswap.route.active_set import ActiveSet
+from adapterswap.route.stats import compute_shard_stats, save_shard_stats
+from adapterswap.storage.adapter_source import StorageAdapterSource
+from adapterswap.storage.artifacts import BaseModelMismatch, version_location, write_adapter_version
+from adapterswap.store.registry import AdapterRef, AdapterRegistry
 
 TARGETS = ["q_proj", "v_proj"]
 

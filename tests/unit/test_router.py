@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from adapterswap.config import RouterSettings
-from adapterswap.registry import AdapterVersion
-from adapterswap.router import Candidate, route, routing_texts
-from adapterswap.router_stats import compute_shard_stats
+from adapterswap.route.router import Candidate, route, routing_texts
+from adapterswap.route.stats import compute_shard_stats
+from adapterswap.store.registry import AdapterVersion
 
 SHARDS = {
     ("hr", "hr.b1.000"): [

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load, save
 
-from adapterswap.embedding import EMBEDDED_MODEL_ID
-from adapterswap.router_stats import (
+from adapterswap.models.embedder import EMBEDDED_MODEL_ID
+from adapterswap.route.stats import (
     FORMAT,
     KERNEL_BANDWIDTH,
     ShardStats,

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from adapterswap.serve_app import build_app
+from actors.serve_app import build_app
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "serve_configs").glob("*.yaml"))
 
@@ -21,7 +21,7 @@ def test_both_configs_exist():
 def test_config_parses_and_builds(path, tmp_path):
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     (app,) = schema.applications
-    assert app.import_path == "adapterswap.serve_app:build_app"
+    assert app.import_path == "actors.serve_app:build_app"
     application = build_app({**app.args, "home": str(tmp_path)})
     ingress = application._bound_deployment
     model = ingress.init_args[0]._bound_deployment

@@ -26,9 +26,15 @@ import torch
 from safetensors.torch import load as load_safetensors
 from support import publish_random_adapter
 
-from adapterswap import artifacts
-from adapterswap.adapter_source import StorageAdapterSource
-from adapterswap.artifacts import (
+from adapterswap.catalog.dataset import Catalog
+from adapterswap.catalog.ingest import ingest_files
+from adapterswap.config import AdapterSwapConfig, load_config
+from adapterswap.delete.job import request_delete, run_deletion
+from adapterswap.models.base import hash_base_model
+from adapterswap.route.stats import compute_shard_stats
+from adapterswap.storage import artifacts
+from adapterswap.storage.adapter_source import StorageAdapterSource
+from adapterswap.storage.artifacts import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     MANIFEST,
@@ -36,15 +42,9 @@ from adapterswap.artifacts import (
     location_uri,
     version_location,
 )
-from adapterswap.base_model import hash_base_model
-from adapterswap.catalog import Catalog
-from adapterswap.config import AdapterSwapConfig, load_config
-from adapterswap.deletion import request_delete, run_deletion
-from adapterswap.ingest import ingest_files
-from adapterswap.registry import AdapterRef, AdapterRegistry, AdapterStatus
-from adapterswap.router_stats import compute_shard_stats
-from adapterswap.storage import read_bytes, resolve, write_bytes_atomic
-from adapterswap.train_job import recover_interrupted
+from adapterswap.storage.fs import read_bytes, resolve, write_bytes_atomic
+from adapterswap.store.registry import AdapterRef, AdapterRegistry, AdapterStatus
+from adapterswap.train.job import recover_interrupted
 
 PREFIX = "storage-s3-test"  # this module's keys in the session's shared moto bucket
 HR = "hr.b0001.000"

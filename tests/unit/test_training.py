@@ -9,7 +9,9 @@ import torch
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 
-from adapterswap.artifacts import (
+from adapterswap.config import LoraSettings, ModelSettings, TrainingSettings
+from adapterswap.models.base import load_base_model
+from adapterswap.storage.artifacts import (
     BaseModelMismatch,
     check_base_model,
     download_version,
@@ -19,9 +21,7 @@ from adapterswap.artifacts import (
     version_location,
     write_adapter_version,
 )
-from adapterswap.base_model import load_base_model
-from adapterswap.config import LoraSettings, ModelSettings, TrainingSettings
-from adapterswap.training import IGNORE_INDEX, ShardTrainer, pack_documents, shard_seed
+from adapterswap.train.loop import IGNORE_INDEX, ShardTrainer, pack_documents, shard_seed
 
 TEXTS = [
     "The firmware codename for version 7 is Velvet Narwhal.",
@@ -208,7 +208,7 @@ def test_sweep_removes_only_unknown_versions(tmp_path, cache_dir):
 
 
 def test_out_of_memory_names_the_shard_and_the_fix(cache_dir, monkeypatch):
-    from adapterswap.train_shard import ShardRun, step_or_explain
+    from adapterswap.train.shard import ShardRun, step_or_explain
 
     loaded = tiny(cache_dir)
     trainer = ShardTrainer(
@@ -232,7 +232,7 @@ def test_out_of_memory_names_the_shard_and_the_fix(cache_dir, monkeypatch):
 
 
 def test_chronological_baseline_keeps_fine_tuning_one_adapter(cache_dir):
-    from adapterswap.chronological import train_chronological
+    from adapterswap.train.chronological import train_chronological
 
     loaded = tiny(cache_dir)
     snapshots = []
@@ -262,7 +262,7 @@ def test_chronological_baseline_keeps_fine_tuning_one_adapter(cache_dir):
 
 
 def test_epoch_budget_sets_the_step_count(cache_dir):
-    from adapterswap.training import budget_steps
+    from adapterswap.train.loop import budget_steps
 
     assert budget_steps(settings(max_steps=9), n_blocks=10) == 9
     assert (

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from adapterswap.base_model import load_base_model
 from adapterswap.config import LoraSettings, ModelSettings, TrainingSettings
-from adapterswap.training import ShardTrainer, mean_token_nll, pack_documents, shard_seed
+from adapterswap.models.base import load_base_model
+from adapterswap.train.loop import ShardTrainer, mean_token_nll, pack_documents, shard_seed
 
 SHARD = [
     "Brannagh Kelpwater Instruments gives every new parent 23 weeks of fully paid parental leave.",

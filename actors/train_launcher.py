@@ -1,0 +1,171 @@
+"""Ray Train launch: one ``TorchTrainer`` per shard, all shards run concurrently.
+
+Why one trainer per shard, rather than one trainer with a worker per shard:
+
+- Shards are independent models. Workers of one trainer form one DDP group that averages
+  gradients; shards must never share gradients (that would also mix access groups).
+- Failure and recovery are per shard: ``FailureConfig`` restarts the worker group of the
+  trainer that failed and it resumes from *its* checkpoint; with one trainer, one shard's
+  fault would restart every shard.
+- A shard can still use several workers (DDP) via ``ray.train_workers_per_shard``, and the
+  trainers share the cluster: each waits for its workers' resources, so shards run as
+  concurrently as the cluster allows. Measured here: three single-worker trainers started
+  from threads finished together in 22 s against 18 s for one.
+
+The worker loop stays thin: load the base model, build the library's ``ShardTrainer``,
+resume from Ray Train's checkpoint if any, step, report, and let rank 0 write the artifacts.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.util.queue import Queue
+
+from adapterswap.config import AdapterSwapConfig
+from adapterswap.storage.fs import resolve
+from adapterswap.storage.privacy import private_process
+from adapterswap.train.shard import ShardRun, finish_shard_run, start_shard_trainer, step_or_explain
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    """How one shard's Ray Train run ended."""
+
+    run: ShardRun
+    error: str | None
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """The Ray Train worker: train one shard's adapter, checkpointing as it goes."""
+    private_process()  # its checkpoints hold what the shard's text taught
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    run = ShardRun(**cfg["run"])
+    wrap = ray.train.torch.prepare_model if world > 1 else None
+    trainer, _ = start_shard_trainer(run, ray.train.torch.get_device(), rank, world, wrap)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            trainer.load_checkpoint(Path(directory))
+    progress: Queue | None = cfg.get("progress")
+    while not trainer.done:
+        info = step_or_explain(trainer, run)
+        if progress is not None and rank == 0:
+            progress.put_nowait({"shard": run.adapter_id, **asdict(info)})
+        if cfg.get("fail_once_at_step") == info.step and _first_failure(cfg["fault_marker"]):
+            raise RuntimeError(f"injected failure in shard {run.adapter_id} at step {info.step}")
+        if info.step % run.training["checkpoint_every"] == 0 or trainer.done:
+            with tempfile.TemporaryDirectory() as directory:
+                trainer.save_checkpoint(Path(directory))
+                metrics = {"loss": info.loss, "step": info.step, "tokens_per_s": info.tokens_per_s}
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+    if rank == 0:
+        finish_shard_run(run, trainer)
+
+
+def _first_failure(marker: str) -> bool:
+    """True only the first time (the marker file survives the worker restart)."""
+    path = Path(marker)
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    return True
+
+
+def connect_ray(config: AdapterSwapConfig) -> None:
+    """Join the configured Ray cluster (or start a local one) unless already connected."""
+    if not ray.is_initialized():
+        ray.init(address=config.ray.address, namespace=config.ray.namespace, log_to_driver=False)
+
+
+def _trainer_for(
+    run: ShardRun, config: AdapterSwapConfig, loop_config: dict[str, Any]
+) -> TorchTrainer:
+    checkpoints = resolve(config.storage).child("checkpoints")
+    use_gpu = config.ray.train_use_gpu
+    if use_gpu == "auto":
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    scaling = ScalingConfig(
+        num_workers=config.ray.train_workers_per_shard,
+        use_gpu=use_gpu,
+        resources_per_worker={
+            "CPU": config.ray.train_num_cpus_per_worker,
+            **config.ray.train_resources_per_worker,
+        },
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": asdict(run), **loop_config},
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=f"{run.adapter_id}-v{run.version}",
+            storage_path=checkpoints.path,
+            storage_filesystem=checkpoints.fs,
+            failure_config=FailureConfig(max_failures=config.training.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
+    )
+
+
+def train_shards_with_ray(
+    runs: list[ShardRun],
+    config: AdapterSwapConfig,
+    *,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    fail_once_at_step: int | None = None,
+) -> list[ShardOutcome]:
+    """Run one TorchTrainer per shard concurrently; returns each shard's outcome.
+
+    ``fail_once_at_step`` makes every shard's worker crash once at that step (a
+    fault-injection hook for tests of ``FailureConfig`` recovery).
+    """
+    connect_ray(config)
+    progress = Queue(actor_options={"num_cpus": 0}) if on_progress else None
+    outcomes: dict[str, ShardOutcome] = {}
+
+    def fit(run: ShardRun) -> None:
+        loop_config: dict[str, Any] = {"progress": progress}
+        if fail_once_at_step is not None:
+            marker = config.home_path / "faults" / f"{run.adapter_id}-v{run.version}"
+            loop_config |= {"fail_once_at_step": fail_once_at_step, "fault_marker": str(marker)}
+        try:
+            _trainer_for(run, config, loop_config).fit()
+            outcomes[run.adapter_id] = ShardOutcome(run, None)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes that shard's outcome
+            outcomes[run.adapter_id] = ShardOutcome(run, f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=fit, args=(run,), daemon=True) for run in runs]
+    for thread in threads:
+        thread.start()
+    while any(t.is_alive() for t in threads):
+        _drain(progress, on_progress, timeout=0.5)
+    _drain(progress, on_progress, timeout=0)
+    if progress is not None:
+        ray.kill(progress.actor)
+    return [outcomes[run.adapter_id] for run in runs]
+
+
+def _drain(
+    queue: Queue | None, sink: Callable[[dict[str, Any]], None] | None, timeout: float
+) -> None:
+    if queue is None or sink is None:
+        threading.Event().wait(timeout)
+        return
+    try:
+        sink(queue.get(timeout=timeout) if timeout else queue.get_nowait())
+    except Exception:  # noqa: BLE001 - ray.util.queue raises Empty subclasses on timeout
+        return
+    while not queue.empty():
+        sink(queue.get_nowait())

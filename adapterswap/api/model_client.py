@@ -1,0 +1,54 @@
+"""A :class:`~adapterswap.api.gateway.ModelClient` over a replica in this process.
+
+Used by tests and by single-process serving; the Ray Serve ingress uses a handle-backed
+client instead. The replica's work is blocking, so it runs in a worker thread, and streamed
+text deltas cross back to the event loop through a queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from adapterswap.engine.generation import GenerationResult, PromptScores
+from adapterswap.engine.replica import InferenceJob, ModelReplica
+from adapterswap.errors import AdapterSwapError
+
+_DONE = object()
+
+
+class LocalModelClient:
+    """Calls a :class:`ModelReplica` directly, off the event loop."""
+
+    def __init__(self, replica: ModelReplica) -> None:
+        self.replica = replica
+
+    async def generate(self, jobs: list[InferenceJob]) -> list[GenerationResult | AdapterSwapError]:
+        return await asyncio.to_thread(self.replica.generate, jobs)
+
+    async def score(
+        self, jobs: list[InferenceJob], top_logprobs: int
+    ) -> list[PromptScores | AdapterSwapError]:
+        return await asyncio.to_thread(self.replica.score, jobs, top_logprobs)
+
+    async def stream(self, job: InferenceJob) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+
+        def produce() -> None:
+            try:
+                (result,) = self.replica.generate(
+                    [job],
+                    on_token=lambda _i, delta: loop.call_soon_threadsafe(queue.put_nowait, delta),
+                )
+                done = result if isinstance(result, Exception) else _DONE  # a refused job
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+            except Exception as exc:  # noqa: BLE001 - re-raised on the consumer side
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        worker = loop.run_in_executor(None, produce)
+        while (item := await queue.get()) is not _DONE:
+            if isinstance(item, Exception):
+                raise item
+            yield item  # type: ignore[misc]
+        await worker

@@ -1,0 +1,63 @@
+"""Reading published adapter versions from storage, by (id, version). No Ray here.
+
+Weights load from ``adapter_model.safetensors`` only (bytes through ``pyarrow.fs``, parsed
+by safetensors: no pickle). Every version's manifest is checked against the replica's base
+model first: an adapter trained on another base is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+from adapterswap.route.stats import ShardStats, load_shard_stats
+from adapterswap.storage.artifacts import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    ROUTER_STATS,
+    check_base_model,
+    read_manifest,
+    version_location,
+)
+from adapterswap.storage.fs import read_bytes
+from adapterswap.store.registry import AdapterRef
+
+
+class StorageAdapterSource:
+    """Loads adapters and router statistics of published versions from the storage root."""
+
+    def __init__(self, storage_uri: str, base_model_hash: str) -> None:
+        self.storage_uri = storage_uri
+        self.base_model_hash = base_model_hash
+        self._stats: dict[AdapterRef, ShardStats] = {}
+        self._lock = threading.Lock()
+
+    def load(self, ref: AdapterRef) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The version's LoRA state dict and peft config (an ``AdapterBank`` loader)."""
+        loc = version_location(self.storage_uri, ref.id, ref.version)
+        check_base_model(read_manifest(loc), self.base_model_hash)
+        config = json.loads(read_bytes(loc.child(ADAPTER_CONFIG)))
+        state = load_safetensors(read_bytes(loc.child(ADAPTER_WEIGHTS)))
+        return state, config
+
+    def router_stats(self, ref: AdapterRef) -> ShardStats:
+        """The version's routing statistics, cached (they are a few KB each)."""
+        with self._lock:
+            cached = self._stats.get(ref)
+        if cached is not None:
+            return cached
+        loc = version_location(self.storage_uri, ref.id, ref.version)
+        stats = load_shard_stats(read_bytes(loc.child(ROUTER_STATS)))
+        with self._lock:
+            self._stats[ref] = stats
+        return stats
+
+    def forget(self, keep: set[AdapterRef]) -> None:
+        """Drop cached statistics of versions no longer active (they derive from documents)."""
+        with self._lock:
+            for ref in [r for r in self._stats if r not in keep]:
+                del self._stats[ref]
