@@ -1,6 +1,7 @@
 """The docs stay true to the tree: the generated configuration reference matches
 adapterswap/config.py, every link in README.md and docs/ lands on a file (and heading) of
-this repository, and docs/cli.md names every command and flag the CLI has."""
+this repository, every setting they name exists, and docs/cli.md names every command and
+flag the CLI has."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
+
+from adapterswap.config import AdapterSwapConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -65,6 +69,20 @@ def test_every_link_lands_in_the_repository(page):
         assert resolved.exists(), f"{page.name}: {target} does not exist"
         if anchor and resolved.suffix == ".md":
             assert anchor in _anchors(resolved), f"{page.name}: no heading #{anchor} in {path}"
+
+
+def test_every_setting_the_docs_name_exists():
+    sections = {
+        name: set(field.annotation.model_fields)
+        for name, field in AdapterSwapConfig.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    }
+    # `serve.port`, `lora.rank=8`; not `ray.init(...)` or `ray.cluster_utils.Cluster`.
+    setting = re.compile(rf"(?<![\w@./-])({'|'.join(sections)})\.([a-z_]+)(?![\w(.])")
+    for page in PAGES:
+        for span in _CODE_SPAN.findall(page.read_text(encoding="utf-8")):
+            for section, name in setting.findall(span):
+                assert name in sections[section], f"{page.name}: no setting {section}.{name}"
 
 
 def _help(argv: list[str]) -> str:
