@@ -38,8 +38,8 @@ from adapterswap.api.gateway import Gateway
 from adapterswap.api.schemas import ChatRequest, CompletionRequest
 from adapterswap.config import AdapterSwapConfig, ServeSettings, load_config
 from adapterswap.engine.epoch_watch import EpochWatcher
-from adapterswap.engine.generation import GenerationResult, PromptScores
 from adapterswap.engine.replica import InferenceJob, ModelReplica
+from adapterswap.engine.requests import GenerationResult, PromptScores
 from adapterswap.errors import AdapterSwapError, Overloaded, StoreUnavailable, unwrap_remote
 from adapterswap.models.base import hash_base_model
 from adapterswap.models.embedder import load_embedder

@@ -31,8 +31,8 @@ from adapterswap.catalog.ingest import ingest_lock, ingest_records
 from adapterswap.catalog.readers import RawRecord
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.delete.job import DeleteRequest, request_delete, wait_for_replicas
-from adapterswap.engine.generation import GenerationResult, PromptScores, SamplingParams
 from adapterswap.engine.replica import InferenceJob, Mixture
+from adapterswap.engine.requests import GenerationResult, PromptScores, SamplingParams
 from adapterswap.errors import (
     AdapterSwapError,
     InvalidArgument,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from adapterswap.engine.generation import GenerationResult, PromptScores
 from adapterswap.engine.replica import InferenceJob, ModelReplica
+from adapterswap.engine.requests import GenerationResult, PromptScores
 from adapterswap.errors import AdapterSwapError
 
 _DONE = object()

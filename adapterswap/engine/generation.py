@@ -1,13 +1,12 @@
-"""Text generation and prompt scoring: what a serving replica runs for each batch of requests.
+"""The decode loop: what a serving replica runs for each batch of generation requests.
 
 ``generate_batch`` decodes several requests (from different callers) in one loop: the prompts
 are left-padded into one batch, prefilled once, then decoded one forward per step over a KV
-cache. Each row samples with its own seeded generator, so a seed gives the same text whatever
-else shares the batch, and stops on its own EOS, ``max_tokens`` or stop strings, or when the
-caller's ``step_guard``, entered around every step's sampling, names it (a revoked adapter).
-``score_prompts`` gives the per-token log-probabilities of prompts (OpenAI ``echo`` +
-``logprobs``). The adapter mixture, if any, is set on the model by the caller around these
-calls; nothing here knows about adapters. No Ray, no HTTP.
+cache. Each row samples with its own seeded generator (``sampling``), so a seed gives the same
+text whatever else shares the batch, and stops on its own EOS, ``max_tokens`` or stop strings,
+or when the caller's ``step_guard``, entered around every step's sampling, names it (a revoked
+adapter). The adapter mixture, if any, is set on the model by the caller around these calls;
+nothing here knows about adapters. No Ray, no HTTP.
 """
 
 from __future__ import annotations
@@ -18,83 +17,24 @@ import inspect
 from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-# "abort": stopped by the caller's step guard; the caller turns it into an error, never text.
-FinishReason = Literal["stop", "length", "abort"]
+from adapterswap.engine.requests import (
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+)
+from adapterswap.engine.sampling import new_generator, sample_next
+from adapterswap.engine.scoring import at_least_fp32, build_scores
+from adapterswap.engine.text import Detokenizer
+
 TokenCallback = Callable[[int, str], None]  # (request index, text delta)
 RowsCallback = Callable[[list[int]], None]  # request indices now in the model's batch
 # Entered around each step's sampling and streaming; yields the request indices to stop first.
 StepGuard = Callable[[], AbstractContextManager[Collection[int]]]
-
-# What decode() shows for bytes that end inside a UTF-8 character: the next token completes it.
-_REPLACEMENT = "\ufffd"
-# Prompt positions scored per forward: bounds the float32 logits (positions x vocab) in memory.
-_SCORE_POSITIONS_PER_FORWARD = 2048
-# Top-p candidates taken with topk before falling back to sorting the whole vocabulary.
-_NUCLEUS_HEAD = 256
-
-
-# --------------------------------------------------------------------------- types
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request samples and when it stops (validated by the HTTP layer)."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0  # 0 means greedy (argmax)
-    top_p: float = 1.0  # nucleus: sample among the fewest top tokens whose mass reaches top_p
-    seed: int | None = None  # None: nondeterministic
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks, load tests)
-    logprobs: int | None = None  # k: each output token's log-probability and the top k
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One row of a batch: a tokenised prompt and its sampling parameters."""
-
-    prompt_ids: list[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """The completion of one request.
-
-    ``token_ids`` are the tokens produced, EOS excluded; with a stop string they include the
-    tokens that formed it while ``text`` ends before it. ``completion_tokens`` counts every
-    token sampled, EOS included (it cost a forward like any other).
-    """
-
-    token_ids: list[int]
-    text: str
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    scores: PromptScores | None = None  # the output tokens' log-probabilities, if asked
-
-
-@dataclass(frozen=True)
-class PromptScores:
-    """OpenAI-style ``logprobs`` of a prompt's own tokens, for ``echo``.
-
-    ``text`` is the decoded prompt; token ``i`` spans ``text[text_offset[i]:text_offset[i+1]]``
-    (a token that ends inside a character spans nothing; the one completing it spans it all).
-    """
-
-    token_ids: list[int]
-    tokens: list[str]  # each token decoded on its own
-    token_logprobs: list[float | None]  # log p(token_i | tokens before it); None for the first
-    text_offset: list[int]
-    text: str
-    top_logprobs: list[dict[str, float] | None] | None = None  # with top_logprobs=k >= 1
-
-
-# --------------------------------------------------------------------------- generation
 
 
 @dataclass
@@ -104,7 +44,7 @@ class _Row:
     index: int  # position in the caller's request list
     params: SamplingParams
     prompt_tokens: int
-    detok: _Detokenizer
+    detok: Detokenizer
     generator: torch.Generator | None  # None for greedy rows
     emitted: int = 0  # characters of text already streamed
     produced: int = 0  # tokens sampled so far, EOS included
@@ -161,7 +101,7 @@ def generate_batch(
         if row.params.logprobs is not None and row.result is not None:
             n = len(row.result.token_ids)  # EOS is not an output token
             top = row.top[:n] if row.params.logprobs > 0 else None
-            scores = _prompt_scores(tokenizer, row.result.token_ids, row.logprobs[:n], top)
+            scores = build_scores(tokenizer, row.result.token_ids, row.logprobs[:n], top)
             row.result = dataclasses.replace(row.result, scores=scores)
     return [row.result for row in rows]  # type: ignore[misc]  # every row finished
 
@@ -171,15 +111,8 @@ def _new_row(index: int, request: GenerationRequest, tokenizer: Any) -> _Row:
     # An empty stop string would match at once; the HTTP layer rejects it, we ignore it.
     if any(not s for s in params.stop):
         params = dataclasses.replace(params, stop=tuple(s for s in params.stop if s))
-    generator = None
-    if params.temperature > 0:
-        generator = torch.Generator()
-        if params.seed is None:
-            generator.seed()  # nondeterministic, from the OS
-        else:
-            generator.manual_seed(params.seed)
-    detok = _Detokenizer(tokenizer, skip_special_tokens=True)
-    return _Row(index, params, len(request.prompt_ids), detok, generator)
+    detok = Detokenizer(tokenizer, skip_special_tokens=True)
+    return _Row(index, params, len(request.prompt_ids), detok, new_generator(params))
 
 
 def _decode_loop(
@@ -248,8 +181,9 @@ def _sample_and_advance(
     """
     live = [k for k, row in enumerate(batch) if row.result is None]
     live_logits = logits if len(live) == len(batch) else logits[live]  # (L,V)
-    tokens = _sample_next(live_logits, [batch[k] for k in live])
-    _record_logprobs(live_logits, [batch[k] for k in live], tokens)
+    rows = [batch[k] for k in live]
+    tokens = sample_next(live_logits, [r.params for r in rows], [r.generator for r in rows])
+    _record_logprobs(live_logits, rows, tokens)
     step = torch.full((len(batch),), pad_id, dtype=torch.long)
     step[live] = torch.tensor(tokens)
     for k, token in zip(live, tokens, strict=True):
@@ -257,18 +191,12 @@ def _sample_and_advance(
     return step
 
 
-def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
-    """Logits in fp32 for log-probabilities (bf16 is too coarse), or in fp64 as they are:
-    an fp64 model keeps its precision, so exactness tests run in fp64."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
 def _record_logprobs(logits: torch.Tensor, rows: list[_Row], tokens: list[int]) -> None:
     """For rows that asked: log p(token) = z[token] − logsumexp z, and the top-k.  logits: (L,V)"""
     wanted = [b for b, row in enumerate(rows) if row.params.logprobs is not None]
     if not wanted:
         return
-    z = _at_least_fp32(logits[wanted])  # (W,V)
+    z = at_least_fp32(logits[wanted])  # (W,V)
     logp = z - torch.logsumexp(z, dim=-1, keepdim=True)  # (W,V)
     chosen = logp.gather(-1, torch.tensor([tokens[b] for b in wanted])[:, None]).squeeze(-1)
     k = max(rows[b].params.logprobs or 0 for b in wanted)
@@ -368,250 +296,6 @@ def _stop_prefix_len(text: str, stops: tuple[str, ...], start: int) -> int:
                 longest = k
                 break
     return longest
-
-
-# --------------------------------------------------------------------------- sampling
-
-
-def _sample_next(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-    """Next token per row: argmax where temperature is 0, else a seeded draw.  logits: (B,V)
-
-    Rows with top_p < 1 draw from the sorted nucleus, the others from the full distribution;
-    each row's draw uses its own generator and only its own logits, so it does not depend
-    on the other rows of the batch.
-    """
-    tokens = logits.argmax(dim=-1)  # (B,)
-    plain = [b for b, r in enumerate(rows) if r.params.temperature > 0 and r.params.top_p >= 1]
-    nucleus = [b for b, r in enumerate(rows) if r.params.temperature > 0 and r.params.top_p < 1]
-    for group, draw in ((plain, _draw_full), (nucleus, _draw_nucleus)):
-        if group:
-            sub = [rows[b] for b in group]
-            temperature = torch.tensor([r.params.temperature for r in sub])  # (S,)
-            top_p = torch.tensor([r.params.top_p for r in sub])  # (S,)
-            u = torch.cat([torch.rand(1, generator=r.generator) for r in sub])  # (S,) in [0,1)
-            probs = torch.softmax(logits[group].float() / temperature[:, None], dim=-1)  # (S,V)
-            tokens[group] = draw(probs, top_p, u)
-    return tokens.tolist()
-
-
-def _draw_full(probs: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw: the first token whose cumulative probability exceeds u.  probs: (S,V)
-
-    token = min{ j : Σ_{i≤j} p_i > u · Σ_i p_i }   (scaling by the total absorbs rounding)
-    """
-    cdf = probs.cumsum(dim=-1)  # (S,V)
-    token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)  # (S,)
-    return token.clamp(max=probs.shape[-1] - 1)
-
-
-def _draw_nucleus(probs: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Top-p draw over the probabilities sorted descending, as far as top_p needs.  probs: (S,V)
-
-    Sorting the whole vocabulary costs ~1.5 ms a row; the top 256 (``topk``) usually hold
-    mass ≥ top_p and cost far less, so only rows whose head falls short sort everything.
-    Which path a row takes depends on its own probabilities only, never on the batch.
-    """
-    head_p, head_i = probs.topk(min(_NUCLEUS_HEAD, probs.shape[-1]), dim=-1)  # (S,K) sorted
-    enough = head_p.sum(dim=-1) >= top_p  # (S,)
-    tokens = torch.empty(len(u), dtype=torch.long)
-    if bool(enough.any()):
-        tokens[enough] = _draw_sorted(head_p[enough], head_i[enough], top_p[enough], u[enough])
-    if not bool(enough.all()):
-        rest = ~enough
-        sorted_p, order = probs[rest].sort(dim=-1, descending=True)  # (R,V)
-        tokens[rest] = _draw_sorted(sorted_p, order, top_p[rest], u[rest])
-    return tokens
-
-
-def _draw_sorted(
-    sorted_p: torch.Tensor, order: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor
-) -> torch.Tensor:
-    """Inverse-CDF draw within the nucleus of descending probabilities.  sorted_p,order: (S,K)
-
-    kept = #{ j : Σ_{i<j} p_(i) < top_p } (≥ 1); token = order[min{ j : Σ_{i≤j} p_(i) > u·mass }]
-    with mass = Σ_{i<kept} p_(i), i.e. ``_draw_full`` over the renormalised nucleus.
-    """
-    cdf = sorted_p.cumsum(dim=-1)  # (S,K)
-    kept = ((cdf - sorted_p) < top_p[:, None]).sum(dim=-1).clamp(min=1)  # (S,)
-    mass = cdf.gather(1, (kept - 1)[:, None]).squeeze(1)  # (S,)
-    j = torch.searchsorted(cdf, (u * mass)[:, None], right=True).squeeze(1)  # (S,)
-    j = torch.minimum(j, kept - 1)
-    return order.gather(1, j[:, None]).squeeze(1)
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-def score_prompt(
-    model: Any, tokenizer: Any, prompt_ids: list[int], *, top_logprobs: int = 0
-) -> PromptScores:
-    """Log-probability of each prompt token given the ones before it (see ``score_prompts``)."""
-    return score_prompts(model, tokenizer, [prompt_ids], top_logprobs=top_logprobs)[0]
-
-
-def score_prompts(
-    model: Any, tokenizer: Any, prompts: Sequence[list[int]], *, top_logprobs: int = 0
-) -> list[PromptScores]:
-    """Score several prompts, batched; ``top_logprobs=k ≥ 1`` adds the k likeliest tokens.
-
-    Prompts are right-padded (padding after a row's tokens cannot change them under a causal
-    mask) and grouped so each forward holds at most ~2048 positions of float32 logits.
-    """
-    for i, prompt in enumerate(prompts):
-        if not prompt:
-            raise ValueError(f"prompts[{i}] is empty: a prompt needs at least one token")
-    results: list[PromptScores] = []
-    for group in _score_groups([len(p) for p in prompts]):
-        with torch.inference_mode():
-            scored = _score_group(model, [prompts[i] for i in group], top_logprobs)
-        for i, (logprobs, top) in zip(group, scored, strict=True):
-            results.append(
-                _prompt_scores(
-                    tokenizer, prompts[i], [None, *logprobs], None if top is None else [None, *top]
-                )
-            )
-    return results
-
-
-def _score_groups(lengths: list[int]) -> list[list[int]]:
-    """Consecutive prompt indices whose padded batch stays within the positions budget."""
-    groups: list[list[int]] = [[]]
-    for i, n in enumerate(lengths):
-        width = max([n] + [lengths[j] for j in groups[-1]])
-        if groups[-1] and width * (len(groups[-1]) + 1) > _SCORE_POSITIONS_PER_FORWARD:
-            groups.append([])
-        groups[-1].append(i)
-    return groups
-
-
-def _score_group(
-    model: Any, prompts: list[list[int]], k: int
-) -> list[tuple[list[float], list[tuple[list[int], list[float]]] | None]]:
-    """Per prompt: log p(x_t | x_<t) for t ≥ 1, and the top-k (ids, logprobs) per position.
-
-    lp[b,t] = z[b,t-1,x_t] − logsumexp_v z[b,t-1,v]   z: (B,T,V) logits, lp: (B,T-1)
-    """
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for b, prompt in enumerate(prompts):
-        ids[b, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        mask[b, : len(prompt)] = 1
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B,T,V)
-    logits = _at_least_fp32(logits[:, :-1])  # (B,T-1,V): position t-1 predicts token t
-    lse = torch.logsumexp(logits, dim=-1)  # (B,T-1)
-    lp = logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - lse  # (B,T-1)
-    top = None
-    if k > 0:
-        values, indices = logits.topk(min(k, logits.shape[-1]), dim=-1)  # (B,T-1,k)
-        top = (indices, values - lse[..., None])
-    out = []
-    for b, prompt in enumerate(prompts):
-        n = len(prompt) - 1
-        row_top = None
-        if top is not None:
-            row_top = list(zip(top[0][b, :n].tolist(), top[1][b, :n].tolist(), strict=True))
-        out.append((lp[b, :n].tolist(), row_top))
-    return out
-
-
-def _prompt_scores(
-    tokenizer: Any,
-    token_ids: list[int],
-    logprobs: list[float | None],
-    top: list[tuple[list[int], list[float]] | None] | None,
-) -> PromptScores:
-    """Attach token strings and text offsets to per-token log-probabilities (and top-k).
-
-    A prompt's first token has no log-probability (None); output tokens all have one.
-    Special tokens are kept in the strings: the echo shows them.
-    """
-    detok = _Detokenizer(tokenizer, skip_special_tokens=False)
-    offsets = []
-    for token_id in token_ids:
-        offsets.append(len(detok.stable))
-        detok.push(token_id)
-    tokens = tokenizer.batch_decode([[t] for t in token_ids], clean_up_tokenization_spaces=False)
-    top_dicts: list[dict[str, float] | None] | None = None
-    if top is not None:
-        top_dicts = []
-        for entry in top:
-            if entry is None:
-                top_dicts.append(None)
-                continue
-            ids, values = entry
-            names = tokenizer.batch_decode([[t] for t in ids], clean_up_tokenization_spaces=False)
-            row: dict[str, float] = {}
-            for name, value in zip(names, values, strict=True):
-                row.setdefault(name, value)  # two ids can decode alike: keep the likelier (first)
-            top_dicts.append(row)
-    return PromptScores(
-        token_ids=list(token_ids),
-        tokens=tokens,
-        token_logprobs=list(logprobs),
-        text_offset=offsets,
-        text=detok.text,
-        top_logprobs=top_dicts,
-    )
-
-
-# --------------------------------------------------------------------------- text
-
-
-class _Detokenizer:
-    """Decodes a growing token list at O(1) tokens per step, committing whole characters only.
-
-    ``stable`` is the text of ``ids[:anchor]`` and ends on a character boundary; ``pending``
-    is what later tokens add so far (it may end inside a character). Each push decodes
-    ``ids[anchor-1:]`` and drops the text of ``ids[anchor-1]``: one token of left context
-    keeps tokenizers that strip a leading space at the start of a string (SentencePiece)
-    exact; vLLM's incremental detokenizer does the same.
-    """
-
-    def __init__(self, tokenizer: Any, *, skip_special_tokens: bool) -> None:
-        self._decode = functools.partial(
-            tokenizer.decode,
-            skip_special_tokens=skip_special_tokens,
-            clean_up_tokenization_spaces=False,  # it rewrites earlier text (" ." → ".")
-        )
-        self.ids: list[int] = []
-        self.stable = ""
-        self.pending = ""
-        self._anchor = 0
-        self._head = ""  # text of ids[anchor-1:anchor]
-
-    @property
-    def text(self) -> str:
-        return self.stable + self.pending
-
-    def push(self, token_id: int) -> None:
-        self.ids.append(token_id)
-        context = max(self._anchor - 1, 0)
-        new = self._decode(self.ids[context:])[len(self._head) :]
-        if new.endswith(_REPLACEMENT):
-            self.pending = new
-            return
-        self.stable += new
-        self.pending = ""
-        self._anchor = len(self.ids)
-        self._head = self._decode(self.ids[-1:])
-
-
-# --------------------------------------------------------------------------- chat + helpers
-
-
-def apply_chat_template(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[int]:
-    """Token ids of a conversation in the tokenizer's chat template, ready for the reply."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            "the base model's tokenizer has no chat template (tokenizer.chat_template is "
-            "unset), so chat requests cannot be formatted; use /v1/completions with a plain "
-            "prompt, or serve a base model whose tokenizer ships a chat template"
-        )
-    ids = tokenizer.apply_chat_template(
-        list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
-    )
-    return [int(t) for t in ids]
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:

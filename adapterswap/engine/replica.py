@@ -40,17 +40,15 @@ from typing import Any
 
 from adapterswap.compose.mixture import AdapterBank, InvalidAdapter, InvalidMixture
 from adapterswap.config import AdapterSwapConfig
-from adapterswap.engine.generation import (
+from adapterswap.engine.generation import StepGuard, TokenCallback, generate_batch
+from adapterswap.engine.requests import (
     GenerationRequest,
     GenerationResult,
     PromptScores,
     SamplingParams,
-    StepGuard,
-    TokenCallback,
-    apply_chat_template,
-    generate_batch,
-    score_prompts,
 )
+from adapterswap.engine.scoring import score_prompts
+from adapterswap.engine.text import apply_chat_template
 from adapterswap.errors import (
     AdapterSwapError,
     InvalidArgument,

@@ -30,8 +30,8 @@ from adapterswap.compose.mixture import InvalidMixture
 from adapterswap.delete.job import wait_for_replicas
 from adapterswap.engine import generation
 from adapterswap.engine.epoch_watch import EpochWatcher
-from adapterswap.engine.generation import GenerationResult, SamplingParams
 from adapterswap.engine.replica import AdapterLoadFailed, InferenceJob
+from adapterswap.engine.requests import GenerationResult, SamplingParams
 from adapterswap.errors import InvalidArgument, RevocationTimeout, StaleMixture
 from adapterswap.models.embedder import load_embedder
 from adapterswap.route.active_set import ActiveSet
