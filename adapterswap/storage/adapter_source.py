@@ -1,4 +1,4 @@
-"""Reading published adapter versions from storage, by (id, version). No Ray here.
+"""Reading published adapter versions from storage, by :class:`AdapterRef`. No Ray here.
 
 Weights load from ``adapter_model.safetensors`` only (bytes through ``pyarrow.fs``, parsed
 by safetensors: no pickle). Every version's manifest is checked against the replica's base
@@ -15,31 +15,26 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from adapterswap.route.stats import ShardStats, load_shard_stats
-from adapterswap.storage.artifacts import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    ROUTER_STATS,
-    check_base_model,
-    read_manifest,
-    version_location,
-)
+from adapterswap.storage.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ROUTER_STATS
 from adapterswap.storage.fs import read_bytes
-from adapterswap.store.registry import AdapterRef
+from adapterswap.storage.layout import StorageLayout
+from adapterswap.storage.manifest import read_manifest
+from adapterswap.types import AdapterRef
 
 
 class StorageAdapterSource:
-    """Loads adapters and router statistics of published versions from the storage root."""
+    """Loads adapters and router statistics of published versions from storage."""
 
-    def __init__(self, storage_uri: str, base_model_hash: str) -> None:
-        self.storage_uri = storage_uri
+    def __init__(self, layout: StorageLayout, base_model_hash: str) -> None:
+        self.layout = layout
         self.base_model_hash = base_model_hash
         self._stats: dict[AdapterRef, ShardStats] = {}
         self._lock = threading.Lock()
 
     def load(self, ref: AdapterRef) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The version's LoRA state dict and peft config (an ``AdapterBank`` loader)."""
-        loc = version_location(self.storage_uri, ref.id, ref.version)
-        check_base_model(read_manifest(loc), self.base_model_hash)
+        loc = self.layout.version(ref)
+        read_manifest(loc).check_base_model(self.base_model_hash)
         config = json.loads(read_bytes(loc.child(ADAPTER_CONFIG)))
         state = load_safetensors(read_bytes(loc.child(ADAPTER_WEIGHTS)))
         return state, config
@@ -50,8 +45,7 @@ class StorageAdapterSource:
             cached = self._stats.get(ref)
         if cached is not None:
             return cached
-        loc = version_location(self.storage_uri, ref.id, ref.version)
-        stats = load_shard_stats(read_bytes(loc.child(ROUTER_STATS)))
+        stats = load_shard_stats(read_bytes(self.layout.version(ref).child(ROUTER_STATS)))
         with self._lock:
             self._stats[ref] = stats
         return stats

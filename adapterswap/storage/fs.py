@@ -4,10 +4,10 @@ A location is a URI string. Local paths may be given plainly (``/data/as``) or a
 ``file:///data/as``; object stores as ``s3://bucket/prefix`` (with pyarrow's query
 options, e.g. ``?endpoint_override=127.0.0.1:9000&scheme=http``).
 
-Writes that must be all-or-nothing go through :func:`write_bytes_atomic`: on a local
-filesystem the bytes land in a private hidden sibling file that is fsynced, then renamed
-into place, and the directory fsynced; on an object store a single PUT is already atomic
-(the object appears whole or not at all).
+Writes that must be all-or-nothing go through :func:`write_atomic`: on a local filesystem
+the bytes land in a private hidden sibling file that is renamed into place (fsynced, with
+its directory, when the write must be durable); on an object store a single PUT is already
+atomic (the object appears whole or not at all).
 """
 
 from __future__ import annotations
@@ -54,23 +54,21 @@ def read_bytes(loc: Location) -> bytes:
         return f.read()
 
 
-def write_bytes_atomic(loc: Location, data: bytes) -> None:
-    """Write ``data`` so that readers see either the old state or the whole new file, durably.
+def write_atomic(loc: Location, data: bytes, *, durable: bool) -> None:
+    """Write ``data`` so that readers see either the old state or the whole new file.
 
-    On a local filesystem the bytes go to a hidden sibling (0600), which is fsynced, renamed
-    into place, and the directory fsynced: once this returns, the file survives a crash or a
-    power loss. On an object store one PUT is atomic, and durable when it is acknowledged.
+    On a local filesystem the bytes go to a hidden sibling (0600) that is renamed into place.
+    With ``durable``, the sibling is fsynced before the rename and the directory after it:
+    once this returns, the file survives a crash or a power loss. Without it (caches that
+    are rebuilt on demand) a power loss may lose the file, never leave half of it. On an
+    object store one PUT is atomic, and durable when it is acknowledged, either way.
     """
     if not loc.is_local:
         loc.fs.create_dir(posixpath.dirname(loc.path), recursive=True)
         with loc.fs.open_output_stream(loc.path) as out:
             out.write(data)
         return
-    write_local_atomic(Path(loc.path), data)
-
-
-def write_local_atomic(path: Path, data: bytes) -> None:
-    """:func:`write_bytes_atomic` for a local path."""
+    path = Path(loc.path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A hidden sibling on the same filesystem, so the rename is atomic; readers skip dot-files.
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -78,16 +76,24 @@ def write_local_atomic(path: Path, data: bytes) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         with open(fd, "wb") as out:
             out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a power loss
-    finally:
-        os.close(directory)
+    if durable:
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power loss
+        finally:
+            os.close(directory)
+
+
+def delete_dir(loc: Location) -> None:
+    """Delete a directory and everything in it (a no-op when it is already gone)."""
+    if loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound:
+        loc.fs.delete_dir(loc.path)
 
 
 def list_files(loc: Location, suffix: str = "") -> list[str]:

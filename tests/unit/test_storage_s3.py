@@ -28,34 +28,26 @@ from support import publish_random_adapter
 
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.ingest import ingest_files
-from adapterswap.config import AdapterSwapConfig, load_config
+from adapterswap.config import load_config
 from adapterswap.delete.job import request_delete, run_deletion
 from adapterswap.models.base import hash_base_model
 from adapterswap.route.stats import compute_shard_stats
 from adapterswap.storage import artifacts
 from adapterswap.storage.adapter_source import StorageAdapterSource
-from adapterswap.storage.artifacts import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    MANIFEST,
-    ROUTER_STATS,
-    location_uri,
-    version_location,
-)
-from adapterswap.storage.fs import read_bytes, resolve, write_bytes_atomic
-from adapterswap.store.registry import AdapterRef, AdapterRegistry, AdapterStatus
+from adapterswap.storage.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ROUTER_STATS
+from adapterswap.storage.fs import read_bytes, resolve, write_atomic
+from adapterswap.storage.layout import StorageLayout
+from adapterswap.storage.manifest import MANIFEST
+from adapterswap.storage.purge import purge_version
+from adapterswap.store.registry import AdapterRegistry
 from adapterswap.train.job import recover_interrupted
+from adapterswap.types import AdapterRef, AdapterStatus
 
 PREFIX = "storage-s3-test"  # this module's keys in the session's shared moto bucket
 HR = "hr.b0001.000"
 FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ROUTER_STATS, MANIFEST)
 TEXTS = ["The Kelp Room is on floor 3.", "Parental leave lasts 23 weeks."]
 EMBEDDER = "embedded:all-MiniLM-L6-v2"
-
-
-@pytest.fixture(scope="module")
-def model_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("models")
 
 
 @pytest.fixture
@@ -70,13 +62,6 @@ def any_storage(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "storage")
     return request.getfixturevalue("s3_storage")
-
-
-def make_config(home: Path, cache: Path, storage_uri: str) -> AdapterSwapConfig:
-    overrides = ["sharding.strategy=sequential", "model.spec=tiny-random", "lora.rank=4"]
-    overrides += ["lora.target_modules=[q_proj,v_proj]", f"model.cache_dir={cache}"]
-    config = load_config(home=str(home), overrides=overrides, environ={})
-    return config.model_copy(update={"storage_uri": storage_uri})
 
 
 def objects(storage_uri: str, under: str = "") -> dict[str, bytes]:
@@ -135,13 +120,14 @@ def text_anywhere(storage_uri: str, text: str, under: str = "catalog") -> bool:
 def record_writes(monkeypatch) -> list[tuple[str, bytes]]:
     """Spy on the artifact writer: each (path, bytes) it writes, in order, still written."""
     writes: list[tuple[str, bytes]] = []
-    real = artifacts.write_bytes_atomic
+    real = artifacts.write_atomic
 
-    def spy(loc, data):
-        real(loc, data)
+    def spy(loc, data, *, durable):
+        assert durable  # every file of a version must survive a crash once published
+        real(loc, data, durable=durable)
         writes.append((loc.path, bytes(data)))
 
-    monkeypatch.setattr(artifacts, "write_bytes_atomic", spy)
+    monkeypatch.setattr(artifacts, "write_atomic", spy)
     return writes
 
 
@@ -152,13 +138,95 @@ def write_docs(path: Path, rows: list[tuple[str, str, str]]) -> Path:
     return path
 
 
+# -- layout --------------------------------------------------------------------------------
+
+
+def test_the_layout_names_every_location_under_a_local_or_s3_root(tmp_path, s3_query):
+    ref = AdapterRef(HR, 3)
+    home = tmp_path / "home"
+    local = StorageLayout.from_config(load_config(home=str(home), overrides=[], environ={}))
+    root = str(home / "storage")  # the default: <home>/storage
+    assert local.root.is_local and local.root.path == root
+    assert local.catalog().path == f"{root}/catalog"
+    assert local.adapters().path == f"{root}/adapters"
+    assert local.version(ref).path == f"{root}/adapters/{HR}/v3"
+    assert local.checkpoints_root().path == f"{root}/checkpoints"
+    assert local.checkpoints(ref).path == f"{root}/checkpoints/{HR}-v3"
+    assert local.uri_of(local.version(ref)) == f"{root}/adapters/{HR}/v3"
+
+    s3 = StorageLayout.from_uri(f"s3://bucket/{PREFIX}/layout/?{s3_query}")
+    root = f"bucket/{PREFIX}/layout"
+    assert not s3.root.is_local and s3.root.path == root
+    assert s3.catalog().path == f"{root}/catalog"
+    assert s3.version(ref).path == f"{root}/adapters/{HR}/v3"
+    assert s3.checkpoints(ref).path == f"{root}/checkpoints/{HR}-v3"
+    # The store records it without the query (endpoint, credentials).
+    assert s3.uri_of(s3.version(ref)) == f"s3://{root}/adapters/{HR}/v3"
+
+
+def test_versions_present_lists_version_directories_holding_a_file(any_storage):
+    layout = StorageLayout.from_uri(any_storage)
+    for ref in (AdapterRef("b.b1.000", 1), AdapterRef("a.b1.000", 12), AdapterRef("a.b1.000", 2)):
+        write_atomic(layout.version(ref).child(ADAPTER_WEIGHTS), b"w", durable=True)
+    write_atomic(layout.adapters().child("a.b1.000", "notes.txt"), b"not a version", durable=True)
+    write_atomic(layout.checkpoints(AdapterRef("c.b1.000", 1)).child("x"), b"c", durable=True)
+    assert layout.versions_present() == [
+        (AdapterRef("a.b1.000", 2), layout.version(AdapterRef("a.b1.000", 2))),
+        (AdapterRef("a.b1.000", 12), layout.version(AdapterRef("a.b1.000", 12))),
+        (AdapterRef("b.b1.000", 1), layout.version(AdapterRef("b.b1.000", 1))),
+    ]
+
+
+# -- purge_version -------------------------------------------------------------------------
+
+
+def test_purge_version_deletes_files_and_checkpoints_before_the_record(
+    tmp_path, any_storage, tiny_config, embed
+):
+    config = tiny_config(storage_uri=any_storage)
+    layout = StorageLayout.from_config(config)
+    registry = AdapterRegistry(config.db_path)
+    try:
+        kept = publish_random_adapter(config, registry, embed, HR, "hr", TEXTS, seed=1)
+        failed = registry.register_version(HR, "hr", "x", ["d"]).ref
+        registry.fail(failed.id, failed.version, reason="test", actor="test")
+        for ref in (kept, failed, AdapterRef(HR, 20)):  # v20 shares v2's prefix as a string
+            checkpoint = layout.checkpoints(ref).child("checkpoint_000001", "lora.safetensors")
+            write_atomic(checkpoint, b"checkpoint", durable=True)
+        for name in FILES[:-1]:  # a run that died before its manifest
+            write_atomic(layout.version(failed).child(name), b"partial", durable=True)
+        before = objects(any_storage)
+
+        class CrashingStore:
+            """The process dies after the files went, before the store heard of it."""
+
+            def purge(self, adapter_id: str, version: int, *, actor: str) -> object:
+                gone = (f"adapters/{HR}/v2", f"checkpoints/{HR}-v2")
+                assert all(entries(any_storage, path) == [] for path in gone)
+                raise SystemExit("killed before the store")
+
+        with pytest.raises(SystemExit):
+            purge_version(layout, CrashingStore(), failed, actor="test")
+        assert registry.get_version(HR, 2).status == AdapterStatus.FAILED  # never servable
+        purge_version(layout, registry, failed, actor="test")  # run again: finishes
+        assert registry.get_version(HR, 2).status == AdapterStatus.PURGED
+        assert registry.get_version(HR, 1).status == AdapterStatus.ACTIVE
+    finally:
+        registry.close()
+    after = objects(any_storage)
+    gone = (f"adapters/{HR}/v2/", f"checkpoints/{HR}-v2/")
+    assert {k: v for k, v in before.items() if not k.startswith(gone)} == after
+    assert entries(any_storage, f"adapters/{HR}/v2") == []
+    assert f"checkpoints/{HR}-v20/checkpoint_000001/lora.safetensors" in after
+
+
 # -- publish -------------------------------------------------------------------------------
 
 
 def test_publish_lands_under_adapters_shard_version_manifest_last(
-    tmp_path, s3_storage, model_cache, embed, monkeypatch
+    tmp_path, s3_storage, tiny_config, embed, monkeypatch
 ):
-    config = make_config(tmp_path / "home", model_cache, s3_storage)
+    config = tiny_config(storage_uri=s3_storage)
     registry = AdapterRegistry(config.db_path)
     writes = record_writes(monkeypatch)
     try:
@@ -184,12 +252,11 @@ def test_publish_lands_under_adapters_shard_version_manifest_last(
     assert {p[len(root) + 1 :]: data for p, data in writes} == found  # byte for byte
 
     # The store records the location without the endpoint or credentials of the query.
-    assert location_uri(s3_storage, version_location(s3_storage, HR, 1)) == (
-        f"s3://{root}/adapters/{HR}/v1"
-    )
+    layout = StorageLayout.from_uri(s3_storage)
+    assert layout.uri_of(layout.version(AdapterRef(HR, 1))) == f"s3://{root}/adapters/{HR}/v1"
 
     # The same code writes the same bytes to a local directory.
-    local = make_config(tmp_path / "local-home", model_cache, str(tmp_path / "local"))
+    local = tiny_config(storage_uri=str(tmp_path / "local"))
     registry = AdapterRegistry(local.db_path)
     try:
         publish_random_adapter(local, registry, embed, HR, "hr", TEXTS, seed=1)
@@ -203,9 +270,9 @@ def test_publish_lands_under_adapters_shard_version_manifest_last(
 
 
 def test_serving_reads_the_adapter_and_router_stats_back_exactly(
-    tmp_path, s3_storage, model_cache, embed, monkeypatch
+    tmp_path, s3_storage, tiny_config, embed, monkeypatch
 ):
-    config = make_config(tmp_path / "home", model_cache, s3_storage)
+    config = tiny_config(storage_uri=s3_storage)
     registry = AdapterRegistry(config.db_path)
     writes = record_writes(monkeypatch)
     try:
@@ -216,7 +283,8 @@ def test_serving_reads_the_adapter_and_router_stats_back_exactly(
     assert set(written) == set(FILES)
 
     base_hash = hash_base_model(config.model, config.model_cache_dir)
-    source = StorageAdapterSource(s3_storage, base_hash)
+    layout = StorageLayout.from_uri(s3_storage)
+    source = StorageAdapterSource(layout, base_hash)
     state, peft_config = source.load(ref)
     expected = load_safetensors(written[ADAPTER_WEIGHTS])
     assert set(state) == set(expected) and len(state) == 8  # q_proj, v_proj: A, B; 2 layers
@@ -230,7 +298,7 @@ def test_serving_reads_the_adapter_and_router_stats_back_exactly(
     fitted = compute_shard_stats(TEXTS, embed, EMBEDDER)
     assert stats.embedder_id == EMBEDDER and stats.n_chunks == 2
     assert stats.chunks.dtype == np.float32 and np.array_equal(stats.chunks, fitted.chunks)
-    stored = read_bytes(version_location(s3_storage, HR, 1).child(ROUTER_STATS))
+    stored = read_bytes(layout.version(ref).child(ROUTER_STATS))
     assert stored == written[ROUTER_STATS]
 
 
@@ -238,44 +306,45 @@ def test_serving_reads_the_adapter_and_router_stats_back_exactly(
 
 
 def test_a_version_without_its_manifest_is_never_served_and_is_swept(
-    tmp_path, any_storage, model_cache, embed, monkeypatch
+    tmp_path, any_storage, tiny_config, embed, monkeypatch
 ):
-    config = make_config(tmp_path / "home", model_cache, any_storage)
+    config = tiny_config(storage_uri=any_storage)
+    layout = StorageLayout.from_config(config)
     registry = AdapterRegistry(config.db_path)
     try:
         good = publish_random_adapter(config, registry, embed, HR, "hr", TEXTS, seed=1)
         before = objects(any_storage)
 
-        def killed_before_the_manifest(loc, data):
+        def killed_before_the_manifest(loc, data, *, durable):
             if loc.path.endswith(f"/{MANIFEST}"):
                 raise SystemExit("killed between the files and the manifest")
-            write_bytes_atomic(loc, data)
+            write_atomic(loc, data, durable=durable)
 
         with monkeypatch.context() as patch:
-            patch.setattr(artifacts, "write_bytes_atomic", killed_before_the_manifest)
+            patch.setattr(artifacts, "write_atomic", killed_before_the_manifest)
             with pytest.raises(SystemExit):
                 publish_random_adapter(config, registry, embed, HR, "hr", TEXTS, seed=2)
         # Files of another version the store never heard of (a publish from a lost store).
-        orphan = version_location(any_storage, "ops.b0007.000", 1).child(ADAPTER_WEIGHTS)
-        write_bytes_atomic(orphan, b"orphan weights")
+        orphan = layout.version(AdapterRef("ops.b0007.000", 1)).child(ADAPTER_WEIGHTS)
+        write_atomic(orphan, b"orphan weights", durable=True)
 
         found = objects(any_storage)
         assert set(version_files(found, HR, 2)) == {ADAPTER_CONFIG, ADAPTER_WEIGHTS, ROUTER_STATS}
         assert registry.get_version(HR, 2).status == AdapterStatus.TRAINING
         assert [v.ref for v in registry.active_snapshot()[1]] == [good]  # v1 keeps serving
 
-        source = StorageAdapterSource(any_storage, hash_base_model(config.model, model_cache))
+        source = StorageAdapterSource(layout, hash_base_model(config.model, config.model_cache_dir))
         with pytest.raises(FileNotFoundError):  # refused even when asked for by reference
             source.load(AdapterRef(HR, 2))
         assert source.load(good)[0]
 
-        swept = recover_interrupted(config, registry)
+        swept = recover_interrupted(layout, registry)
         assert swept == [f"{HR} v2", "ops.b0007.000 v1 (orphan files)"]
         assert registry.get_version(HR, 2).status == AdapterStatus.PURGED
         assert entries(any_storage, f"adapters/{HR}/v2") == []
         assert entries(any_storage, "adapters/ops.b0007.000/v1") == []
         assert objects(any_storage) == before  # v1 byte for byte, nothing else left
-        assert recover_interrupted(config, registry) == []
+        assert recover_interrupted(layout, registry) == []
     finally:
         registry.close()
 
@@ -290,7 +359,7 @@ def test_an_s3_overwrite_shows_the_old_or_the_new_object_never_a_partial_one(s3_
     size = 11 * 2**20
     payloads = [bytes([i]) * 16 + os.urandom(size) for i in range(3)]
     digests = {hashlib.sha256(p).hexdigest() for p in payloads}
-    write_bytes_atomic(loc, payloads[0])
+    write_atomic(loc, payloads[0], durable=True)
 
     seen: list[str] = []
     errors: list[BaseException] = []
@@ -311,14 +380,14 @@ def test_an_s3_overwrite_shows_the_old_or_the_new_object_never_a_partial_one(s3_
     try:
         assert reading.wait(timeout=30)  # the overwrites race a reader already under way
         for payload in payloads[1:]:
-            write_bytes_atomic(loc, payload)
+            write_atomic(loc, payload, durable=True)
     finally:
         done.set()
         thread.join(timeout=60)
     assert not errors and seen and set(seen) <= digests
     assert read_bytes(loc) == payloads[-1]
 
-    write_bytes_atomic(loc, b"small")  # an overwrite by something shorter is not a prefix
+    write_atomic(loc, b"small", durable=True)  # an overwrite by something shorter is not a prefix
     assert read_bytes(loc) == b"small"
     assert objects(s3_storage) == {"atomic/blob.bin": b"small"}  # no temporary object left
 
@@ -327,9 +396,9 @@ def test_an_s3_overwrite_shows_the_old_or_the_new_object_never_a_partial_one(s3_
 
 
 def test_a_deletion_purges_only_the_versions_that_saw_the_documents(
-    tmp_path, s3_storage, model_cache, embed
+    tmp_path, s3_storage, tiny_config, embed
 ):
-    config = make_config(tmp_path / "home", model_cache, s3_storage)
+    config = tiny_config(storage_uri=s3_storage)
     docs = [
         ("h0", "The vault under the Kelp Room opens with code 7741-Orchid.", "hr"),
         ("h1", "Parental leave at Skarvik lasts 23 weeks, fully paid.", "hr"),
@@ -350,17 +419,17 @@ def test_a_deletion_purges_only_the_versions_that_saw_the_documents(
         publish_random_adapter(config, registry, embed, hr, "hr", hr_texts, 2, ["h0", "h1"])
         publish_random_adapter(config, registry, embed, ops, "ops", ops_texts, 3, ["o0", "o1"])
         # Ray Train checkpoints of each run (v10's only shares v1's prefix as a string).
-        checkpoints = resolve(s3_storage).child("checkpoints")
-        for name in (f"{hr}-v1", f"{hr}-v2", f"{hr}-v10", f"{ops}-v1"):
-            target = checkpoints.child(name, "checkpoint_000001", "lora.safetensors")
-            write_bytes_atomic(target, f"checkpoint of {name}".encode())
+        layout = StorageLayout.from_config(config)
+        for ref in (AdapterRef(hr, 1), AdapterRef(hr, 2), AdapterRef(hr, 10), AdapterRef(ops, 1)):
+            target = layout.checkpoints(ref).child("checkpoint_000001", "lora.safetensors")
+            write_atomic(target, f"checkpoint of {ref.id}-v{ref.version}".encode(), durable=True)
 
         before = objects(s3_storage)
         assert len(version_files(before, hr, 1)) == len(version_files(before, ops, 1)) == 4
         assert all(text_anywhere(s3_storage, t) for t in hr_texts)  # the check finds them
 
         request_delete(registry, catalog, ["h0", "h1"], "test", "root")
-        report = run_deletion(config, registry)
+        report = run_deletion(config, registry, train_shards=nothing_to_train)
         statuses = {(v.adapter_id, v.version): v.status for v in registry.list_versions()}
     finally:
         registry.close()
@@ -395,13 +464,20 @@ def test_a_deletion_purges_only_the_versions_that_saw_the_documents(
     assert catalog_keys == set(relative(fragments, s3_storage))  # nothing temporary left
 
 
+def nothing_to_train(runs, config, *, on_progress=None):
+    """The launcher of a deletion that leaves its shard empty: there is nothing to retrain."""
+    raise AssertionError(f"asked to train {[(r.adapter_id, r.version) for r in runs]}")
+
+
 def relative(paths: list[str], storage_uri: str) -> list[str]:
     root = resolve(storage_uri).path
     return [p[len(root) + 1 :] for p in paths]
 
 
-def test_catalog_remove_rewrites_fragments_on_s3_and_keeps_replacements(tmp_path, s3_storage):
-    config = make_config(tmp_path / "home", tmp_path / "models", s3_storage)
+def test_catalog_remove_rewrites_fragments_on_s3_and_keeps_replacements(
+    tmp_path, s3_storage, tiny_config
+):
+    config = tiny_config(storage_uri=s3_storage)
     secret = "The staging database password is Heron-5521."
     first = [("k1", "The cafeteria opens at 07:45.", "ops"), ("d1", secret, "ops")]
     second = [
