@@ -45,7 +45,7 @@ from ray import serve
 
 from adapterswap.config import ServeSettings, load_config
 from adapterswap.models.embedder import load_embedder
-from adapterswap.storage.artifacts import version_location
+from adapterswap.storage.layout import StorageLayout
 from adapterswap.store.registry import AdapterRegistry
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
@@ -122,7 +122,7 @@ def setup_home(root: Path, settings: list[str]) -> tuple[Any, str, dict[str, str
         ref = publish_random_adapter(
             config, registry, embed, adapter_id, "eng", [f"Engineering note {i}."], seed=i
         )
-        dirs[adapter_id] = version_location(config.storage, adapter_id, ref.version).path
+        dirs[adapter_id] = StorageLayout.from_config(config).version(ref).path
     key = registry.create_key("bench", ["eng"])[0]
     return config, key, dirs
 

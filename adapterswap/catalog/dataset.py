@@ -1,7 +1,7 @@
 """The document catalog: a Parquet dataset under ``<storage>/catalog``.
 
 Every ingest appends one fragment file, written atomically (see
-:func:`adapterswap.storage.fs.write_bytes_atomic`), so a failed or rejected ingest leaves
+:func:`adapterswap.storage.fs.write_atomic`, durably), so a failed or rejected ingest leaves
 the catalog exactly as it was. A deletion rewrites, in place and atomically, only the
 fragments holding the deleted rows, so the text is gone from storage, not just hidden. Reading goes through ``pyarrow.dataset``; the same code
 serves a local directory and an ``s3://`` prefix.
@@ -21,7 +21,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from adapterswap.catalog.documents import Document
-from adapterswap.storage.fs import Location, list_files, resolve, write_bytes_atomic
+from adapterswap.storage.fs import Location, list_files, write_atomic
+from adapterswap.storage.layout import StorageLayout
 
 SCHEMA = pa.schema(
     [
@@ -69,8 +70,7 @@ class Catalog:
     """The Parquet document catalog rooted at ``<storage_uri>/catalog``."""
 
     def __init__(self, storage_uri: str) -> None:
-        base = resolve(storage_uri)
-        self.location: Location = base.child("catalog")
+        self.location: Location = StorageLayout.from_uri(storage_uri).catalog()
 
     def fragments(self) -> list[str]:
         return list_files(self.location, ".parquet")
@@ -149,7 +149,7 @@ class Catalog:
     def write(self, fragment: Fragment) -> str:
         """Write a built fragment atomically; returns its path."""
         target = self.location.child(fragment.name)
-        write_bytes_atomic(target, fragment.data)
+        write_atomic(target, fragment.data, durable=True)  # acknowledged ingests survive
         return target.path
 
     def duplicate_ids(self) -> list[str]:
@@ -193,6 +193,6 @@ class Catalog:
             else:
                 sink = io.BytesIO()
                 pq.write_table(kept, sink, compression="zstd")
-                write_bytes_atomic(Location(fs, path), sink.getvalue())
+                write_atomic(Location(fs, path), sink.getvalue(), durable=True)
             touched.append(path)
         return touched

@@ -27,9 +27,12 @@ from adapterswap.config import (
 from adapterswap.models.base import LoadedModel, load_base_model
 from adapterswap.models.embedder import load_embedder
 from adapterswap.route.stats import compute_shard_stats, save_shard_stats
-from adapterswap.storage.artifacts import version_location, write_adapter_version
+from adapterswap.storage.artifacts import write_adapter_version
+from adapterswap.storage.layout import StorageLayout
+from adapterswap.storage.manifest import AdapterManifest, BaseModelId, RouterInfo, TrainingMetrics
 from adapterswap.train.loop import ShardTrainer, StepInfo, pack_documents, shard_seed
 from adapterswap.train.plan import ShardWork
+from adapterswap.types import AdapterRef
 
 
 @dataclass(frozen=True)
@@ -107,39 +110,39 @@ def start_shard_trainer(
     return trainer, loaded
 
 
-def build_manifest(run: ShardRun, trainer: ShardTrainer, embedder_id: str) -> dict[str, Any]:
+def build_manifest(run: ShardRun, trainer: ShardTrainer, embedder_id: str) -> AdapterManifest:
     """What the version is and exactly what it saw (written last, as manifest.json)."""
     last = trainer.last
     wall = time.time() - run.started_at
-    return {
-        "adapter_id": run.adapter_id,
-        "version": run.version,
-        "shard": run.adapter_id,
-        "group": run.group,
-        "doc_ids": sorted(run.doc_ids),
-        "data_hash": run.data_hash,
-        "base_model": {"id": run.base_model_id, "hash": run.base_model_hash},
-        "lora": run.lora,
-        "training": run.training,
-        "seed": run.seed,
-        "router": {"embedder": embedder_id},
-        "metrics": {
-            "final_loss": None if last is None else last.loss,
-            "steps": trainer.step_count,
-            "tokens": trainer.tokens_seen,
-            "wall_time_s": round(wall, 3),
-            "tokens_per_s": round(trainer.tokens_seen / wall, 2) if wall > 0 else None,
-        },
-        "created_at": datetime.now(UTC).isoformat(),
-    }
+    return AdapterManifest(
+        adapter_id=run.adapter_id,
+        version=run.version,
+        shard=run.adapter_id,
+        group=run.group,
+        doc_ids=sorted(run.doc_ids),
+        data_hash=run.data_hash,
+        base_model=BaseModelId(id=run.base_model_id, hash=run.base_model_hash),
+        lora=run.lora,
+        training=run.training,
+        seed=run.seed,
+        router=RouterInfo(embedder=embedder_id),
+        metrics=TrainingMetrics(
+            final_loss=None if last is None else last.loss,
+            steps=trainer.step_count,
+            tokens=trainer.tokens_seen,
+            wall_time_s=round(wall, 3),
+            tokens_per_s=round(trainer.tokens_seen / wall, 2) if wall > 0 else None,
+        ),
+        created_at=datetime.now(UTC).isoformat(),
+    )
 
 
-def finish_shard_run(run: ShardRun, trainer: ShardTrainer) -> dict[str, Any]:
+def finish_shard_run(run: ShardRun, trainer: ShardTrainer) -> AdapterManifest:
     """Fit the shard's router statistics and write the version's files; returns the manifest."""
     embedder = load_embedder(EmbeddingSettings(**run.embedding))
     stats = compute_shard_stats(run.texts, embedder.embed, embedder.model_id)
     manifest = build_manifest(run, trainer, embedder.model_id)
-    loc = version_location(run.storage_uri, run.adapter_id, run.version)
+    loc = StorageLayout.from_uri(run.storage_uri).version(AdapterRef(run.adapter_id, run.version))
     write_adapter_version(loc, trainer.model, save_shard_stats(stats), manifest)
     return manifest
 
