@@ -48,7 +48,8 @@ from adapterswap.catalog.ingest import ingest_lock
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import NotFound, RevocationTimeout, StoreError
 from adapterswap.jobs import running_job
-from adapterswap.storage.artifacts import delete_version, version_location
+from adapterswap.storage.layout import StorageLayout
+from adapterswap.storage.purge import purge_version
 from adapterswap.store.registry import (
     AdapterRegistry,
     AdapterStatus,
@@ -58,7 +59,7 @@ from adapterswap.store.registry import (
     JobRecord,
     covers_row,
 )
-from adapterswap.train.job import TrainReport, delete_checkpoints, train_changed_shards
+from adapterswap.train.job import TrainReport, train_changed_shards
 
 # A DELETE reads the catalog again after recording the deletion; a replacement that landed
 # in between is deleted in a further round. Without the ingest lock, rounds are bounded.
@@ -278,16 +279,13 @@ def _finish_deletions(
     retrained = [r for r in pending if not (shards_of[r.deletion_id] & failed)]
     registry.advance_deletion(retrained, DeletionState.RETRAINED, actor="delete")
 
+    layout = StorageLayout.from_config(config)
     for record in registry.unfinished_deletions():
         if record.state != DeletionState.RETRAINED:
             continue
         for version in _versions_that_saw(registry, record):
             if version.status in (AdapterStatus.REVOKED, AdapterStatus.FAILED):
-                delete_version(
-                    version_location(config.storage, version.adapter_id, version.version)
-                )
-                delete_checkpoints(config, version.adapter_id, version.version)
-                registry.purge(version.adapter_id, version.version, actor="delete")
+                purge_version(layout, registry, version.ref, actor="delete")
                 report.purged.append(f"{version.adapter_id}@v{version.version}")
         registry.advance_deletion([record], DeletionState.PURGED, actor="delete")
 

@@ -59,7 +59,8 @@ from adapterswap.errors import (
 from adapterswap.models.base import LoadedModel, hash_base_model, load_base_model
 from adapterswap.route.active_set import ActiveSet, Snapshot
 from adapterswap.storage.adapter_source import StorageAdapterSource
-from adapterswap.storage.artifacts import BaseModelMismatch
+from adapterswap.storage.layout import StorageLayout
+from adapterswap.storage.manifest import BaseModelMismatch
 from adapterswap.store.registry import AdapterRef
 
 logger = logging.getLogger("adapterswap.replica")
@@ -112,7 +113,7 @@ class ModelReplica:
         self.tokenizer = self.loaded.tokenizer
         self.bank = AdapterBank.from_settings(self.loaded.model, config.lora, config.serve)
         base_hash = hash_base_model(config.model, config.model_cache_dir)
-        self.source = StorageAdapterSource(config.storage, base_hash)
+        self.source = StorageAdapterSource(StorageLayout.from_config(config), base_hash)
         self.active = ActiveSet(snapshot, self._drop, epoch)
         self.max_prompt_tokens = config.serve.max_prompt_tokens
         self.last_composition_ms = 0.0  # mixture setup of the latest batch (a metric)

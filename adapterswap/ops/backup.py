@@ -37,14 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import BackupError
-from adapterswap.storage.fs import (
-    Location,
-    list_files,
-    read_bytes,
-    resolve,
-    write_bytes_atomic,
-    write_local_atomic,
-)
+from adapterswap.storage.fs import Location, list_files, read_bytes, resolve, write_atomic
+from adapterswap.storage.layout import ADAPTERS, CATALOG, StorageLayout
 from adapterswap.storage.privacy import private_file, private_home
 from adapterswap.store.locks import exclusive
 from adapterswap.store.registry import SCHEMA_VERSION, AdapterRegistry, stored_schema_version
@@ -55,7 +49,7 @@ BACKUP_MANIFEST = "backup.json"
 STORE_FILE = "store.sqlite"
 STORAGE_DIR = "storage"
 # The storage subtrees that hold state; checkpoints/ is scratch space of running trainings.
-STORAGE_PARTS = ("catalog", "adapters")
+STORAGE_PARTS = (CATALOG, ADAPTERS)
 
 
 class BackupFile(BaseModel):
@@ -102,7 +96,7 @@ def backup_home(config: AdapterSwapConfig, dest: str | os.PathLike[str]) -> Back
     target = _empty_destination(dest, config)
     if not config.db_path.is_file():
         raise BackupError(f"no store at {config.db_path}: nothing to back up; check --home")
-    root = resolve(config.storage)
+    root = StorageLayout.from_config(config).root
     try:
         with _quiesced(config.db_path):
             private_home(target)
@@ -112,7 +106,7 @@ def backup_home(config: AdapterSwapConfig, dest: str | os.PathLike[str]) -> Back
             for loc in _storage_files(root):
                 rel = f"{STORAGE_DIR}/{posixpath.relpath(loc.path, root.path)}"
                 data = read_bytes(loc)
-                write_local_atomic(target / rel, data)
+                _write_local(target / rel, data)
                 files.append(_describe(rel, data))
             manifest = BackupManifest(
                 format=BACKUP_FORMAT,
@@ -124,7 +118,7 @@ def backup_home(config: AdapterSwapConfig, dest: str | os.PathLike[str]) -> Back
             )
             # Last: its presence is what marks the backup complete.
             body = manifest.model_dump_json(indent=2) + "\n"
-            write_local_atomic(target / BACKUP_MANIFEST, body.encode())
+            _write_local(target / BACKUP_MANIFEST, body.encode())
     except OSError as exc:
         raise BackupError(
             f"backup to {target} failed: {exc}; {target} holds an incomplete backup "
@@ -174,7 +168,7 @@ def restore_home(
         manifest = verify_backup(src)
     except (BackupError, OSError) as exc:
         raise BackupError(f"{exc}; nothing was restored") from None
-    root = resolve(config.storage)
+    root = StorageLayout.from_config(config).root
     entries = [f for f in manifest.files if f.path != STORE_FILE]
     store = next(f for f in manifest.files if f.path == STORE_FILE)
     with _quiesced(config.db_path):
@@ -182,7 +176,8 @@ def restore_home(
             _refuse_non_empty(config, root)
         try:
             for entry in entries:
-                write_bytes_atomic(_storage_target(root, entry), _read_verified(src, entry))
+                data = _read_verified(src, entry)
+                write_atomic(_storage_target(root, entry), data, durable=True)
             if force:
                 keep = {_storage_target(root, e).path for e in entries}
                 for loc in _storage_files(root):
@@ -235,7 +230,7 @@ def _empty_destination(dest: str | os.PathLike[str], config: AdapterSwapConfig) 
             f"backup destination {os.fspath(dest)} is not an empty directory; "
             "give a new or empty directory, a backup never overwrites one"
         )
-    root = resolve(config.storage)
+    root = StorageLayout.from_config(config).root
     if root.is_local and target.is_relative_to(root.path):
         raise BackupError(
             f"backup destination {os.fspath(dest)} is inside the storage {root.path}; its "
@@ -283,6 +278,11 @@ def _storage_files(root: Location) -> list[Location]:
 
 def _storage_target(root: Location, entry: BackupFile) -> Location:
     return root.child(*entry.path.split("/")[1:])  # storage/<rel> -> <root>/<rel>
+
+
+def _write_local(path: Path, data: bytes) -> None:
+    """Backup files and a restored store are written durably, like the state they copy."""
+    write_atomic(resolve(os.fspath(path)), data, durable=True)
 
 
 def _describe(rel: str, data: bytes) -> BackupFile:
@@ -360,5 +360,5 @@ def _install_store(db_path: Path, data: bytes) -> None:
     """Put the store file in place whole; a replaced store's -wal would replay into it."""
     for suffix in ("-wal", "-shm"):
         Path(f"{db_path}{suffix}").unlink(missing_ok=True)
-    write_local_atomic(db_path, data)
+    _write_local(db_path, data)
     AdapterRegistry(db_path).close()  # a backup of an older schema is migrated now

@@ -26,15 +26,11 @@ from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import IllegalTransition
 from adapterswap.jobs import running_job
 from adapterswap.models.base import hash_base_model
-from adapterswap.storage.artifacts import (
-    delete_version,
-    location_uri,
-    read_manifest,
-    sweep_orphans,
-    version_location,
-)
-from adapterswap.storage.fs import resolve
-from adapterswap.store.registry import AdapterRegistry, AdapterStatus
+from adapterswap.storage.fs import delete_dir
+from adapterswap.storage.layout import StorageLayout
+from adapterswap.storage.manifest import read_manifest
+from adapterswap.storage.purge import purge_version, sweep_orphans
+from adapterswap.store.registry import AdapterRef, AdapterRegistry, AdapterStatus
 from adapterswap.train.plan import ShardWork, shards_to_train
 from adapterswap.train.shard import ShardRun, make_shard_run
 
@@ -52,34 +48,28 @@ class TrainReport:
     message: str = ""
 
 
-def delete_checkpoints(config: AdapterSwapConfig, adapter_id: str, version: int) -> None:
-    """Remove a run's Ray Train checkpoints: they derive from the shard's documents."""
-    loc = resolve(config.storage).child("checkpoints", f"{adapter_id}-v{version}")
-    delete_version(loc)
-
-
-def recover_interrupted(config: AdapterSwapConfig, registry: AdapterRegistry) -> list[str]:
+def recover_interrupted(layout: StorageLayout, registry: AdapterRegistry) -> list[str]:
     """Fail versions a crashed job left in ``training``, and delete their files and orphans."""
     recovered = []
     for version in registry.list_versions(statuses=[AdapterStatus.TRAINING]):
         registry.fail(version.adapter_id, version.version, reason="job interrupted", actor="train")
-        delete_version(version_location(config.storage, version.adapter_id, version.version))
-        delete_checkpoints(config, version.adapter_id, version.version)
-        registry.purge(version.adapter_id, version.version, actor="train")
+        purge_version(layout, registry, version.ref, actor="train")
         recovered.append(f"{version.adapter_id} v{version.version}")
-    known = {(v.adapter_id, v.version) for v in registry.list_versions()}
-    known -= {
-        (v.adapter_id, v.version) for v in registry.list_versions(statuses=[AdapterStatus.PURGED])
-    }
-    recovered += [f"{a} v{v} (orphan files)" for a, v in sweep_orphans(config.storage, known)]
+    known = {v.ref for v in registry.list_versions()}
+    known -= {v.ref for v in registry.list_versions(statuses=[AdapterStatus.PURGED])}
+    recovered += [f"{r.id} v{r.version} (orphan files)" for r in sweep_orphans(layout, known)]
     return recovered
 
 
 def _register(
-    work: ShardWork, config: AdapterSwapConfig, registry: AdapterRegistry, base_hash: str
+    work: ShardWork,
+    config: AdapterSwapConfig,
+    layout: StorageLayout,
+    registry: AdapterRegistry,
+    base_hash: str,
 ) -> ShardRun:
     expected = 1 + max((v.version for v in registry.list_versions(work.adapter_id)), default=0)
-    uri = location_uri(config.storage, version_location(config.storage, work.adapter_id, expected))
+    uri = layout.uri_of(layout.version(AdapterRef(work.adapter_id, expected)))
     version = registry.register_version(
         work.adapter_id,
         work.group,
@@ -93,21 +83,23 @@ def _register(
     return make_shard_run(work, version.version, config, config.model.spec, base_hash)
 
 
-def _publish(run: ShardRun, config: AdapterSwapConfig, registry: AdapterRegistry) -> dict[str, Any]:
-    manifest = read_manifest(version_location(config.storage, run.adapter_id, run.version))
-    registry.activate(run.adapter_id, run.version, manifest=manifest, actor="train")
-    return {"id": run.adapter_id, "version": run.version, "group": run.group, **manifest["metrics"]}
+def _publish(run: ShardRun, layout: StorageLayout, registry: AdapterRegistry) -> dict[str, Any]:
+    ref = AdapterRef(run.adapter_id, run.version)
+    manifest = read_manifest(layout.version(ref))
+    registry.activate(ref.id, ref.version, manifest=manifest.model_dump(mode="json"), actor="train")
+    delete_dir(layout.checkpoints(ref))  # they derive from the shard's documents
+    metrics = manifest.metrics.model_dump()
+    return {"id": ref.id, "version": ref.version, "group": run.group, **metrics}
 
 
 def _abandon(
-    run: ShardRun, error: str, config: AdapterSwapConfig, registry: AdapterRegistry
+    run: ShardRun, error: str, layout: StorageLayout, registry: AdapterRegistry
 ) -> dict[str, Any]:
-    if registry.get_version(run.adapter_id, run.version).status == AdapterStatus.TRAINING:
-        registry.fail(run.adapter_id, run.version, reason=error[:500], actor="train")
-    delete_version(version_location(config.storage, run.adapter_id, run.version))
-    delete_checkpoints(config, run.adapter_id, run.version)
-    registry.purge(run.adapter_id, run.version, actor="train")
-    return {"id": run.adapter_id, "version": run.version, "error": error}
+    ref = AdapterRef(run.adapter_id, run.version)
+    if registry.get_version(ref.id, ref.version).status == AdapterStatus.TRAINING:
+        registry.fail(ref.id, ref.version, reason=error[:500], actor="train")
+    purge_version(layout, registry, ref, actor="train")
+    return {"id": ref.id, "version": ref.version, "error": error}
 
 
 def run_training(
@@ -144,13 +136,14 @@ def train_changed_shards(
     the changed shards (of ``only``, if given) and publish them, filling ``report``."""
     from actors.train_launcher import train_shards_with_ray
 
-    report.recovered = recover_interrupted(config, registry)
+    layout = StorageLayout.from_config(config)
+    report.recovered = recover_interrupted(layout, registry)
     work = shards_to_train(Catalog(config.storage), registry, only)
     if not work:
         report.message = NOTHING_TO_TRAIN
         return
     base_hash = hash_base_model(config.model, config.model_cache_dir)
-    runs = [_register(w, config, registry, base_hash) for w in work]
+    runs = [_register(w, config, layout, registry, base_hash) for w in work]
     outcomes = train_shards_with_ray(
         runs, config, on_progress=on_progress, fail_once_at_step=fail_once_at_step
     )
@@ -158,11 +151,10 @@ def train_changed_shards(
         error = outcome.error
         if error is None:
             try:
-                report.trained.append(_publish(outcome.run, config, registry))
-                delete_checkpoints(config, outcome.run.adapter_id, outcome.run.version)
+                report.trained.append(_publish(outcome.run, layout, registry))
                 continue
             except (OSError, ValueError, KeyError, IllegalTransition) as exc:
                 # a missing or unreadable manifest, or a delete that failed the version
                 error = f"publishing failed: {type(exc).__name__}: {exc}"
-        report.failed.append(_abandon(outcome.run, error, config, registry))
+        report.failed.append(_abandon(outcome.run, error, layout, registry))
     report.message = f"trained {len(report.trained)} shard(s), {len(report.failed)} failed"
