@@ -45,6 +45,7 @@ from adapterswap.models.base import hash_base_model
 from adapterswap.models.embedder import load_embedder
 from adapterswap.route.active_set import ActiveSet
 from adapterswap.storage.adapter_source import StorageAdapterSource
+from adapterswap.storage.layout import StorageLayout
 from adapterswap.storage.privacy import private_process
 
 logger = logging.getLogger("adapterswap.serve")
@@ -348,7 +349,8 @@ class IngressDeployment:
             return lambda *args: _read(store, method, *args, timeout_s=deadline)
 
         source = StorageAdapterSource(
-            self.config.storage, hash_base_model(self.config.model, self.config.model_cache_dir)
+            StorageLayout.from_config(self.config),
+            hash_base_model(self.config.model, self.config.model_cache_dir),
         )
         proxy = StoreProxy(store, deadline)
         jobs = RayJobs(self.config, proxy)

@@ -18,6 +18,7 @@ resume from Ray Train's checkpoint if any, step, report, and let rank 0 write th
 
 from __future__ import annotations
 
+import posixpath
 import tempfile
 import threading
 from collections.abc import Callable
@@ -33,9 +34,10 @@ from ray.train.torch import TorchTrainer
 from ray.util.queue import Queue
 
 from adapterswap.config import AdapterSwapConfig
-from adapterswap.storage.fs import resolve
+from adapterswap.storage.layout import StorageLayout
 from adapterswap.storage.privacy import private_process
 from adapterswap.train.shard import ShardRun, finish_shard_run, start_shard_trainer, step_or_explain
+from adapterswap.types import AdapterRef
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,9 @@ def connect_ray(config: AdapterSwapConfig) -> None:
 def _trainer_for(
     run: ShardRun, config: AdapterSwapConfig, loop_config: dict[str, Any]
 ) -> TorchTrainer:
-    checkpoints = resolve(config.storage).child("checkpoints")
+    # Ray Train writes <storage_path>/<name>: the run directory the layout (and a purge) knows.
+    ref = AdapterRef(run.adapter_id, run.version)
+    checkpoints = StorageLayout.from_config(config).checkpoints(ref)
     use_gpu = config.ray.train_use_gpu
     if use_gpu == "auto":
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
@@ -110,8 +114,8 @@ def _trainer_for(
         train_loop_config={"run": asdict(run), **loop_config},
         scaling_config=scaling,
         run_config=RunConfig(
-            name=f"{run.adapter_id}-v{run.version}",
-            storage_path=checkpoints.path,
+            name=posixpath.basename(checkpoints.path),
+            storage_path=posixpath.dirname(checkpoints.path),
             storage_filesystem=checkpoints.fs,
             failure_config=FailureConfig(max_failures=config.training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),

