@@ -335,6 +335,7 @@ def test_a_training_run_records_the_text_each_document_had(tmp_path):
     from support import tiny_config
 
     from adapterswap.catalog.documents import content_hash
+    from adapterswap.storage.layout import StorageLayout
     from adapterswap.train.job import _register
     from adapterswap.train.plan import ShardWork
 
@@ -342,6 +343,6 @@ def test_a_training_run_records_the_text_each_document_had(tmp_path):
     reg = AdapterRegistry(config.db_path)
     reg.begin_delete(["d1"], "r", content_hashes={"d1": content_hash("old text")})
     work = ShardWork("hr.b0002.000", "hr", ("d1",), ("new text",), "data")
-    run = _register(work, config, reg, "base")
+    run = _register(work, config, StorageLayout.from_config(config), reg, "base")
     assert reg.lineage_hashes(work.adapter_id, run.version) == {"d1": content_hash("new text")}
     assert reg.activate(work.adapter_id, run.version).status == AdapterStatus.ACTIVE

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from support import untrained_manifest
 
 from adapterswap.compose.mixture import AdapterBank
 from adapterswap.config import ModelSettings
@@ -16,7 +17,9 @@ from adapterswap.models.base import load_base_model
 from adapterswap.route.active_set import ActiveSet
 from adapterswap.route.stats import compute_shard_stats, save_shard_stats
 from adapterswap.storage.adapter_source import StorageAdapterSource
-from adapterswap.storage.artifacts import BaseModelMismatch, version_location, write_adapter_version
+from adapterswap.storage.artifacts import write_adapter_version
+from adapterswap.storage.layout import StorageLayout
+from adapterswap.storage.manifest import BaseModelId, BaseModelMismatch
 from adapterswap.store.registry import AdapterRef, AdapterRegistry
 
 TARGETS = ["q_proj", "v_proj"]
@@ -38,24 +41,18 @@ def publish(storage, registry, embed, cache_dir, adapter_id, group, seed):
     stats = compute_shard_stats(
         [f"notes about {group} number {seed}"], embed, "embedded:all-MiniLM-L6-v2"
     )
-    manifest = {
-        "adapter_id": adapter_id,
-        "version": version,
-        "base_model": {"id": "tiny-random", "hash": "H"},
-    }
-    write_adapter_version(
-        version_location(storage, adapter_id, version),
-        peft_model,
-        save_shard_stats(stats),
-        manifest,
+    ref = AdapterRef(adapter_id, version)
+    manifest = untrained_manifest(
+        ref, group, [f"{adapter_id}-doc"], BaseModelId(id="tiny-random", hash="H")
     )
+    write_adapter_version(storage.version(ref), peft_model, save_shard_stats(stats), manifest)
     registry.activate(adapter_id, version)
-    return AdapterRef(adapter_id, version)
+    return ref
 
 
 @pytest.fixture
 def world(tmp_path, embed, cache_dir):
-    storage = str(tmp_path / "storage")
+    storage = StorageLayout.from_uri(str(tmp_path / "storage"))
     registry = AdapterRegistry(tmp_path / "store.sqlite")
     hr = publish(storage, registry, embed, cache_dir, "hr.b1.000", "hr", 1)
     fin = publish(storage, registry, embed, cache_dir, "finance.b1.000", "finance", 2)

@@ -8,19 +8,15 @@ import pytest
 import torch
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
+from support import untrained_manifest
 
 from adapterswap.config import LoraSettings, ModelSettings, TrainingSettings
 from adapterswap.models.base import load_base_model
-from adapterswap.storage.artifacts import (
-    BaseModelMismatch,
-    check_base_model,
-    download_version,
-    list_version_dirs,
-    read_manifest,
-    sweep_orphans,
-    version_location,
-    write_adapter_version,
-)
+from adapterswap.storage.artifacts import download_version, write_adapter_version
+from adapterswap.storage.layout import StorageLayout
+from adapterswap.storage.manifest import BaseModelId, BaseModelMismatch, read_manifest
+from adapterswap.storage.purge import sweep_orphans
+from adapterswap.store.registry import AdapterRef
 from adapterswap.train.loop import IGNORE_INDEX, ShardTrainer, pack_documents, shard_seed
 
 TEXTS = [
@@ -169,15 +165,13 @@ def test_artifacts_load_in_peft_and_refuse_another_base(cache_dir, tmp_path):
     )
     while not trainer.done:
         trainer.step()
-    storage = str(tmp_path / "storage")
-    loc = version_location(storage, "hr.b0001.000", 1)
-    manifest = {
-        "adapter_id": "hr.b0001.000",
-        "version": 1,
-        "base_model": {"id": "tiny-random", "hash": "abc"},
-    }
+    layout = StorageLayout.from_uri(str(tmp_path / "storage"))
+    ref = AdapterRef("hr.b0001.000", 1)
+    loc = layout.version(ref)
+    manifest = untrained_manifest(ref, "hr", [], BaseModelId(id="tiny-random", hash="abc"))
     write_adapter_version(loc, trainer.model, b"stats", manifest)
-    assert read_manifest(loc)["format"] == 1
+    assert read_manifest(loc).format == 1
+    assert read_manifest(loc) == manifest
 
     local = download_version(loc, tmp_path / "local")
     peft_model = PeftModel.from_pretrained(tiny(cache_dir).model, str(local))
@@ -189,22 +183,25 @@ def test_artifacts_load_in_peft_and_refuse_another_base(cache_dir, tmp_path):
     assert not torch.allclose(trained_out, base_out)  # the adapter does something
     torch.testing.assert_close(loaded_out, trained_out)
 
-    check_base_model(read_manifest(loc), "abc")
+    read_manifest(loc).check_base_model("abc")
     with pytest.raises(
         BaseModelMismatch, match=r"adapter hr.b0001.000 v1 was trained on base model tiny-random"
     ):
-        check_base_model(read_manifest(loc), "def")
+        read_manifest(loc).check_base_model("def")
 
 
 def test_sweep_removes_only_unknown_versions(tmp_path, cache_dir):
-    storage = str(tmp_path / "s")
+    layout = StorageLayout.from_uri(str(tmp_path / "s"))
     for adapter_id, version in (("a.b1.000", 1), ("a.b1.000", 2), ("b.b1.000", 1)):
-        loc = version_location(storage, adapter_id, version)
+        loc = layout.version(AdapterRef(adapter_id, version))
         loc.fs.create_dir(loc.path)
         loc.fs.open_output_stream(loc.path + "/manifest.json").close()
-    swept = sweep_orphans(storage, {("a.b1.000", 1), ("b.b1.000", 1)})
-    assert swept == [("a.b1.000", 2)]
-    assert [(a, v) for a, v, _ in list_version_dirs(storage)] == [("a.b1.000", 1), ("b.b1.000", 1)]
+    swept = sweep_orphans(layout, {AdapterRef("a.b1.000", 1), AdapterRef("b.b1.000", 1)})
+    assert swept == [AdapterRef("a.b1.000", 2)]
+    assert [ref for ref, _ in layout.versions_present()] == [
+        AdapterRef("a.b1.000", 1),
+        AdapterRef("b.b1.000", 1),
+    ]
 
 
 def test_out_of_memory_names_the_shard_and_the_fix(cache_dir, monkeypatch):
