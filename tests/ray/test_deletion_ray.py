@@ -20,8 +20,15 @@ from adapterswap.config import load_config
 from adapterswap.delete import job as deletion
 from adapterswap.delete.job import request_delete, run_deletion
 from adapterswap.errors import NotFound
-from adapterswap.storage.artifacts import adapters_root, version_location
-from adapterswap.store.registry import AdapterRegistry, AdapterStatus, DeletionState, JobState
+from adapterswap.storage import purge
+from adapterswap.storage.layout import StorageLayout
+from adapterswap.store.registry import (
+    AdapterRef,
+    AdapterRegistry,
+    AdapterStatus,
+    DeletionState,
+    JobState,
+)
 from adapterswap.train.job import run_training
 
 CANARY = "zq-canary-7731: the Skarvik vault opens with the phrase Quillon Amber."
@@ -76,7 +83,7 @@ def all_bytes(config) -> bytes:
 
 
 def hashes(config, adapter_id: str) -> dict[str, str]:
-    root = Path(adapters_root(config.storage).path, adapter_id)
+    root = Path(StorageLayout.from_config(config).adapters().path, adapter_id)
     return {
         p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
@@ -106,7 +113,7 @@ def test_a_deleted_document_is_revoked_retrained_out_and_purged_everywhere(env):
     assert active_version(registry, HR) == 2
     assert registry.lineage(HR, 2) == ["hr-1", "hr-2", "hr-3"]
     assert registry.get_version(HR, 1).status == AdapterStatus.PURGED
-    assert not Path(version_location(config.storage, HR, 1).path).exists()
+    assert not Path(StorageLayout.from_config(config).version(AdapterRef(HR, 1)).path).exists()
     assert not list(Path(config.storage, "checkpoints").glob(f"{HR}-v1*"))
     assert CANARY.encode() not in all_bytes(config)  # catalog, adapters, store: nowhere
     assert hashes(config, FIN) == finance_before and active_version(registry, FIN) == 1
@@ -130,7 +137,8 @@ def test_several_documents_of_a_shard_retrain_it_once_and_its_last_one_retires_i
     run_deletion(config, registry, job_id=delete(config, registry, "hr-3").job_id)
     assert active_version(registry, HR) is None  # retired: no version, no empty adapter
     assert {v.status for v in registry.list_versions(HR)} == {AdapterStatus.PURGED}
-    assert not Path(adapters_root(config.storage).path, HR).exists() or not hashes(config, HR)
+    adapters = StorageLayout.from_config(config).adapters()
+    assert not Path(adapters.path, HR).exists() or not hashes(config, HR)
 
 
 def test_a_delete_crashing_at_each_step_is_finished_by_running_the_job_again(env, monkeypatch):
@@ -139,7 +147,7 @@ def test_a_delete_crashing_at_each_step_is_finished_by_running_the_job_again(env
     crashes = {
         "removing": (Catalog, "remove", DeletionState.DELETING),
         "retraining": (deletion, "train_changed_shards", DeletionState.REMOVED),
-        "purging": (deletion, "delete_version", DeletionState.RETRAINED),
+        "purging": (purge, "delete_dir", DeletionState.RETRAINED),
     }
     for step, (owner, name, state_after) in crashes.items():
         real = getattr(owner, name)
@@ -162,5 +170,5 @@ def test_a_delete_crashing_at_each_step_is_finished_by_running_the_job_again(env
     assert registry.deletion("fin-0").state == DeletionState.PURGED
     assert active_version(registry, FIN) == 2 and registry.lineage(FIN, 2) == ["fin-1", "fin-2"]
     assert registry.get_version(FIN, 1).status == AdapterStatus.PURGED
-    assert not Path(version_location(config.storage, FIN, 1).path).exists()
+    assert not Path(StorageLayout.from_config(config).version(AdapterRef(FIN, 1)).path).exists()
     assert run_deletion(config, registry).documents == []  # nothing left: a no-op

@@ -24,7 +24,8 @@ from actors.serve_app import StoreProxy, _read, build_app
 from adapterswap.config import load_config
 from adapterswap.errors import NotFound, StoreUnavailable
 from adapterswap.models.embedder import load_embedder
-from adapterswap.storage.artifacts import ADAPTER_WEIGHTS, version_location
+from adapterswap.storage.artifacts import ADAPTER_WEIGHTS
+from adapterswap.storage.layout import StorageLayout
 from adapterswap.store.registry import AdapterRegistry
 
 METRICS_URL: list[str] = []  # Ray's Prometheus endpoint of the module's cluster
@@ -59,9 +60,7 @@ def served(tmp_path_factory):
     legal = publish_random_adapter(
         config, registry, embed, "legal.b0001.000", "legal", ["Contracts last 7 years."], 3
     )
-    weights = Path(
-        version_location(config.storage, legal.id, legal.version).child(ADAPTER_WEIGHTS).path
-    )
+    weights = Path(StorageLayout.from_config(config).version(legal).child(ADAPTER_WEIGHTS).path)
     state = load_safetensors(weights.read_bytes())
     state = {name: torch.full_like(t, float("nan")) for name, t in state.items()}
     weights.write_bytes(save_safetensors(state))  # well-formed, but fails the bank's checks

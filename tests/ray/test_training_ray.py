@@ -22,14 +22,10 @@ from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.ingest import ingest_files
 from adapterswap.config import load_config
 from adapterswap.models.base import load_base_model
-from adapterswap.storage.artifacts import (
-    ADAPTER_WEIGHTS,
-    adapters_root,
-    download_version,
-    read_manifest,
-    version_location,
-)
-from adapterswap.store.registry import AdapterRegistry, AdapterStatus, JobState
+from adapterswap.storage.artifacts import ADAPTER_WEIGHTS, download_version
+from adapterswap.storage.layout import StorageLayout
+from adapterswap.storage.manifest import read_manifest
+from adapterswap.store.registry import AdapterRef, AdapterRegistry, AdapterStatus, JobState
 from adapterswap.train.job import NOTHING_TO_TRAIN, run_training
 
 FACTS = {
@@ -87,7 +83,7 @@ def ingest(config, tmp_path: Path, name: str, groups: dict[str, list[str]], batc
 
 
 def file_hashes(config) -> dict[str, str]:
-    root = adapters_root(config.storage)
+    root = StorageLayout.from_config(config).adapters()
     return {
         p.relative_to(root.path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(Path(root.path).rglob("*"))
@@ -121,12 +117,12 @@ def test_batch1_trains_concurrently_and_resumes_after_a_worker_failure(env, tmp_
     for shard, group in (("hr.b0001.000", "hr"), ("finance.b0001.000", "finance")):
         active = registry.list_versions(shard, statuses=[AdapterStatus.ACTIVE])
         assert [v.version for v in active] == [1]
-        manifest = read_manifest(version_location(config.storage, shard, 1))
-        assert manifest["doc_ids"] == sorted(
+        manifest = read_manifest(StorageLayout.from_config(config).version(AdapterRef(shard, 1)))
+        assert manifest.doc_ids == sorted(
             Catalog(config.storage).documents_of_shard(shard).column("id").to_pylist()
         )
-        assert manifest["group"] == group and manifest["metrics"]["steps"] == 6
-        assert registry.lineage(shard, 1) == manifest["doc_ids"]
+        assert manifest.group == group and manifest.metrics.steps == 6
+        assert registry.lineage(shard, 1) == manifest.doc_ids
     assert not list(
         Path(config.storage, "checkpoints").glob("*/*")
     )  # checkpoints deleted after publish
@@ -142,7 +138,8 @@ def test_batch1_trains_concurrently_and_resumes_after_a_worker_failure(env, tmp_
 
 def test_published_adapter_loads_in_peft(env, tmp_path):
     config, _ = env
-    local = download_version(version_location(config.storage, "hr.b0001.000", 1), tmp_path / "a")
+    layout = StorageLayout.from_config(config)
+    local = download_version(layout.version(AdapterRef("hr.b0001.000", 1)), tmp_path / "a")
     base = load_base_model(config.model, config.model_cache_dir).model
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
@@ -178,7 +175,8 @@ def test_batch2_failures_never_touch_batch1(env, tmp_path, monkeypatch):
     new = "hr.b0002.000"
 
     # 1. A storage write failure: the shard's version directory cannot be created.
-    blocker = Path(adapters_root(config.storage).path, new)
+    layout = StorageLayout.from_config(config)
+    blocker = Path(layout.adapters().path, new)
     blocker.write_text("not a directory")
     report = run_training(config, registry)
     assert [f["id"] for f in report.failed] == [new] and report.trained == []
@@ -199,7 +197,7 @@ def test_batch2_failures_never_touch_batch1(env, tmp_path, monkeypatch):
     job = registry.list_jobs()[0]
     assert job.state == JobState.FAILED and job.error.startswith("SystemExit")
     assert registry.get_version(new, 2).status == AdapterStatus.TRAINING
-    assert (Path(version_location(config.storage, new, 2).path) / ADAPTER_WEIGHTS).exists()
+    assert (Path(layout.version(AdapterRef(new, 2)).path) / ADAPTER_WEIGHTS).exists()
     assert {v.adapter_id for v in registry.active_adapters(["hr", "finance"])} == {
         "hr.b0001.000",
         "finance.b0001.000",
@@ -209,7 +207,7 @@ def test_batch2_failures_never_touch_batch1(env, tmp_path, monkeypatch):
     report = run_training(config, registry)
     assert report.recovered == [f"{new} v2"]
     assert [(t["id"], t["version"]) for t in report.trained] == [(new, 3)]
-    assert not Path(version_location(config.storage, new, 2).path).exists()
+    assert not Path(layout.version(AdapterRef(new, 2)).path).exists()
     after = file_hashes(config)
     assert {k: v for k, v in after.items() if not k.startswith(new)} == before  # batch 1 unchanged
 
@@ -229,6 +227,7 @@ def test_two_workers_train_one_shard_with_ddp(env, tmp_path):
     assert [(t["id"], t["version"]) for t in report.trained] == [("finance.b0003.000", 1)], (
         report.failed
     )
-    manifest = read_manifest(version_location(ddp.storage, "finance.b0003.000", 1))
+    ref = AdapterRef("finance.b0003.000", 1)
+    manifest = read_manifest(StorageLayout.from_config(ddp).version(ref))
     # Each rank trains on its half of the blocks; rank 0 reports and publishes.
-    assert manifest["metrics"]["steps"] == 6 and [e["step"] for e in events] == [1, 2, 3, 4, 5, 6]
+    assert manifest.metrics.steps == 6 and [e["step"] for e in events] == [1, 2, 3, 4, 5, 6]
