@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint eval clean
+.PHONY: setup demo test test-fast lint eval clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest
+
+# Everything that needs no Ray cluster (tests/conftest.py marks the rest `ray`), in a few minutes.
+test-fast: lint
+	$(BIN)/python -m pytest --no-ray
 
 # The paper's experiments on Debian's manual pages (benchmarks/README.md); about 45 min on 2 cores.
 eval: setup

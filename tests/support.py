@@ -1,11 +1,17 @@
 """Helpers shared by tests: a free port, a float64 model for exactness tests, real adapter
-versions without training, recorded jobs, and the whole HTTP app served in one process."""
+versions without training, recorded jobs, the whole HTTP app served in one process, and the
+tiny model's settings (the fixtures built on them are in tests/conftest.py)."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import select
 import socket
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -15,15 +21,13 @@ from adapterswap.api.app import create_app
 from adapterswap.api.auth import Authenticator
 from adapterswap.api.gateway import Gateway
 from adapterswap.api.model_client import LocalModelClient
-from adapterswap.config import AdapterSwapConfig, load_config
+from adapterswap.config import AdapterSwapConfig
 from adapterswap.engine.replica import ModelReplica
-from adapterswap.models.base import hash_base_model, load_base_model
+from adapterswap.models.base import LoadedModel, hash_base_model, load_base_model
 from adapterswap.models.embedder import load_embedder
 from adapterswap.route.active_set import ActiveSet
 from adapterswap.route.stats import compute_shard_stats, save_shard_stats
-from adapterswap.storage.artifacts import write_adapter_version
-from adapterswap.storage.layout import StorageLayout
-from adapterswap.storage.manifest import AdapterManifest, BaseModelId, RouterInfo, TrainingMetrics
+from adapterswap.storage.artifacts import version_location, write_adapter_version
 from adapterswap.store.registry import AdapterRef, AdapterRegistry, JobRecord
 
 # Raw HTTP, for what a client library will not send: a lying Content-Length, an endless body.
@@ -133,43 +137,16 @@ def publish_random_adapter(
     lineage = doc_ids or [f"{adapter_id}-{i}" for i in range(len(texts))]
     version = registry.register_version(adapter_id, group, "x", lineage).version
     stats = compute_shard_stats(texts, embed, "embedded:all-MiniLM-L6-v2")
-    base_hash = hash_base_model(config.model, config.model_cache_dir)
-    ref = AdapterRef(adapter_id, version)
-    manifest = untrained_manifest(
-        ref, group, lineage, BaseModelId(id=config.model.spec, hash=base_hash)
-    )
+    base = {"id": config.model.spec, "hash": hash_base_model(config.model, config.model_cache_dir)}
+    manifest = {"adapter_id": adapter_id, "version": version, "group": group, "base_model": base}
     write_adapter_version(
-        StorageLayout.from_config(config).version(ref),
+        version_location(config.storage, adapter_id, version),
         peft_model,
         save_shard_stats(stats),
         manifest,
     )
     registry.activate(adapter_id, version)
-    return ref
-
-
-def untrained_manifest(
-    ref: AdapterRef, group: str, doc_ids: list[str], base_model: BaseModelId
-) -> AdapterManifest:
-    """A complete manifest for a version that was not trained: fixed times and metrics, so
-    the same version written twice is the same bytes."""
-    return AdapterManifest(
-        adapter_id=ref.id,
-        version=ref.version,
-        shard=ref.id,
-        group=group,
-        doc_ids=sorted(doc_ids),
-        data_hash="sha256:untrained",
-        base_model=base_model,
-        lora={},
-        training={},
-        seed=0,
-        router=RouterInfo(embedder="embedded:all-MiniLM-L6-v2"),
-        metrics=TrainingMetrics(
-            final_loss=None, steps=0, tokens=0, wall_time_s=0.0, tokens_per_s=None
-        ),
-        created_at="2026-01-01T00:00:00+00:00",
-    )
+    return AdapterRef(adapter_id, version)
 
 
 class RecordedJobs:
@@ -226,22 +203,30 @@ def in_process_app(
     return app, replica
 
 
-# The tiny random Llama (built in code, never downloaded) with LoRA on two projections.
-TINY_OVERRIDES = [
-    "model.spec=tiny-random",
-    "lora.rank=4",
-    "lora.target_modules=[q_proj, v_proj]",
-    "sharding.strategy=sequential",
-    "training.max_steps=4",
-    "training.seq_len=32",
-    "training.batch_size=2",
-]
+# The tiny random Llama (built in code, never downloaded) with LoRA on two projections and a
+# training run of a few 32-token steps: what the `tiny_config` fixture (tests/conftest.py)
+# starts from, before a test's own settings.
+TINY = {
+    "model": {"spec": "tiny-random"},
+    "lora": {"rank": 4, "target_modules": ["q_proj", "v_proj"]},
+    "sharding": {"strategy": "sequential"},
+    "training": {"max_steps": 4, "seq_len": 32, "batch_size": 2},
+}
 
 
-def tiny_config(root, *overrides: str) -> AdapterSwapConfig:
-    """A configuration on the tiny model with its home and model cache under ``root``."""
-    return load_config(
-        home=str(root / "home"),
-        environ={},
-        overrides=[*TINY_OVERRIDES, f"model.cache_dir={root / 'models'}", *overrides],
-    )
+def set_flags(settings: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Nested ``settings`` as the ``section.field=value`` strings of ``--set`` (and of the Serve
+    app's ``overrides``); a value is written as JSON, which the YAML parser reads back as is."""
+    flags = []
+    for name, value in settings.items():
+        if isinstance(value, Mapping) and value:
+            flags += set_flags(value, f"{prefix}{name}.")
+        else:
+            flags.append(f"{prefix}{name}={json.dumps(value)}")
+    return flags
+
+
+def private_copy(loaded: LoadedModel) -> LoadedModel:
+    """``loaded`` with a model of its own, for a test that changes it (peft injects LoRA layers
+    in place, training moves weights): the run's shared tiny model stays as built."""
+    return dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))

@@ -64,6 +64,8 @@ ROOT = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).with_name("ray")  # this venv's, as ~/adapterswap/.venv/bin/ray is there
 CLUSTER_RAY = "~/adapterswap/.venv/bin/ray"
 START_TIMEOUT_S = 90
+# Starts its own head with `ray start` (token auth), so it cannot share tests/ray's cluster.
+pytestmark = pytest.mark.ray
 
 
 @dataclass(frozen=True)

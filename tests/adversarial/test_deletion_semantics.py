@@ -14,7 +14,7 @@ import threading
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from support import in_process_app, publish_random_adapter, tiny_config
+from support import in_process_app, publish_random_adapter
 
 from actors.train_launcher import ShardOutcome
 from adapterswap.catalog.dataset import Catalog
@@ -46,15 +46,10 @@ def failing_training(runs, config, **_):
     return [ShardOutcome(run, "RuntimeError: injected: retraining failed") for run in runs]
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return tmp_path_factory.mktemp("models")  # the tiny model, built once for the module
-
-
 @pytest.fixture
-def world(tmp_path, models, monkeypatch):
+def world(tiny_config, monkeypatch):
     monkeypatch.setattr("actors.train_launcher.train_shards_with_ray", train_in_process)
-    config = tiny_config(tmp_path, f"model.cache_dir={models}", "training.max_steps=1")
+    config = tiny_config(training={"max_steps": 1})
     registry = AdapterRegistry(config.db_path)
     app, _ = in_process_app(config, registry)
     admin = registry.create_key("root", [GROUP], admin=True)[0]

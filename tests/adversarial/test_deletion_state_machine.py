@@ -47,11 +47,12 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from support import in_process_app, tiny_config
+from support import in_process_app
 
 from actors.train_launcher import ShardOutcome
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.documents import content_hash
+from adapterswap.config import AdapterSwapConfig
 from adapterswap.delete.job import run_deletion
 from adapterswap.store.registry import AdapterRegistry, AdapterStatus, DeletionState, covers_row
 from adapterswap.train.job import run_training
@@ -96,10 +97,10 @@ class Crash(Exception):
 
 
 class DeletionMachine(RuleBasedStateMachine):
-    def __init__(self, root, models):
+    def __init__(self, config: AdapterSwapConfig):
         super().__init__()
-        self.config = tiny_config(root, f"model.cache_dir={models}", "training.max_steps=1")
-        self.home = str(root)
+        self.config = config  # a fresh home on the tiny model, training one step
+        self.home = config.home
         self.registry = AdapterRegistry(self.config.db_path)
         app, _ = in_process_app(self.config, self.registry)
         key = self.registry.create_key("root", [GROUP], admin=True)[0]
@@ -425,11 +426,9 @@ class DeletionMachine(RuleBasedStateMachine):
             self.registry.close()
 
 
-def test_deletion_state_machine(tmp_path_factory):
-    models = tmp_path_factory.mktemp("models")
-
+def test_deletion_state_machine(tiny_config):
     def machine():
-        return DeletionMachine(tmp_path_factory.mktemp("machine"), models)
+        return DeletionMachine(tiny_config(training={"max_steps": 1}))
 
     SEEN.clear()
     run_state_machine_as_test(
@@ -446,11 +445,11 @@ def test_deletion_state_machine(tmp_path_factory):
 
 
 @pytest.mark.parametrize("point", [*DELETE_POINTS, *TRAIN_POINTS])
-def test_each_crash_point_is_survived(tmp_path_factory, point):
+def test_each_crash_point_is_survived(tiny_config, point):
     """Every injected fault, once for sure (the machine above draws them at random): a
     trained shard, a DELETE, the job dying at ``point`` (in the delete job; a training fault
     also in a training job first), the checks, then the job run to the end."""
-    machine = DeletionMachine(tmp_path_factory.mktemp("point"), tmp_path_factory.getbasetemp())
+    machine = DeletionMachine(tiny_config(training={"max_steps": 1}))
     SEEN.clear()
     try:
         machine.seed(train=point not in TRAIN_POINTS)

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 import uvicorn
+from adapterswap.compose.mixture import SlotsExhausted
 from fastapi.testclient import TestClient
 from ray.exceptions import RayTaskError
 from safetensors.torch import load as load_safetensors
@@ -42,16 +43,13 @@ from support import (
     post_head,
     publish_random_adapter,
     push,
-    tiny_config,
 )
 
 from adapterswap.api.auth import Authenticator
-from adapterswap.compose.mixture import SlotsExhausted
 from adapterswap.errors import NotFound, Overloaded, StaleMixture, StoreUnavailable
 from adapterswap.models.embedder import load_embedder
-from adapterswap.storage.artifacts import ADAPTER_WEIGHTS
-from adapterswap.storage.layout import StorageLayout
-from adapterswap.store.registry import AdapterRef, AdapterRegistry
+from adapterswap.storage.artifacts import ADAPTER_WEIGHTS, version_location
+from adapterswap.store.registry import AdapterRegistry
 
 LIMIT = 1_000_000  # serve.max_body_bytes (the default)
 REQUEST_ID = re.compile(r"^internal error \(request id (req-[0-9a-f]{16})\)$")
@@ -60,16 +58,15 @@ SECRETS = ("/srv/", "pid=4242", "10.1.2.3", "ab12cd34", "other-caller-secret", "
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("abuse")
-    config = tiny_config(root, f"serve.max_body_bytes={LIMIT}", "serve.max_new_tokens=16")
+def world(tiny_config):
+    config = tiny_config(serve={"max_body_bytes": LIMIT, "max_new_tokens": 16})
     registry = AdapterRegistry(config.db_path)
     embed = load_embedder(config.embedding).embed
     publish_random_adapter(config, registry, embed, "hr.b0001.000", "hr", ["Leave: 23 weeks."], 1)
     legal = publish_random_adapter(
         config, registry, embed, "legal.b0001.000", "legal", ["Contracts last 7 years."], 2
     )
-    _corrupt(StorageLayout.from_config(config), legal)
+    _corrupt(config.storage, legal.id, legal.version)
     app, _ = in_process_app(config, registry)
     gateway = app.state.gateway
     # As the Serve ingress builds it (with the store's key ids), with a small negative cache
@@ -89,9 +86,9 @@ def world(tmp_path_factory):
     return TestClient(app, raise_server_exceptions=False), keys, app
 
 
-def _corrupt(layout: StorageLayout, ref: AdapterRef) -> None:
+def _corrupt(storage: str, adapter_id: str, version: int) -> None:
     """NaN in one LoRA matrix: a well-formed file whose tensors fail the bank's checks."""
-    path = Path(layout.version(ref).child(ADAPTER_WEIGHTS).path)
+    path = Path(version_location(storage, adapter_id, version).child(ADAPTER_WEIGHTS).path)
     state = load_safetensors(path.read_bytes())
     name = next(iter(state))
     state[name] = torch.full_like(state[name], float("nan"))

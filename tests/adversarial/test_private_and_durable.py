@@ -15,8 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from support import tiny_config
-
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.ingest import ingest_records
 from adapterswap.catalog.readers import RawRecord
@@ -67,8 +65,8 @@ def test_an_existing_open_home_is_closed_on_first_use(tmp_path):
     assert stat.S_IMODE((home / "store.sqlite").stat().st_mode) == 0o600
 
 
-def test_an_acknowledged_ingest_is_fsynced_file_and_directory(tmp_path, monkeypatch):
-    config = tiny_config(tmp_path)
+def test_an_acknowledged_ingest_is_fsynced_file_and_directory(tiny_config, monkeypatch):
+    config = tiny_config()
     synced: list[str] = []
     real_fsync = os.fsync
 

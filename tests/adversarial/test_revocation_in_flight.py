@@ -16,17 +16,19 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from types import SimpleNamespace
 
 import httpx2 as httpx
 import pytest
 import uvicorn
-from support import free_port, in_process_app, publish_random_adapter, tiny_config
+from adapterswap.compose.mixture import InvalidMixture
+from support import free_port, in_process_app, publish_random_adapter
 
 from adapterswap.catalog.ingest import ingest_records
 from adapterswap.catalog.readers import RawRecord
-from adapterswap.compose.mixture import InvalidMixture
+from adapterswap.config import AdapterSwapConfig
 from adapterswap.delete.job import wait_for_replicas
 from adapterswap.engine import generation
 from adapterswap.engine.epoch_watch import EpochWatcher
@@ -35,8 +37,7 @@ from adapterswap.engine.requests import GenerationResult, SamplingParams
 from adapterswap.errors import InvalidArgument, RevocationTimeout, StaleMixture
 from adapterswap.models.embedder import load_embedder
 from adapterswap.route.active_set import ActiveSet
-from adapterswap.storage.artifacts import ADAPTER_WEIGHTS
-from adapterswap.storage.layout import StorageLayout
+from adapterswap.storage.artifacts import ADAPTER_WEIGHTS, version_location
 from adapterswap.store.registry import AdapterRef, AdapterRegistry
 
 DOCS = {
@@ -49,20 +50,15 @@ STEP_S = 0.004  # each forward sleeps this long, so a long generation spans the 
 PROMPT = "Tell me everything about the vault."
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return tmp_path_factory.mktemp("models")
-
-
-def make_world(tmp_path, models, *overrides: str) -> SimpleNamespace:
+def make_world(tiny_config: Callable[..., AdapterSwapConfig], **serve: float) -> SimpleNamespace:
     config = tiny_config(
-        tmp_path,
-        f"model.cache_dir={models}",
-        "router.min_score=-1",  # the tiny model's answers are noise: always route
-        "serve.epoch_poll_s=0.02",
-        "serve.replica_heartbeat_s=0.5",
-        "serve.revocation_timeout_s=10",
-        *overrides,
+        router={"min_score": -1},  # the tiny model's answers are noise: always route
+        serve={
+            "epoch_poll_s": 0.02,
+            "replica_heartbeat_s": 0.5,
+            "revocation_timeout_s": 10,
+            **serve,
+        },
     )
     registry = AdapterRegistry(config.db_path)
     records = [
@@ -88,8 +84,8 @@ def make_world(tmp_path, models, *overrides: str) -> SimpleNamespace:
 
 
 @pytest.fixture
-def world(tmp_path, models):
-    return make_world(tmp_path, models)
+def world(tiny_config):
+    return make_world(tiny_config)
 
 
 class AckLog:
@@ -249,10 +245,10 @@ def test_a_generation_in_flight_produces_nothing_with_the_revoked_version_after_
         assert len(rerun) == LONG and all(x not in refs for refs in rerun)
 
 
-def test_a_slow_adapter_load_does_not_hold_up_the_revocation(tmp_path, models, monkeypatch):
+def test_a_slow_adapter_load_does_not_hold_up_the_revocation(tiny_config, monkeypatch):
     """The loader used to run under the bank's lock, which eviction needs: the watcher could
     not acknowledge until the load ended, and the barrier then dropped the replica as dead."""
-    world = make_world(tmp_path, models, "serve.replica_heartbeat_s=1")
+    world = make_world(tiny_config, replica_heartbeat_s=1)
     x = world.refs["doc-x"]
     loading, release = threading.Event(), threading.Event()
     load = world.replica.source.load
@@ -290,11 +286,9 @@ def test_a_slow_adapter_load_does_not_hold_up_the_revocation(tmp_path, models, m
 
 
 def test_a_live_replica_that_does_not_acknowledge_makes_delete_503_and_the_revocation_stays(
-    tmp_path, models
+    tiny_config,
 ):
-    world = make_world(
-        tmp_path, models, "serve.revocation_timeout_s=1.5", "serve.replica_heartbeat_s=0.1"
-    )
+    world = make_world(tiny_config, revocation_timeout_s=1.5, replica_heartbeat_s=0.1)
     x = world.refs["doc-x"]
     # A live replica stuck in a long step: registered, then silent for longer than the old
     # liveness window (3 heartbeats = 0.3 s), well within the revocation timeout.
@@ -369,7 +363,7 @@ def greedy_job(mixture=(), prompt=PROMPT, max_tokens=6) -> InferenceJob:
 
 def corrupt(world, ref: AdapterRef) -> None:
     """Overwrite a stored version's weights with bytes that are not safetensors."""
-    weights = StorageLayout.from_config(world.config).version(ref).child(ADAPTER_WEIGHTS)
+    weights = version_location(world.config.storage, ref.id, ref.version).child(ADAPTER_WEIGHTS)
     with weights.fs.open_output_stream(weights.path) as out:
         out.write(b"\x00garbage, not safetensors")
 

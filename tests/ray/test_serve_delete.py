@@ -13,25 +13,15 @@ import time
 
 import httpx2 as httpx
 import pytest
-import ray
-from ray import serve
-from support import TINY_OVERRIDES, free_port
 
-from actors.serve_app import ServeReplicaOracle, build_app
+from actors.serve_app import ServeReplicaOracle
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.ingest import ingest_records
 from adapterswap.catalog.readers import RawRecord
-from adapterswap.config import load_config
 from adapterswap.delete.job import request_delete
 from adapterswap.store.registry import AdapterRegistry, DeletionState
 
 HR = "hr.b0001.000"
-OVERRIDES = [
-    *TINY_OVERRIDES,
-    "ray.train_num_cpus_per_worker=0.5",
-    "router.min_score=-1",  # the tiny model's answers are noise: always route, to test routing
-    "serve.epoch_poll_s=0.05",
-]
 LEFTOVER = {"id": "old-memo", "text": "An old memo about the car park.", "group": "hr"}
 DOCS = [
     {"id": "hr-secret", "text": "The Skarvik vault phrase is Quillon Amber.", "group": "hr"},
@@ -42,10 +32,12 @@ DOCS = [
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve-delete")
-    overrides = [*OVERRIDES, f"model.cache_dir={root / 'models'}"]
-    config = load_config(home=str(root / "home"), environ={}, overrides=overrides)
+def app(tiny_config, serve_app):
+    config = tiny_config(
+        ray={"train_num_cpus_per_worker": 0.5},
+        router={"min_score": -1},  # the tiny model's answers are noise: always route
+        serve={"epoch_poll_s": 0.05},
+    )
     registry = AdapterRegistry(config.db_path)
     keys = {
         "admin": registry.create_key("root", ["hr", "finance"], admin=True)[0],
@@ -54,20 +46,9 @@ def app(tmp_path_factory):
     # A delete that a crash left unfinished: the app finishes it when it starts.
     ingest_records([RawRecord("r", LEFTOVER)], config, embed=None, batch="b0000")
     request_delete(registry, Catalog(config.storage), [LEFTOVER["id"]], "crashed", "root")
-    port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(
-        build_app({"home": config.home, "overrides": overrides, "num_replicas": 1}),
-        name="adapterswap",
-        route_prefix="/",
-    )
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-            yield client, keys, registry
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    port = serve_app(config)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        yield client, keys, registry
 
 
 def call(client, key, method, path, body=None):

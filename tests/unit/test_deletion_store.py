@@ -330,16 +330,14 @@ def test_a_delete_reads_the_catalog_again_and_deletes_a_replacement_that_landed(
     assert request.held == {"hr-1": [row["content_hash"]]}
 
 
-def test_a_training_run_records_the_text_each_document_had(tmp_path):
+def test_a_training_run_records_the_text_each_document_had(tiny_config):
     """So a replacement's shard can be published while the old text's deletion still runs."""
-    from support import tiny_config
-
     from adapterswap.catalog.documents import content_hash
     from adapterswap.storage.layout import StorageLayout
     from adapterswap.train.job import _register
     from adapterswap.train.plan import ShardWork
 
-    config = tiny_config(tmp_path)
+    config = tiny_config()
     reg = AdapterRegistry(config.db_path)
     reg.begin_delete(["d1"], "r", content_hashes={"d1": content_hash("old text")})
     work = ShardWork("hr.b0002.000", "hr", ("d1",), ("new text",), "data")
