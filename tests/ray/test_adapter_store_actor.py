@@ -22,15 +22,7 @@ from adapterswap.store.registry import AdapterRef, AdapterStatus
 
 REPO = Path(__file__).resolve().parents[2]
 HR = "hr.b0001.000"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster() -> Iterator[None]:
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 @pytest.fixture

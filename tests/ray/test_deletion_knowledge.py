@@ -10,7 +10,6 @@ passes for it and the shard's other facts are still recalled.
 from __future__ import annotations
 
 import pytest
-import ray
 from fastapi.testclient import TestClient
 from support import in_process_app
 
@@ -43,7 +42,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, embedded_cache):
+def world(tmp_path_factory, embedded_cache, ray_cluster):
     root = tmp_path_factory.mktemp("forget")
     config = load_config(
         home=str(root / "home"),
@@ -62,17 +61,13 @@ def world(tmp_path_factory, embedded_cache):
         [RawRecord(i, {"id": i, "text": t, "group": g}) for i, g, t in docs], config, embed=None
     )
     registry = AdapterRegistry(config.db_path)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        assert len(run_training(config, registry).trained) == 2
-        app, _ = in_process_app(config, registry, key_cache_ttl_s=0)
-        keys = {
-            name: registry.create_key(name, groups)[0]
-            for name, groups in (("hana", ["hr"]), ("finn", ["finance"]), ("nobody", ["legal"]))
-        }
-        yield config, registry, TestClient(app), keys
-    finally:
-        ray.shutdown()
+    assert len(run_training(config, registry).trained) == 2
+    app, _ = in_process_app(config, registry, key_cache_ttl_s=0)
+    keys = {
+        name: registry.create_key(name, groups)[0]
+        for name, groups in (("hana", ["hr"]), ("finn", ["finance"]), ("nobody", ["legal"]))
+    }
+    return config, registry, TestClient(app), keys
 
 
 class As:

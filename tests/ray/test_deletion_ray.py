@@ -11,12 +11,10 @@ import hashlib
 from pathlib import Path
 
 import pytest
-import ray
 
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.ingest import ingest_records
 from adapterswap.catalog.readers import RawRecord
-from adapterswap.config import load_config
 from adapterswap.delete import job as deletion
 from adapterswap.delete.job import request_delete, run_deletion
 from adapterswap.errors import NotFound
@@ -45,35 +43,17 @@ HR, FIN = "hr.b0001.000", "finance.b0001.000"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("delete")
-    config = load_config(
-        home=str(root / "home"),
-        environ={},
-        overrides=[
-            "model.spec=tiny-random",
-            f"model.cache_dir={root / 'models'}",
-            "sharding.strategy=sequential",
-            "training.max_steps=4",
-            "training.checkpoint_every=2",
-            "training.seq_len=32",
-            "training.batch_size=2",
-            "ray.train_num_cpus_per_worker=0.5",
-        ],
-    )
+def env(tiny_config, ray_cluster):
+    config = tiny_config(training={"checkpoint_every": 2}, ray={"train_num_cpus_per_worker": 0.5})
     records = [
         RawRecord(doc_id, {"id": doc_id, "text": text, "group": group})
         for doc_id, (group, text) in DOCS.items()
     ]
     ingest_records(records, config, embed=None, batch="b0001")
     registry = AdapterRegistry(config.db_path)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        report = run_training(config, registry)
-        assert sorted(t["id"] for t in report.trained) == [FIN, HR]
-        yield config, registry
-    finally:
-        ray.shutdown()
+    report = run_training(config, registry)
+    assert sorted(t["id"] for t in report.trained) == [FIN, HR]
+    return config, registry
 
 
 def all_bytes(config) -> bytes:

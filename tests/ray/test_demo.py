@@ -8,15 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from adapterswap.cli.demo import DELETE, USERS, run_demo
-from adapterswap.config import load_config
 
 
-def test_the_demo_runs_every_step_and_writes_its_report(tmp_path):
-    config = load_config(
-        home=str(tmp_path / "home"),
-        environ={},
-        overrides=["model.spec=tiny-random", f"model.cache_dir={tmp_path / 'models'}"],
-    )
+def test_the_demo_runs_every_step_and_writes_its_report(tiny_config):
+    config = tiny_config()
     lines: list[str] = []
     report = run_demo(config, echo=lines.append, steps=2)
     steps = [line for line in lines if line.startswith("\n[")]

@@ -34,33 +34,29 @@ import ray
 from ray import serve
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from support import free_port
+from support import set_flags
 
 from actors.adapter_store import STORE_ACTOR_NAME, get_or_create_store, get_store
 from actors.cluster_status import collect_cluster
 from actors.serve_app import StoreProxy, build_app
 from adapterswap.catalog.ingest import ingest_files
-from adapterswap.config import load_config
 from adapterswap.ops.status import collect_status, format_status
 from adapterswap.store.locks import exclusive
 from adapterswap.store.registry import AdapterRegistry, AdapterStatus
 from adapterswap.train.job import run_training
 
 SLOT = "accelerator"
-OVERRIDES = [
-    "model.spec=tiny-random",
-    "sharding.strategy=sequential",
-    "training.max_steps=4",
-    "training.seq_len=32",
-    "training.batch_size=2",
-    "ray.train_num_cpus_per_worker=0.25",
-    f"ray.train_resources_per_worker={{{SLOT}: 1}}",
-    "ray.replica_num_cpus=0.25",
-    f"ray.replica_resources={{{SLOT}: 1}}",
-    "ray.max_replicas_per_node=1",
-    "router.min_score=-1",  # the tiny model's answers are noise: always route, to test routing
-    "serve.max_new_tokens=8",
-]
+SETTINGS = {  # over the tiny model's (tiny_config)
+    "ray": {
+        "train_num_cpus_per_worker": 0.25,
+        "train_resources_per_worker": {SLOT: 1},
+        "replica_num_cpus": 0.25,
+        "replica_resources": {SLOT: 1},
+        "max_replicas_per_node": 1,
+    },
+    "router": {"min_score": -1},  # the tiny model's answers are noise: always route
+    "serve": {"max_new_tokens": 8},
+}
 DOCS = {
     "hr": "Parental leave lasts 23 weeks. Badges are issued by Morwenna Lusk.",
     "finance": "The fiscal year starts on 1 March. Invoices are paid in 37 days.",
@@ -79,22 +75,25 @@ def cluster():
     try:
         yield nodes.head_node.node_id, {w.node_id for w in workers}, nodes
     finally:
-        serve.shutdown()
         ray.shutdown()
         nodes.shutdown()
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory, cluster):
+def ray_cluster(cluster) -> None:
+    """The Serve app (tests/ray/conftest.py's ``serve_app``) runs on this module's cluster."""
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, tiny_config, cluster):
     root = tmp_path_factory.mktemp("multinode")
-    overrides = [*OVERRIDES, f"model.cache_dir={root / 'models'}"]
-    config = load_config(home=str(root / "home"), environ={}, overrides=overrides)
+    config = tiny_config(**SETTINGS)
     source = root / "docs.jsonl"
     source.write_text(
         "".join(json.dumps({"id": f"{g}-1", "group": g, "text": t}) + "\n" for g, t in DOCS.items())
     )
     ingest_files([source], config, embed=None, batch="b0001")
-    return config, overrides, AdapterRegistry(config.db_path)
+    return config, AdapterRegistry(config.db_path)
 
 
 def _actors(class_name: str, *, alive: bool = False) -> list[dict]:
@@ -116,7 +115,7 @@ def _actors(class_name: str, *, alive: bool = False) -> list[dict]:
 
 def test_shards_train_at_once_on_different_nodes(cluster, home):
     _, worker_nodes, _ = cluster
-    config, _, registry = home
+    config, registry = home
     report = run_training(config, registry)
     active = registry.list_versions(statuses=[AdapterStatus.ACTIVE])
     assert {v.group for v in active} == {"hr", "finance"}, report
@@ -150,7 +149,7 @@ def test_the_ingest_lock_holds_across_nodes(cluster, home):
     """A per-host file lock would let a holder on each node in at once (each host has its own
     lock file); the store's lease lets one in at a time, whichever node it runs on."""
     _, worker_nodes, _ = cluster
-    config, _, _ = home
+    config, _ = home
     get_or_create_store(config)
     holders = [
         LockHolder.options(
@@ -164,11 +163,10 @@ def test_the_ingest_lock_holds_across_nodes(cluster, home):
     assert overlaps == []
 
 
-def test_a_killed_training_worker_resumes_from_its_checkpoint(cluster, home, tmp_path):
-    config, overrides, registry = home
-    slow = [*overrides, "training.max_steps=600", "training.checkpoint_every=10",
-            "training.seq_len=64", "training.batch_size=4"]  # fmt: skip
-    config = load_config(home=config.home, environ={}, overrides=slow)
+def test_a_killed_training_worker_resumes_from_its_checkpoint(cluster, home, tmp_path, tiny_config):
+    config, registry = home
+    slow = {"max_steps": 600, "checkpoint_every": 10, "seq_len": 64, "batch_size": 4}
+    config = tiny_config(home=config.home, **SETTINGS, training=slow)
     source = tmp_path / "b2.jsonl"
     record = {"id": "hr-2", "group": "hr", "text": "The canteen opens at 7:40. " * 20}
     source.write_text(json.dumps(record) + "\n")
@@ -199,17 +197,10 @@ def test_a_killed_training_worker_resumes_from_its_checkpoint(cluster, home, tmp
 
 
 @pytest.fixture(scope="module")
-def served(cluster, home):
-    config, overrides, registry = home
+def served(home, serve_app):
+    config, registry = home
     key = registry.create_key("hana", ["hr", "finance"])[0]
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(
-        build_app({"home": config.home, "overrides": overrides, "num_replicas": 2}),
-        name="adapterswap",
-        route_prefix="/",
-    )
-    return port, key
+    return serve_app(config, num_replicas=2), key
 
 
 def _ask(port: int, key: str, timeout: float = 60) -> tuple[int, dict]:
@@ -283,7 +274,7 @@ def _replicas() -> list[dict]:
 
 def test_replicas_spread_one_per_node_and_follow_the_one_store(cluster, home, served):
     head_node, worker_nodes, _ = cluster
-    config, _, registry = home
+    config, registry = home
     port, key = served
     replicas = _replicas()
     assert len(replicas) == 2 and {r["node_id"] for r in replicas} == worker_nodes
@@ -333,7 +324,7 @@ def test_a_killed_replica_is_replaced_while_the_other_serves(served):
 
 
 def test_a_killed_store_restarts_with_its_state_and_serving_goes_on(cluster, home, served):
-    config, _, registry = home
+    config, registry = home
     port, key = served
     store = get_store(config.ray.namespace)
     before = ray.get(store.active_snapshot.remote())  # (epoch, active versions)
@@ -368,7 +359,7 @@ def test_a_killed_store_restarts_with_its_state_and_serving_goes_on(cluster, hom
 
 def test_a_removed_node_degrades_then_recovers_without_data_loss(cluster, home, served):
     nodes = cluster[2]
-    config, _, registry = home
+    config, registry = home
     port, key = served
     before = registry.active_snapshot()
     victim = _replicas()[0]
@@ -393,7 +384,8 @@ def test_a_removed_node_degrades_then_recovers_without_data_loss(cluster, home, 
 
 
 def test_scaling_down_drains_in_flight_requests(home, served):
-    config, overrides, _ = home
+    config, _ = home
+    overrides = set_flags(config.model_dump(exclude_defaults=True))
     port, key = served
     with Load(port, key) as load:
         time.sleep(1)

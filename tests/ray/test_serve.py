@@ -8,6 +8,7 @@ import re
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import httpx2 as httpx
 import openai
@@ -20,8 +21,7 @@ from safetensors.torch import save as save_safetensors
 from support import free_port, post_head, publish_random_adapter, push
 
 from actors.adapter_store import get_store
-from actors.serve_app import StoreProxy, _read, build_app
-from adapterswap.config import load_config
+from actors.serve_app import StoreProxy, _read
 from adapterswap.errors import NotFound, StoreUnavailable
 from adapterswap.models.embedder import load_embedder
 from adapterswap.storage.artifacts import ADAPTER_WEIGHTS
@@ -30,19 +30,22 @@ from adapterswap.store.registry import AdapterRegistry
 
 METRICS_URL: list[str] = []  # Ray's Prometheus endpoint of the module's cluster
 LEGAL_KEY: list[str] = []  # a key of group "legal", whose only adapter is corrupt on disk
-OVERRIDES = [
-    "model.spec=tiny-random",
-    "lora.rank=4",
-    "lora.target_modules=[q_proj, v_proj]",
-    "serve.max_new_tokens=16",
-]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    overrides = [*OVERRIDES, f"model.cache_dir={root / 'models'}"]
-    config = load_config(home=str(root / "home"), environ={}, overrides=overrides)
+def ray_init_options() -> dict[str, Any]:
+    """The module's cluster exports Ray's metrics on a known port, every 0.5 s."""
+    metrics_port = free_port()
+    METRICS_URL.append(f"http://127.0.0.1:{metrics_port}/metrics")
+    return {
+        "_metrics_export_port": metrics_port,
+        "_system_config": {"metrics_report_interval_ms": 500},
+    }
+
+
+@pytest.fixture(scope="module")
+def served(tiny_config, serve_app):
+    config = tiny_config(serve={"max_new_tokens": 16})
     registry = AdapterRegistry(config.db_path)
     embed = load_embedder(config.embedding).embed
     publish_random_adapter(
@@ -66,30 +69,10 @@ def served(tmp_path_factory):
     weights.write_bytes(save_safetensors(state))  # well-formed, but fails the bank's checks
     LEGAL_KEY.append(registry.create_key("lee", ["legal"])[0])
     key = registry.create_key("hana", ["hr"])[0]
-    port = free_port()
-    metrics_port = free_port()
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _metrics_export_port=metrics_port,
-        _system_config={"metrics_report_interval_ms": 500},
+    port = serve_app(config)
+    return openai.OpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120
     )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(
-        build_app({"home": config.home, "overrides": overrides, "num_replicas": 1}),
-        name="adapterswap",
-        route_prefix="/",
-    )
-    METRICS_URL.append(f"http://127.0.0.1:{metrics_port}/metrics")
-    try:
-        yield openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120
-        )
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def test_chat_and_completions_through_the_openai_client(served):

@@ -25,7 +25,7 @@ def get(url: str, key: str | None = None) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def test_serve_command_serves_and_stops(tmp_path):
+def test_serve_command_serves_and_stops(tmp_path, tiny_cache):
     home = tmp_path / "home"
     home.mkdir()
     key = AdapterRegistry(home / "store.sqlite").create_key("ann", ["hr"])[0]
@@ -38,6 +38,8 @@ def test_serve_command_serves_and_stops(tmp_path):
         str(home),
         "--set",
         "model.spec=tiny-random",
+        "--set",
+        f"model.cache_dir={tiny_cache}",  # the run's tokenizer, converted once
         "serve",
         "--port",
         str(port),

@@ -14,13 +14,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from peft import PeftModel
 
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.ingest import ingest_files
-from adapterswap.config import load_config
 from adapterswap.models.base import load_base_model
 from adapterswap.storage.artifacts import ADAPTER_WEIGHTS, download_version
 from adapterswap.storage.layout import StorageLayout
@@ -43,30 +41,9 @@ FACTS = {
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, cluster):
-    root = tmp_path_factory.mktemp("train")
-    config = load_config(
-        home=str(root / "home"),
-        environ={},
-        overrides=[
-            "model.spec=tiny-random",
-            f"model.cache_dir={root / 'models'}",
-            "sharding.strategy=sequential",
-            "training.max_steps=6",
-            "training.checkpoint_every=2",
-            "training.seq_len=32",
-            "training.batch_size=2",
-            "ray.train_num_cpus_per_worker=0.5",
-        ],
+def env(tiny_config, ray_cluster):
+    config = tiny_config(
+        training={"max_steps": 6, "checkpoint_every": 2}, ray={"train_num_cpus_per_worker": 0.5}
     )
     return config, AdapterRegistry(config.db_path)
 

@@ -18,7 +18,7 @@ from support import publish_random_adapter
 
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.ingest import ingest_files
-from adapterswap.config import AdapterSwapConfig, load_config
+from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import BackupError
 from adapterswap.ops.backup import BackupSummary, backup_home, restore_home
 from adapterswap.storage.fs import resolve
@@ -28,15 +28,6 @@ from adapterswap.store.registry import AdapterRegistry
 HR = "hr.b0001.000"
 OPS = "ops.b0002.000"
 WEIGHTS = f"storage/adapters/{HR}/v2/adapter_model.safetensors"
-
-
-def make_config(home: Path, cache: Path | None = None, **update: str) -> AdapterSwapConfig:
-    overrides = ["sharding.strategy=sequential", "model.spec=tiny-random", "lora.rank=4"]
-    overrides += ["lora.target_modules=[q_proj,v_proj]"]
-    if cache is not None:
-        overrides.append(f"model.cache_dir={cache}")
-    config = load_config(home=str(home), overrides=overrides, environ={})
-    return config.model_copy(update=update)
 
 
 def write_docs(path: Path, rows: list[dict[str, str]]) -> Path:
@@ -71,15 +62,10 @@ class Source:
 
 
 @pytest.fixture(scope="module")
-def model_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("models")
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory, model_cache, embed):
+def source(tmp_path_factory, tiny_config, embed):
     """A populated home whose registry stays open, as the store actor keeps it."""
     tmp = tmp_path_factory.mktemp("source")
-    config = make_config(tmp / "home", model_cache)
+    config = tiny_config(home=tmp / "home")
     registry = AdapterRegistry(config.db_path)
     populate(config, registry, embed, tmp)
     yield Source(config, registry)
@@ -112,7 +98,7 @@ def catalog_rows(storage_uri: str) -> list[dict]:
     return sorted(Catalog(storage_uri).read().to_pylist(), key=lambda r: r["id"])
 
 
-def test_round_trip_gives_back_every_row_and_byte(source, tmp_path):
+def test_round_trip_gives_back_every_row_and_byte(source, tmp_path, tiny_config):
     wal = Path(f"{source.config.db_path}-wal")
     assert wal.stat().st_size > 0  # recent commits live in the WAL: a file copy would miss them
 
@@ -127,7 +113,7 @@ def test_round_trip_gives_back_every_row_and_byte(source, tmp_path):
         assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["size"], entry["sha256"])
     assert not (tmp_path / "bk" / "store.sqlite-wal").exists()
 
-    target = make_config(tmp_path / "restored")
+    target = tiny_config(home=tmp_path / "restored")
     restored = restore_home(target, tmp_path / "bk")
 
     original = storage_files(source.config.storage)
@@ -154,7 +140,7 @@ def test_round_trip_gives_back_every_row_and_byte(source, tmp_path):
         reopened.close()
 
 
-def test_backup_refuses_a_destination_that_is_not_empty(source, tmp_path):
+def test_backup_refuses_a_destination_that_is_not_empty(source, tmp_path, tiny_config):
     dest = tmp_path / "bk"
     dest.mkdir()
     (dest / "notes.txt").write_text("mine")
@@ -169,7 +155,7 @@ def test_backup_refuses_a_destination_that_is_not_empty(source, tmp_path):
     with pytest.raises(BackupError, match="inside the storage"):
         backup_home(source.config, Path(source.config.storage) / "catalog" / "bk")
     with pytest.raises(BackupError, match="no store at .*nothing to back up"):
-        backup_home(make_config(tmp_path / "empty"), tmp_path / "bk2")
+        backup_home(tiny_config(home=tmp_path / "empty"), tmp_path / "bk2")
 
 
 def test_an_empty_destination_directory_is_accepted(source, tmp_path):
@@ -191,7 +177,9 @@ def backup(source, tmp_path) -> Path:
         ("remove", r"is missing, but backup\.json lists it"),
     ],
 )
-def test_restore_refuses_a_damaged_file_before_writing(backup, tmp_path, damage, problem):
+def test_restore_refuses_a_damaged_file_before_writing(
+    backup, tmp_path, damage, problem, tiny_config
+):
     path = backup / WEIGHTS
     data = bytearray(path.read_bytes())
     if damage == "flip":
@@ -201,7 +189,7 @@ def test_restore_refuses_a_damaged_file_before_writing(backup, tmp_path, damage,
         path.write_bytes(bytes(data[:-1]))
     else:
         path.unlink()
-    target = make_config(tmp_path / "target")
+    target = tiny_config(home=tmp_path / "target")
     with pytest.raises(
         BackupError, match=f"{re.escape(str(path))} {problem}.*nothing was restored"
     ):
@@ -209,8 +197,8 @@ def test_restore_refuses_a_damaged_file_before_writing(backup, tmp_path, damage,
     assert not target.home_path.exists()  # no store, no storage, not even a lock file
 
 
-def test_restore_refuses_a_tampered_store_or_manifest(backup, tmp_path):
-    target = make_config(tmp_path / "target")
+def test_restore_refuses_a_tampered_store_or_manifest(backup, tmp_path, tiny_config):
+    target = tiny_config(home=tmp_path / "target")
     manifest_path = backup / "backup.json"
     manifest = json.loads(manifest_path.read_text())
 
@@ -230,16 +218,16 @@ def test_restore_refuses_a_tampered_store_or_manifest(backup, tmp_path):
     assert not target.home_path.exists()
 
 
-def test_restore_refuses_a_backup_without_backup_json(backup, tmp_path):
+def test_restore_refuses_a_backup_without_backup_json(backup, tmp_path, tiny_config):
     (backup / "backup.json").unlink()  # what an interrupted backup looks like
-    target = make_config(tmp_path / "target")
+    target = tiny_config(home=tmp_path / "target")
     with pytest.raises(BackupError, match="backup.json does not exist: .* an incomplete one"):
         restore_home(target, backup)
     assert not target.home_path.exists()
 
 
-def test_restore_into_a_used_home_needs_force(source, backup, tmp_path, embed):
-    target = make_config(tmp_path / "target")
+def test_restore_into_a_used_home_needs_force(source, backup, tmp_path, embed, tiny_config):
+    target = tiny_config(home=tmp_path / "target")
     registry = AdapterRegistry(target.db_path)
     registry.create_key("eve", ["hr"])
     other = [{"id": "x1", "text": "another home's fact", "group": "hr"}]
@@ -260,8 +248,8 @@ def test_restore_into_a_used_home_needs_force(source, backup, tmp_path, embed):
     assert dump_store(target.db_path) == dump_store(source.config.db_path)
 
 
-def test_restore_refuses_storage_that_holds_files_without_a_store(backup, tmp_path):
-    target = make_config(tmp_path / "target")
+def test_restore_refuses_storage_that_holds_files_without_a_store(backup, tmp_path, tiny_config):
+    target = tiny_config(home=tmp_path / "target")
     fragment = Path(target.storage) / "catalog" / "part-x.parquet"
     fragment.parent.mkdir(parents=True)
     fragment.write_bytes(b"not yours")
@@ -271,8 +259,8 @@ def test_restore_refuses_storage_that_holds_files_without_a_store(backup, tmp_pa
 
 
 @pytest.mark.parametrize("lock", ["train", "ingest"])
-def test_backup_waits_while_a_job_or_an_ingest_holds_its_lock(tmp_path, lock):
-    config = make_config(tmp_path / "home")
+def test_backup_waits_while_a_job_or_an_ingest_holds_its_lock(tmp_path, lock, tiny_config):
+    config = tiny_config(home=tmp_path / "home")
     store = AdapterRegistry(config.db_path)
     dest = tmp_path / "bk"
     done: list[BackupSummary] = []
@@ -288,10 +276,8 @@ def test_backup_waits_while_a_job_or_an_ingest_holds_its_lock(tmp_path, lock):
 # -- s3:// storage -------------------------------------------------------------------------
 
 
-def test_round_trip_over_s3(tmp_path, s3_query, model_cache, embed):
-    config = make_config(
-        tmp_path / "home", model_cache, storage_uri=f"s3://bucket/backup/src?{s3_query}"
-    )
+def test_round_trip_over_s3(tmp_path, s3_query, tiny_config, embed):
+    config = tiny_config(home=tmp_path / "home", storage_uri=f"s3://bucket/backup/src?{s3_query}")
     registry = AdapterRegistry(config.db_path)
     try:
         docs = [{"id": f"s{i}", "text": f"fact {i}", "group": "ops"} for i in range(2)]
@@ -306,23 +292,27 @@ def test_round_trip_over_s3(tmp_path, s3_query, model_cache, embed):
         "s3://bucket/backup/src"  # no endpoint or credentials from the query
     )
 
-    target = make_config(tmp_path / "restored", storage_uri=f"s3://bucket/backup/copy?{s3_query}")
+    target = tiny_config(
+        home=tmp_path / "restored", storage_uri=f"s3://bucket/backup/copy?{s3_query}"
+    )
     restore_home(target, tmp_path / "bk")
     assert storage_files(target.storage) == original
     assert catalog_rows(target.storage) == catalog_rows(config.storage)
     assert dump_store(target.db_path) == dump_store(config.db_path)
     with pytest.raises(BackupError, match="storage s3://bucket/backup/copy already holds 5"):
-        restore_home(make_config(tmp_path / "third", storage_uri=target.storage), tmp_path / "bk")
+        restore_home(
+            tiny_config(home=tmp_path / "third", storage_uri=target.storage), tmp_path / "bk"
+        )
 
 
-def test_a_backup_can_be_moved_before_it_is_restored(backup, tmp_path):
+def test_a_backup_can_be_moved_before_it_is_restored(backup, tmp_path, tiny_config):
     moved = tmp_path / "elsewhere" / "bk"
     shutil.move(backup, moved)
-    target = make_config(tmp_path / "target")
+    target = tiny_config(home=tmp_path / "target")
     assert restore_home(target, moved).backup == str(moved)
 
 
-def test_a_backup_of_an_older_store_schema_restores_and_is_migrated(tmp_path):
+def test_a_backup_of_an_older_store_schema_restores_and_is_migrated(tmp_path, tiny_config):
     """A backup taken before the store's migrations (schema 1) stays restorable."""
     old_store = Path(__file__).parent.parent / "data" / "store_v1.sqlite"
     backup = tmp_path / "bk"
@@ -340,7 +330,7 @@ def test_a_backup_of_an_older_store_schema_restores_and_is_migrated(tmp_path):
         ],
     }
     (backup / "backup.json").write_text(json.dumps(manifest))
-    target = make_config(tmp_path / "home")
+    target = tiny_config(home=tmp_path / "home")
     restore_home(target, backup)
     with sqlite3.connect(target.db_path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] >= 2

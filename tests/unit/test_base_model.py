@@ -45,24 +45,6 @@ def _greedy(loaded: LoadedModel, prompt: str, max_new_tokens: int) -> str:
     return loaded.tokenizer.decode(new, skip_special_tokens=True)
 
 
-@pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache dir where the tokenizer-only cache is built once (~3.5 s from the GGUF)."""
-    cache = tmp_path_factory.mktemp("tiny-cache")
-    start = time.perf_counter()
-    load_base_model(ModelSettings(spec="tiny-random"), cache)
-    print(
-        f"\n[timing] tiny-random, first load (tokenizer from GGUF): "
-        f"{time.perf_counter() - start:.2f} s"
-    )
-    return cache
-
-
-@pytest.fixture
-def tiny(tiny_cache: Path) -> LoadedModel:
-    return load_base_model(ModelSettings(spec="tiny-random"), tiny_cache)
-
-
 # --------------------------------------------------------------------------- tiny-random
 
 

@@ -122,9 +122,9 @@ def test_routing_benchmark(corpus, tmp_path):
     assert (tmp_path / "routing.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_knowledge_benchmarks(corpus, tmp_path):
+def test_knowledge_benchmarks(corpus, tmp_path, tiny_cache):
     _run("eval_knowledge.py", "--corpus", str(corpus), "--out", str(tmp_path), "--model",
-         "tiny-random", "--model-cache", str(tmp_path / "models"), "--per-group", "4",
+         "tiny-random", "--model-cache", str(tiny_cache), "--per-group", "4",
          "--docs-per-shard", "2", "--steps", "2", "--delete", "1")  # fmt: skip
     mixture = json.loads((tmp_path / "mixture.json").read_text())
     ppl = mixture["perplexity"]
@@ -145,9 +145,9 @@ def test_knowledge_benchmarks(corpus, tmp_path):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_forgetting_benchmark(corpus, tmp_path):
+def test_forgetting_benchmark(corpus, tmp_path, tiny_cache):
     _run("eval_forgetting.py", "--corpus", str(corpus), "--out", str(tmp_path), "--model",
-         "tiny-random", "--model-cache", str(tmp_path / "models"), "--group", "library",
+         "tiny-random", "--model-cache", str(tiny_cache), "--group", "library",
          "--batches", "3", "--docs-per-batch", "1", "--epochs", "2")  # fmt: skip
     result = json.loads((tmp_path / "forgetting.json").read_text())
     curves, tokens = result["first_batch_perplexity"], result["training_tokens"]

@@ -5,7 +5,7 @@ fresh LoRA (B = 0) would make any equality pass. References are independent of t
 under test: peft's own PeftModel, and a copy of the base model whose Linear weights were
 merged by hand as ``W + Σ w s B A``.
 
-Exactness is checked in float64 end to end (``support.exact_float64``): the tiny model, its
+Exactness is checked in float64 end to end (the run's shared ``tiny64``): the tiny model, its
 adapters and the references, so "equal" means equal to EXACT whatever order a processor's
 kernels add in. In float32 the bank's zero-padded rank lanes and peft add the same products
 in different orders: on an AMD EPYC machine one element in 1,792 came out 1.35e-5 apart,
@@ -15,18 +15,12 @@ above ``assert_close``'s float32 default, while another processor passed.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file
-from support import exact_float64
-
-from adapterswap.compose import mixture as compose
 from adapterswap.compose.mixture import (
     AdapterBank,
     AdapterNotLoaded,
@@ -35,8 +29,12 @@ from adapterswap.compose.mixture import (
     SlotsExhausted,
     load_adapter_dir,
 )
-from adapterswap.config import LoraSettings, ModelSettings, ServeSettings
-from adapterswap.models.base import LoadedModel, load_base_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from adapterswap.compose import mixture as compose
+from adapterswap.config import LoraSettings, ServeSettings
+from adapterswap.models.base import LoadedModel
 from adapterswap.store.registry import AdapterRef
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -70,13 +68,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    """tiny-random in float64 end to end (see EXACT); adapters saved from it are float64 too."""
-    loaded = load_base_model(ModelSettings(spec="tiny-random"), tmp_path_factory.mktemp("models"))
-    return dataclasses.replace(loaded, model=exact_float64(loaded.model), dtype=torch.float64)
-
-
 def _save_adapter(base: torch.nn.Module, out: Path, seed: int, **spec) -> Path:
     torch.manual_seed(seed)
     peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **spec))
@@ -85,10 +76,10 @@ def _save_adapter(base: torch.nn.Module, out: Path, seed: int, **spec) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dirs(tiny: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> dict[AdapterRef, Path]:
+def dirs(tiny64: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> dict[AdapterRef, Path]:
     root = tmp_path_factory.mktemp("adapters")
     return {
-        ref: _save_adapter(tiny.model, root / ref.id, seed, **spec)
+        ref: _save_adapter(tiny64.model, root / ref.id, seed, **spec)
         for seed, (ref, spec) in enumerate(SPECS.items())
     }
 
@@ -98,12 +89,12 @@ def ids() -> torch.Tensor:
     return torch.randint(3, 1000, (4, 7), generator=torch.Generator().manual_seed(0))
 
 
-def make_bank(tiny: LoadedModel, cache_bytes: int = BIG, r_max: int = R_MAX) -> AdapterBank:
-    return AdapterBank(copy.deepcopy(tiny.model), ALL, r_max, cache_bytes)
+def make_bank(tiny64: LoadedModel, cache_bytes: int = BIG, r_max: int = R_MAX) -> AdapterBank:
+    return AdapterBank(copy.deepcopy(tiny64.model), ALL, r_max, cache_bytes)
 
 
-def loaded_bank(tiny: LoadedModel, dirs: dict, cache_bytes: int = BIG) -> AdapterBank:
-    bank = make_bank(tiny, cache_bytes)
+def loaded_bank(tiny64: LoadedModel, dirs: dict, cache_bytes: int = BIG) -> AdapterBank:
+    bank = make_bank(tiny64, cache_bytes)
     for ref, path in dirs.items():
         bank.load(ref, *load_adapter_dir(path))
     return bank
@@ -146,28 +137,28 @@ def differs(x: torch.Tensor, y: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------- exactness
 
 
-def test_adapters_change_the_output(tiny, dirs, ids):
-    base = hidden(tiny.model, ids)
+def test_adapters_change_the_output(tiny64, dirs, ids):
+    base = hidden(tiny64.model, ids)
     for ref in dirs:
-        assert differs(hidden(hand_merged(tiny.model, dirs, [(ref, 1.0)]), ids), base), ref
-    assert differs(bank_hidden(loaded_bank(tiny, dirs), [[(A, 1.0)]] * 4, ids), base)
+        assert differs(hidden(hand_merged(tiny64.model, dirs, [(ref, 1.0)]), ids), base), ref
+    assert differs(bank_hidden(loaded_bank(tiny64, dirs), [[(A, 1.0)]] * 4, ids), base)
 
 
 @pytest.mark.parametrize("ref", [A, B, C])
-def test_one_adapter_matches_peft(tiny, dirs, ids, ref):
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny.model), dirs[ref])
+def test_one_adapter_matches_peft(tiny64, dirs, ids, ref):
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny64.model), dirs[ref])
     expected = hidden(peft_model, ids)
-    assert differs(expected, hidden(tiny.model, ids))
-    got = bank_hidden(loaded_bank(tiny, dirs), [[(ref, 1.0)]] * len(ids), ids)
+    assert differs(expected, hidden(tiny64.model, ids))
+    got = bank_hidden(loaded_bank(tiny64, dirs), [[(ref, 1.0)]] * len(ids), ids)
     torch.testing.assert_close(got, expected, **EXACT)
 
 
-def test_rank_and_alpha_patterns_match_peft(tiny, ids, tmp_path):
+def test_rank_and_alpha_patterns_match_peft(tiny64, ids, tmp_path):
     spec = {"r": 4, "lora_alpha": 8, "target_modules": ALL}
     patterns = {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"down_proj": 32}}
-    path = _save_adapter(tiny.model, tmp_path / "p", 7, **spec, **patterns)
-    expected = hidden(PeftModel.from_pretrained(copy.deepcopy(tiny.model), path), ids)
-    bank = make_bank(tiny)
+    path = _save_adapter(tiny64.model, tmp_path / "p", 7, **spec, **patterns)
+    expected = hidden(PeftModel.from_pretrained(copy.deepcopy(tiny64.model), path), ids)
+    bank = make_bank(tiny64)
     bank.load(A, *load_adapter_dir(path))
     torch.testing.assert_close(bank_hidden(bank, [[(A, 1.0)]] * len(ids), ids), expected, **EXACT)
 
@@ -175,10 +166,10 @@ def test_rank_and_alpha_patterns_match_peft(tiny, ids, tmp_path):
 @pytest.mark.parametrize(
     "mix", [[(A, 0.7)], [(B, 1.3)], [(A, 0.5), (B, 0.3), (C, 0.2)], [(C, 2.0), (A, 0.1)]]
 )
-def test_mixture_matches_hand_merged(tiny, dirs, ids, mix):
-    expected = hidden(hand_merged(tiny.model, dirs, mix), ids)
-    assert differs(expected, hidden(tiny.model, ids))
-    got = bank_hidden(loaded_bank(tiny, dirs), [mix] * len(ids), ids)
+def test_mixture_matches_hand_merged(tiny64, dirs, ids, mix):
+    expected = hidden(hand_merged(tiny64.model, dirs, mix), ids)
+    assert differs(expected, hidden(tiny64.model, ids))
+    got = bank_hidden(loaded_bank(tiny64, dirs), [mix] * len(ids), ids)
     torch.testing.assert_close(got, expected, **EXACT)
 
 
@@ -194,18 +185,18 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("path", ["auto", "flat", "gather"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_mixed_batch_rows_match_each_row_alone(tiny, dirs, ids, monkeypatch, layout, path):
+def test_mixed_batch_rows_match_each_row_alone(tiny64, dirs, ids, monkeypatch, layout, path):
     rows = LAYOUTS[layout]
     ids = ids[: len(rows)]
-    bank = loaded_bank(tiny, dirs)
+    bank = loaded_bank(tiny64, dirs)
     alone = [bank_hidden(bank, [row], ids[b : b + 1])[0] for b, row in enumerate(rows)]
     if path != "auto":
         monkeypatch.setattr(compose, "_prefer_gather", lambda *a: path == "gather")
     got = bank_hidden(bank, rows, ids)
-    base = hidden(tiny.model, ids)
+    base = hidden(tiny64.model, ids)
     for b, row in enumerate(rows):
         torch.testing.assert_close(got[b], alone[b], **EXACT)
-        merged = hidden(hand_merged(tiny.model, dirs, row), ids[b : b + 1])[0]
+        merged = hidden(hand_merged(tiny64.model, dirs, row), ids[b : b + 1])[0]
         torch.testing.assert_close(got[b], merged, **EXACT)
         if row:
             assert differs(got[b], base[b])
@@ -213,16 +204,16 @@ def test_mixed_batch_rows_match_each_row_alone(tiny, dirs, ids, monkeypatch, lay
             assert torch.equal(got[b], base[b])  # base-only rows are untouched, bit for bit
 
 
-def test_base_only_batch_is_bit_identical_and_weights_untouched(tiny, dirs, ids):
-    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
-    bank = loaded_bank(tiny, dirs)
-    base = hidden(tiny.model, ids)
+def test_base_only_batch_is_bit_identical_and_weights_untouched(tiny64, dirs, ids):
+    before = {k: v.clone() for k, v in tiny64.model.state_dict().items()}
+    bank = loaded_bank(tiny64, dirs)
+    base = hidden(tiny64.model, ids)
     assert torch.equal(hidden(bank.model, ids), base)  # no mixture set
     assert torch.equal(bank_hidden(bank, [[]] * len(ids), ids), base)
     bank_hidden(bank, [M3] * len(ids), ids)
     assert torch.equal(bank_hidden(bank, [[(A, 0.0)]] * len(ids), ids), base)
     with torch.no_grad(), bank.mixture([[]] * len(ids)):
-        assert torch.equal(bank.model(input_ids=ids).logits, tiny.model(input_ids=ids).logits)
+        assert torch.equal(bank.model(input_ids=ids).logits, tiny64.model(input_ids=ids).logits)
     after = {k.replace(".base.", "."): v for k, v in bank.model.state_dict().items()}
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
@@ -232,15 +223,15 @@ def test_base_only_batch_is_bit_identical_and_weights_untouched(tiny, dirs, ids)
 
 
 @pytest.mark.parametrize("rows", [[M3], [M1, M3, [], M2]])
-def test_generate_with_kv_cache_matches_hand_merged(tiny, dirs, ids, rows):
+def test_generate_with_kv_cache_matches_hand_merged(tiny64, dirs, ids, rows):
     ids = ids[: len(rows)]
-    bank = loaded_bank(tiny, dirs)
+    bank = loaded_bank(tiny64, dirs)
     kwargs = {"max_new_tokens": 5, "do_sample": False, "use_cache": True}
     mask = torch.ones_like(ids)
     with torch.no_grad(), bank.mixture(rows):
         got = bank.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     for b, row in enumerate(rows):
-        merged = hand_merged(tiny.model, dirs, row)
+        merged = hand_merged(tiny64.model, dirs, row)
         with torch.no_grad():
             want = merged.generate(
                 input_ids=ids[b : b + 1], attention_mask=mask[b : b + 1], **kwargs
@@ -248,12 +239,12 @@ def test_generate_with_kv_cache_matches_hand_merged(tiny, dirs, ids, rows):
         assert torch.equal(got[b], want[0])
 
 
-def test_peft_key_variant_with_adapter_name_loads(tiny, dirs, ids):
+def test_peft_key_variant_with_adapter_name_loads(tiny64, dirs, ids):
     state, config = load_adapter_dir(dirs[A])
     renamed = {k.replace(".weight", ".default.weight"): v for k, v in state.items()}
-    bank = make_bank(tiny)
+    bank = make_bank(tiny64)
     bank.load(A, renamed, config)
-    expected = hidden(hand_merged(tiny.model, dirs, [(A, 1.0)]), ids)
+    expected = hidden(hand_merged(tiny64.model, dirs, [(A, 1.0)]), ids)
     torch.testing.assert_close(bank_hidden(bank, [[(A, 1.0)]] * len(ids), ids), expected, **EXACT)
 
 
@@ -267,14 +258,14 @@ def slot_is_zero(bank: AdapterBank, slot: int) -> bool:
     )
 
 
-def two_slot_bank(tiny: LoadedModel) -> AdapterBank:
-    one = make_bank(tiny, cache_bytes=1)
+def two_slot_bank(tiny64: LoadedModel) -> AdapterBank:
+    one = make_bank(tiny64, cache_bytes=1)
     assert one.capacity == 1  # at least one slot, whatever the budget
-    return make_bank(tiny, cache_bytes=2 * one.slot_bytes + 1)
+    return make_bank(tiny64, cache_bytes=2 * one.slot_bytes + 1)
 
 
-def test_lru_evicts_least_recently_used_and_zeroes_it(tiny, dirs):
-    bank = two_slot_bank(tiny)
+def test_lru_evicts_least_recently_used_and_zeroes_it(tiny64, dirs):
+    bank = two_slot_bank(tiny64)
     assert bank.capacity == 2
     loader = lambda ref: load_adapter_dir(dirs[ref])  # noqa: E731
     slot_a, slot_b = bank.get_or_load(A, loader), bank.get_or_load(B, loader)
@@ -290,8 +281,8 @@ def test_lru_evicts_least_recently_used_and_zeroes_it(tiny, dirs):
             assert not layer.lora_A[slot_b, 2:].any() and not layer.lora_B[slot_b, :, 2:].any()
 
 
-def test_explicit_eviction_zeroes_the_slot(tiny, dirs):
-    bank = loaded_bank(tiny, dirs)
+def test_explicit_eviction_zeroes_the_slot(tiny64, dirs):
+    bank = loaded_bank(tiny64, dirs)
     slot = bank.slot_of(B)
     assert not slot_is_zero(bank, slot)
     assert bank.evict(B) and not bank.evict(B)
@@ -302,8 +293,8 @@ def test_explicit_eviction_zeroes_the_slot(tiny, dirs):
         bank.mixture([[(B, 1.0)]]).__enter__()
 
 
-def test_pinned_slots_are_never_evicted(tiny, dirs):
-    bank = two_slot_bank(tiny)
+def test_pinned_slots_are_never_evicted(tiny64, dirs):
+    bank = two_slot_bank(tiny64)
     bank.load(A, *load_adapter_dir(dirs[A]))
     bank.load(B, *load_adapter_dir(dirs[B]))
     with bank.mixture([[(A, 0.5), (B, 0.5)]]):
@@ -314,8 +305,8 @@ def test_pinned_slots_are_never_evicted(tiny, dirs):
     assert bank.loaded() == [B, C] and bank.evictions == 1
 
 
-def test_a_batch_needing_more_slots_than_exist_fails_cleanly(tiny, dirs):
-    bank = two_slot_bank(tiny)
+def test_a_batch_needing_more_slots_than_exist_fails_cleanly(tiny64, dirs):
+    bank = two_slot_bank(tiny64)
     loader = lambda ref: load_adapter_dir(dirs[ref])  # noqa: E731
     with pytest.raises(SlotsExhausted), bank.mixture([[(A, 1.0)], [(B, 1.0)], [(C, 1.0)]], loader):
         pass
@@ -324,8 +315,8 @@ def test_a_batch_needing_more_slots_than_exist_fails_cleanly(tiny, dirs):
         pass
 
 
-def test_evicting_an_in_flight_adapter_zeroes_it_now_and_frees_it_after(tiny, dirs, ids):
-    bank = two_slot_bank(tiny)
+def test_evicting_an_in_flight_adapter_zeroes_it_now_and_frees_it_after(tiny64, dirs, ids):
+    bank = two_slot_bank(tiny64)
     bank.load(A, *load_adapter_dir(dirs[A]))
     slot = bank.slot_of(A)
     with torch.no_grad(), bank.mixture([[(A, 1.0)]]):
@@ -338,8 +329,8 @@ def test_evicting_an_in_flight_adapter_zeroes_it_now_and_frees_it_after(tiny, di
     assert bank.evictions == 0  # A's slot came back free
 
 
-def test_mixture_is_cleared_on_exception_and_not_nested(tiny, dirs):
-    bank = loaded_bank(tiny, dirs)
+def test_mixture_is_cleared_on_exception_and_not_nested(tiny64, dirs):
+    bank = loaded_bank(tiny64, dirs)
     with pytest.raises(KeyError), bank.mixture([M3]):
         assert all(layer._mix is not None for layer in bank.layers.values())
         with pytest.raises(RuntimeError, match="already active"), bank.mixture([M1]):
@@ -349,9 +340,9 @@ def test_mixture_is_cleared_on_exception_and_not_nested(tiny, dirs):
     assert not bank._pinned
 
 
-def test_from_settings_uses_the_cache_budget(tiny):
+def test_from_settings_uses_the_cache_budget(tiny64):
     serve = ServeSettings(adapter_cache_bytes=10**6)
-    bank = AdapterBank.from_settings(copy.deepcopy(tiny.model), LoraSettings(rank=8), serve)
+    bank = AdapterBank.from_settings(copy.deepcopy(tiny64.model), LoraSettings(rank=8), serve)
     assert bank.capacity == 10**6 // bank.slot_bytes and bank.r_max == 8
 
 
@@ -384,30 +375,30 @@ KEY_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
         (lambda s, c: s.__setitem__("lm_head.weight", s[KEY_A]), "unexpected key lm_head.weight"),
     ],
 )
-def test_bad_adapters_are_refused_before_taking_a_slot(tiny, dirs, edit, match):
-    bank = make_bank(tiny)
+def test_bad_adapters_are_refused_before_taking_a_slot(tiny64, dirs, edit, match):
+    bank = make_bank(tiny64)
     with pytest.raises(InvalidAdapter, match=match):
         bank.load(A, *_corrupt(dirs, A, edit))
     assert bank.loaded() == [] and slot_is_zero(bank, 0)
     assert issubclass(InvalidAdapter, ValueError)
 
 
-def test_rank_above_r_max_is_refused(tiny, dirs):
-    bank = make_bank(tiny, r_max=4)
+def test_rank_above_r_max_is_refused(tiny64, dirs):
+    bank = make_bank(tiny64, r_max=4)
     with pytest.raises(InvalidAdapter, match="adapter b v1: .*rank 8, above the bank's r_max=4"):
         bank.load(B, *load_adapter_dir(dirs[B]))
 
 
 @pytest.mark.parametrize("weight", [-0.1, math.nan, math.inf])
-def test_bad_mixture_weights_are_refused(tiny, dirs, weight):
-    bank = loaded_bank(tiny, dirs)
+def test_bad_mixture_weights_are_refused(tiny64, dirs, weight):
+    bank = loaded_bank(tiny64, dirs)
     with pytest.raises(InvalidMixture, match="weights must be finite and >= 0"):
         bank.mixture([[(A, 1.0)], [(B, weight)]]).__enter__()
     assert not bank._pinned
 
 
-def test_overflowing_weight_is_refused(tiny, dirs):
-    bank = AdapterBank(copy.deepcopy(tiny.model).float(), ALL, R_MAX, BIG)  # float32 serving
+def test_overflowing_weight_is_refused(tiny64, dirs):
+    bank = AdapterBank(copy.deepcopy(tiny64.model).float(), ALL, R_MAX, BIG)  # float32 serving
     for ref, path in dirs.items():
         bank.load(ref, *load_adapter_dir(path))
     with pytest.raises(InvalidMixture, match="mixture row 1: weight 1e\\+39 .* overflow"):
@@ -415,8 +406,8 @@ def test_overflowing_weight_is_refused(tiny, dirs):
     assert not bank._pinned
 
 
-def test_batch_size_must_match_the_mixture(tiny, dirs, ids):
-    bank = loaded_bank(tiny, dirs)
+def test_batch_size_must_match_the_mixture(tiny64, dirs, ids):
+    bank = loaded_bank(tiny64, dirs)
     with bank.mixture([M1, M2]), pytest.raises(RuntimeError, match="set for 2 rows"):
         hidden(bank.model, ids)
 

@@ -9,11 +9,12 @@ SmolLM2-135M-Instruct.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
 import torch
-from support import LOGP, exact_float64
+from support import LOGP
 
 from adapterswap.config import ModelSettings
 from adapterswap.engine import scoring
@@ -33,33 +34,26 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    loaded = load_base_model(ModelSettings(spec="tiny-random"), tmp_path_factory.mktemp("models"))
-    return exact_float64(loaded.model), loaded.tokenizer
-
-
-@pytest.fixture(scope="module")
-def sharp(tiny):
+def sharp(tiny64):
     """tiny-random with 64x larger attention logits: near-uniform attention hides position
     and padding bugs from greedy outputs, sharp attention does not (an off-by-one decode
-    position changes a row's tokens here, not in ``tiny``)."""
-    model, tok = tiny
-    model = copy.deepcopy(model)
+    position changes a row's tokens here, not in ``tiny64``)."""
+    model = copy.deepcopy(tiny64.model)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(8.0)
             layer.self_attn.k_proj.weight.mul_(8.0)
-    return model, tok
+    return dataclasses.replace(tiny64, model=model)
 
 
 @pytest.fixture(scope="module")
-def prompts(tiny):
-    _, tok = tiny
+def prompts(tiny64):
+    tok = tiny64.tokenizer
     return [tok(t).input_ids for t in TEXTS]
 
 
-def _run(tiny, prompts, params, **kwargs):
-    model, tok = tiny
+def _run(loaded, prompts, params, **kwargs):
+    model, tok = loaded.model, loaded.tokenizer
     return generate_batch(model, tok, [GenerationRequest(p, params) for p in prompts], **kwargs)
 
 
@@ -70,9 +64,10 @@ def _decode(tok, ids):
 # --------------------------------------------------------------------------- greedy
 
 
-@pytest.mark.parametrize("which", ["tiny", "sharp"])
+@pytest.mark.parametrize("which", ["tiny64", "sharp"])
 def test_greedy_batch_equals_each_row_alone_and_model_generate(request, which, prompts):
-    model, tok = pair = request.getfixturevalue(which)
+    pair = request.getfixturevalue(which)
+    model, tok = pair.model, pair.tokenizer
     assert len({len(p) for p in prompts}) == len(prompts)  # padding differs per row
     batched = _run(pair, prompts, GREEDY)
     for prompt, result in zip(prompts, batched, strict=True):
@@ -90,18 +85,18 @@ def test_greedy_batch_equals_each_row_alone_and_model_generate(request, which, p
         assert result.prompt_tokens == len(prompt)
 
 
-def test_max_tokens_finishes_with_length(tiny, prompts):
-    results = _run(tiny, prompts, SamplingParams(max_tokens=5, temperature=0.0))
+def test_max_tokens_finishes_with_length(tiny64, prompts):
+    results = _run(tiny64, prompts, SamplingParams(max_tokens=5, temperature=0.0))
     for r in results:
         assert (r.finish_reason, len(r.token_ids), r.completion_tokens) == ("length", 5, 5)
 
 
-def test_eos_finishes_with_stop_and_is_not_in_the_output(tiny, prompts, monkeypatch):
-    model, tok = tiny
-    free = _run(tiny, prompts[:1], GREEDY)[0].token_ids
+def test_eos_finishes_with_stop_and_is_not_in_the_output(tiny64, prompts, monkeypatch):
+    model, tok = tiny64.model, tiny64.tokenizer
+    free = _run(tiny64, prompts[:1], GREEDY)[0].token_ids
     eos_like = free[2]  # make a token the model emits greedily count as EOS
     monkeypatch.setattr(model.generation_config, "eos_token_id", [tok.eos_token_id, eos_like])
-    result = _run(tiny, prompts[:1], GREEDY)[0]
+    result = _run(tiny64, prompts[:1], GREEDY)[0]
     n = free.index(eos_like)
     assert result.finish_reason == "stop"
     assert result.token_ids == free[:n]
@@ -109,19 +104,19 @@ def test_eos_finishes_with_stop_and_is_not_in_the_output(tiny, prompts, monkeypa
     assert result.text == _decode(tok, free[:n])
 
 
-def test_ignore_eos_generates_past_eos_to_max_tokens(tiny, prompts, monkeypatch):
-    model, tok = tiny
+def test_ignore_eos_generates_past_eos_to_max_tokens(tiny64, prompts, monkeypatch):
+    model, tok = tiny64.model, tiny64.tokenizer
     params = SamplingParams(max_tokens=8, temperature=0.0)
-    free = _run(tiny, prompts[:1], params)[0].token_ids
+    free = _run(tiny64, prompts[:1], params)[0].token_ids
     monkeypatch.setattr(model.generation_config, "eos_token_id", [tok.eos_token_id, free[2]])
     ignored = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    result = _run(tiny, prompts[:1], ignored)[0]
+    result = _run(tiny64, prompts[:1], ignored)[0]
     assert (result.finish_reason, result.completion_tokens) == ("length", 8)
     assert result.token_ids == free  # the same greedy tokens, EOS-like one included
 
 
-def test_max_tokens_zero_returns_without_running_the_model(tiny, prompts):
-    _, tok = tiny
+def test_max_tokens_zero_returns_without_running_the_model(tiny64, prompts):
+    tok = tiny64.tokenizer
 
     def no_forward(*args, **kwargs):
         raise AssertionError("the model must not run for max_tokens=0")
@@ -133,8 +128,8 @@ def test_max_tokens_zero_returns_without_running_the_model(tiny, prompts):
     assert result.prompt_tokens == len(prompts[1])
 
 
-def test_empty_prompt_is_rejected_with_its_index(tiny, prompts):
-    model, tok = tiny
+def test_empty_prompt_is_rejected_with_its_index(tiny64, prompts):
+    model, tok = tiny64.model, tiny64.tokenizer
     requests = [GenerationRequest(prompts[0]), GenerationRequest([])]
     with pytest.raises(ValueError, match=r"requests\[1\]\.prompt_ids is empty"):
         generate_batch(model, tok, requests)
@@ -145,48 +140,48 @@ def test_empty_prompt_is_rejected_with_its_index(tiny, prompts):
 # --------------------------------------------------------------------------- sampling
 
 
-def test_seed_gives_the_same_text_alone_or_in_any_batch(tiny, prompts):
+def test_seed_gives_the_same_text_alone_or_in_any_batch(tiny64, prompts):
     seeded = SamplingParams(max_tokens=20, temperature=1.0, seed=1234)
-    alone = _run(tiny, [prompts[1]], seeded)[0]
+    alone = _run(tiny64, [prompts[1]], seeded)[0]
     others = [
         GenerationRequest(p, SamplingParams(max_tokens=7, seed=i)) for i, p in enumerate(prompts)
     ]
-    model, tok = tiny
+    model, tok = tiny64.model, tiny64.tokenizer
     mixed = generate_batch(
         model, tok, [*others[:2], GenerationRequest(prompts[1], seeded), others[3]]
     )
     assert mixed[2] == alone
-    assert alone.token_ids != _run(tiny, [prompts[1]], GREEDY)[0].token_ids[:20]
+    assert alone.token_ids != _run(tiny64, [prompts[1]], GREEDY)[0].token_ids[:20]
     other_seed = SamplingParams(max_tokens=20, temperature=1.0, seed=99)
-    assert _run(tiny, [prompts[1]], other_seed)[0].text != alone.text
+    assert _run(tiny64, [prompts[1]], other_seed)[0].text != alone.text
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.05])  # flat: sorts the vocab; sharp: topk head
-def test_seeded_top_p_is_independent_of_the_batch(tiny, prompts, temperature):
+def test_seeded_top_p_is_independent_of_the_batch(tiny64, prompts, temperature):
     params = SamplingParams(max_tokens=15, temperature=temperature, top_p=0.9, seed=7)
-    alone = _run(tiny, [prompts[3]], params)[0]
-    model, tok = tiny
+    alone = _run(tiny64, [prompts[3]], params)[0]
+    model, tok = tiny64.model, tiny64.tokenizer
     noise = [GenerationRequest(p, SamplingParams(max_tokens=9, top_p=0.5)) for p in prompts[:3]]
     assert generate_batch(model, tok, [*noise, GenerationRequest(prompts[3], params)])[3] == alone
 
 
-def test_unseeded_rows_differ(tiny, prompts):
+def test_unseeded_rows_differ(tiny64, prompts):
     params = SamplingParams(max_tokens=20, temperature=1.0)
-    a, b = _run(tiny, [prompts[0], prompts[0]], params)
+    a, b = _run(tiny64, [prompts[0], prompts[0]], params)
     assert a.token_ids != b.token_ids
 
 
-def test_tiny_top_p_is_greedy(tiny, prompts):
-    nucleus = _run(tiny, prompts, SamplingParams(max_tokens=12, temperature=1.0, top_p=1e-6))
-    greedy = _run(tiny, prompts, GREEDY)
+def test_tiny_top_p_is_greedy(tiny64, prompts):
+    nucleus = _run(tiny64, prompts, SamplingParams(max_tokens=12, temperature=1.0, top_p=1e-6))
+    greedy = _run(tiny64, prompts, GREEDY)
     assert [r.token_ids for r in nucleus] == [r.token_ids for r in greedy]
 
 
-def test_sampled_text_is_the_decoded_tokens(tiny, prompts):
+def test_sampled_text_is_the_decoded_tokens(tiny64, prompts):
     """Random tokens split multi-byte characters: the incremental decode must still be exact."""
-    _, tok = tiny
+    tok = tiny64.tokenizer
     params = SamplingParams(max_tokens=40, temperature=1.0, seed=3)
-    for r in _run(tiny, prompts, params):
+    for r in _run(tiny64, prompts, params):
         assert r.text == _decode(tok, r.token_ids)
 
 
@@ -203,33 +198,33 @@ def _spanning_stop(tok, token_ids):
     raise AssertionError(f"no ascii token pair in {pieces}")
 
 
-def test_stop_string_spanning_two_tokens_cuts_the_text_before_it(tiny, prompts):
-    _, tok = tiny
-    free = _run(tiny, prompts[:1], GREEDY)[0]
+def test_stop_string_spanning_two_tokens_cuts_the_text_before_it(tiny64, prompts):
+    tok = tiny64.tokenizer
+    free = _run(tiny64, prompts[:1], GREEDY)[0]
     stop = _spanning_stop(tok, free.token_ids)
     cut = free.text.find(stop)
     boundaries = {len(_decode(tok, free.token_ids[:i])) for i in range(len(free.token_ids) + 1)}
     assert cut + 1 in boundaries  # the first occurrence really spans two tokens
     params = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=0.0, stop=("never", stop))
     deltas = []
-    result = _run(tiny, prompts[:1], params, on_token=lambda i, d: deltas.append(d))[0]
+    result = _run(tiny64, prompts[:1], params, on_token=lambda i, d: deltas.append(d))[0]
     assert (result.text, result.finish_reason) == (free.text[:cut], "stop")
     assert "".join(deltas) == result.text
 
 
-def test_stop_string_not_produced_finishes_with_length(tiny, prompts):
+def test_stop_string_not_produced_finishes_with_length(tiny64, prompts):
     params = SamplingParams(max_tokens=6, temperature=0.0, stop=("\u2603never\u2603",))
-    result = _run(tiny, prompts[:1], params)[0]
+    result = _run(tiny64, prompts[:1], params)[0]
     assert result.finish_reason == "length"
-    assert result.text == _run(tiny, prompts[:1], SamplingParams(6, 0.0))[0].text
+    assert result.text == _run(tiny64, prompts[:1], SamplingParams(6, 0.0))[0].text
 
 
 # --------------------------------------------------------------------------- streaming
 
 
-def test_stream_deltas_concatenate_to_each_rows_text(tiny, prompts):
-    model, tok = tiny
-    free = _run(tiny, prompts, GREEDY)
+def test_stream_deltas_concatenate_to_each_rows_text(tiny64, prompts):
+    model, tok = tiny64.model, tiny64.tokenizer
+    free = _run(tiny64, prompts, GREEDY)
     requests = [
         GenerationRequest(prompts[0], SamplingParams(max_tokens=12, temperature=0.0)),
         GenerationRequest(prompts[1], SamplingParams(max_tokens=30, temperature=1.0, seed=5)),
@@ -247,8 +242,8 @@ def test_stream_deltas_concatenate_to_each_rows_text(tiny, prompts):
     assert results == generate_batch(model, tok, requests)  # streaming changes nothing
 
 
-def test_dropping_finished_rows_changes_nothing_but_the_batch(tiny, prompts):
-    model, tok = tiny
+def test_dropping_finished_rows_changes_nothing_but_the_batch(tiny64, prompts):
+    model, tok = tiny64.model, tiny64.tokenizer
     budgets = [2, 10, 0, 5]
     requests = [
         GenerationRequest(p, SamplingParams(n, 0.0)) for p, n in zip(prompts, budgets, strict=True)
@@ -274,8 +269,8 @@ def test_dropping_finished_rows_changes_nothing_but_the_batch(tiny, prompts):
 # --------------------------------------------------------------------------- scoring
 
 
-def test_score_prompt_matches_a_direct_log_softmax(tiny):
-    model, tok = tiny
+def test_score_prompt_matches_a_direct_log_softmax(tiny64):
+    model, tok = tiny64.model, tiny64.tokenizer
     ids = tok("Hello world, héllo 世界 🙂 done").input_ids
     scores = score_prompt(model, tok, ids, top_logprobs=3)
     with torch.no_grad():
@@ -293,9 +288,9 @@ def test_score_prompt_matches_a_direct_log_softmax(tiny):
             assert any(value == pytest.approx(b, abs=LOGP["atol"]) for b in best3)
 
 
-def test_score_prompt_tokens_and_offsets_follow_the_text(tiny):
-    _, tok = tiny
-    model, _ = tiny
+def test_score_prompt_tokens_and_offsets_follow_the_text(tiny64):
+    tok = tiny64.tokenizer
+    model = tiny64.model
     ids = tok.apply_chat_template(
         [{"role": "user", "content": "Héllo 世界 🙂!"}], tokenize=True, return_dict=False
     )
@@ -311,8 +306,8 @@ def test_score_prompt_tokens_and_offsets_follow_the_text(tiny):
     assert scores.top_logprobs is None
 
 
-def test_score_prompts_batched_equals_one_at_a_time(tiny, prompts, monkeypatch):
-    model, tok = tiny
+def test_score_prompts_batched_equals_one_at_a_time(tiny64, prompts, monkeypatch):
+    model, tok = tiny64.model, tiny64.tokenizer
     monkeypatch.setattr(scoring, "_SCORE_POSITIONS_PER_FORWARD", 30)  # several groups
     batched = score_prompts(model, tok, prompts, top_logprobs=2)
     for prompt, scores in zip(prompts, batched, strict=True):
@@ -325,8 +320,8 @@ def test_score_prompts_batched_equals_one_at_a_time(tiny, prompts, monkeypatch):
 # --------------------------------------------------------------------------- chat
 
 
-def test_chat_template_ends_with_the_assistant_header(tiny):
-    _, tok = tiny
+def test_chat_template_ends_with_the_assistant_header(tiny64):
+    tok = tiny64.tokenizer
     ids = apply_chat_template(tok, [{"role": "user", "content": "hi"}])
     assert tok.decode(ids).endswith("<|im_start|>assistant\n")
 
@@ -346,8 +341,8 @@ def test_embedded_model_answers_a_chat_question(embedded_cache):
     assert "Paris" in result.text
 
 
-def test_output_logprobs_match_a_direct_log_softmax_in_a_sampled_batch(tiny, prompts):
-    model, tok = tiny
+def test_output_logprobs_match_a_direct_log_softmax_in_a_sampled_batch(tiny64, prompts):
+    model, tok = tiny64.model, tiny64.tokenizer
     params = [
         SamplingParams(max_tokens=5, temperature=0.0, logprobs=2),
         SamplingParams(max_tokens=4, temperature=0.9, seed=3, logprobs=0),
@@ -379,10 +374,10 @@ def test_output_logprobs_match_a_direct_log_softmax_in_a_sampled_batch(tiny, pro
 
 
 @pytest.mark.parametrize("drop", [False, True], ids=["rows-kept", "rows-dropped"])
-def test_a_row_stopped_by_the_step_guard_samples_and_streams_nothing_more(tiny, prompts, drop):
+def test_a_row_stopped_by_the_step_guard_samples_and_streams_nothing_more(tiny64, prompts, drop):
     from contextlib import contextmanager
 
-    model, tok = tiny
+    model, tok = tiny64.model, tiny64.tokenizer
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     requests = [GenerationRequest(p, params) for p in prompts[:3]]
     baseline = generate_batch(model, tok, requests)

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from support import LOGP, exact_float64, in_process_app, publish_random_adapter
 
 from adapterswap.catalog.dataset import Catalog
-from adapterswap.config import load_config
 from adapterswap.delete.verify_forget import http_scorer
 from adapterswap.engine.replica import GenerationFailed, InferenceJob
 from adapterswap.engine.requests import GenerationResult, SamplingParams
@@ -32,20 +31,10 @@ FIN_TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("api")
-    config = load_config(
-        home=str(root / "home"),
-        environ={},
-        overrides=[
-            "model.spec=tiny-random",
-            f"model.cache_dir={root / 'models'}",
-            "lora.rank=4",
-            "lora.target_modules=[q_proj, v_proj, down_proj]",
-            "serve.max_prompt_tokens=64",
-            "serve.max_new_tokens=32",
-            "serve.max_body_bytes=4000",
-        ],
+def world(tiny_config):
+    config = tiny_config(
+        lora={"target_modules": ["q_proj", "v_proj", "down_proj"]},
+        serve={"max_prompt_tokens": 64, "max_new_tokens": 32, "max_body_bytes": 4000},
     )
     registry = AdapterRegistry(config.db_path)
     embedder = load_embedder(config.embedding)

@@ -7,13 +7,11 @@ import time
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from support import untrained_manifest
-
 from adapterswap.compose.mixture import AdapterBank
-from adapterswap.config import ModelSettings
+from peft import LoraConfig, get_peft_model
+from support import private_copy, untrained_manifest
+
 from adapterswap.errors import NotFound, StaleMixture
-from adapterswap.models.base import load_base_model
 from adapterswap.route.active_set import ActiveSet
 from adapterswap.route.stats import compute_shard_stats, save_shard_stats
 from adapterswap.storage.adapter_source import StorageAdapterSource
@@ -25,15 +23,10 @@ from adapterswap.store.registry import AdapterRef, AdapterRegistry
 TARGETS = ["q_proj", "v_proj"]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("models")
-
-
-def publish(storage, registry, embed, cache_dir, adapter_id, group, seed):
+def publish(storage, registry, embed, tiny, adapter_id, group, seed):
     """Train nothing: a random (B != 0) LoRA stands in for a trained one, published for real."""
     torch.manual_seed(seed)
-    model = load_base_model(ModelSettings(spec="tiny-random"), cache_dir).model
+    model = private_copy(tiny).model
     peft_model = get_peft_model(
         model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
     )
@@ -51,12 +44,12 @@ def publish(storage, registry, embed, cache_dir, adapter_id, group, seed):
 
 
 @pytest.fixture
-def world(tmp_path, embed, cache_dir):
+def world(tmp_path, embed, tiny):
     storage = StorageLayout.from_uri(str(tmp_path / "storage"))
     registry = AdapterRegistry(tmp_path / "store.sqlite")
-    hr = publish(storage, registry, embed, cache_dir, "hr.b1.000", "hr", 1)
-    fin = publish(storage, registry, embed, cache_dir, "finance.b1.000", "finance", 2)
-    base = load_base_model(ModelSettings(spec="tiny-random"), cache_dir).model
+    hr = publish(storage, registry, embed, tiny, "hr.b1.000", "hr", 1)
+    fin = publish(storage, registry, embed, tiny, "finance.b1.000", "finance", 2)
+    base = private_copy(tiny).model
     bank = AdapterBank(base, TARGETS, r_max=4, cache_bytes=10**8)
     return storage, registry, bank, hr, fin
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
-from support import untrained_manifest
+from support import private_copy, untrained_manifest
 
-from adapterswap.config import LoraSettings, ModelSettings, TrainingSettings
-from adapterswap.models.base import load_base_model
+from adapterswap.config import LoraSettings, TrainingSettings
+from adapterswap.models.base import LoadedModel
 from adapterswap.storage.artifacts import download_version, write_adapter_version
 from adapterswap.storage.layout import StorageLayout
 from adapterswap.storage.manifest import BaseModelId, BaseModelMismatch, read_manifest
@@ -26,18 +24,20 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("models")
-
-
-def tiny(cache_dir: Path):
-    return load_base_model(ModelSettings(spec="tiny-random"), cache_dir)
-
-
 def settings(**kw) -> TrainingSettings:
     return TrainingSettings(
         **{"max_steps": 4, "batch_size": 2, "seq_len": 16, "learning_rate": 1e-2, **kw}
+    )
+
+
+def trainer_on(
+    tiny: LoadedModel, texts: list[str] = TEXTS, rank: int = 4, seed: int = 0, **training: object
+) -> ShardTrainer:
+    """A trainer of a copy of its own of the tiny model, on ``texts`` in 16-token blocks."""
+    loaded = private_copy(tiny)
+    blocks = pack_documents(loaded.tokenizer, texts, 16)
+    return ShardTrainer(
+        loaded.model, blocks, LoraSettings(rank=rank), settings(**training), seed=seed
     )
 
 
@@ -45,8 +45,8 @@ def lora_weights(trainer: ShardTrainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
 
 
-def test_packing_joins_with_eos_and_masks_padding(cache_dir):
-    tok = tiny(cache_dir).tokenizer
+def test_packing_joins_with_eos_and_masks_padding(tiny):
+    tok = tiny.tokenizer
     blocks = pack_documents(tok, TEXTS, seq_len=16)
     stream = sum(
         (tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in TEXTS), []
@@ -62,13 +62,9 @@ def test_packing_joins_with_eos_and_masks_padding(cache_dir):
     assert (blocks.labels.flatten()[: len(stream)] == torch.tensor(stream)).all()
 
 
-def test_training_lowers_loss_and_only_lora_moves(cache_dir):
-    loaded = tiny(cache_dir)
-    base = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    blocks = pack_documents(loaded.tokenizer, TEXTS, 16)
-    trainer = ShardTrainer(
-        loaded.model, blocks, LoraSettings(rank=4), settings(max_steps=12), seed=1
-    )
+def test_training_lowers_loss_and_only_lora_moves(tiny):
+    base = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    trainer = trainer_on(tiny, seed=1, max_steps=12)
     first = trainer.step().loss
     while not trainer.done:
         last = trainer.step().loss
@@ -86,17 +82,10 @@ def test_training_lowers_loss_and_only_lora_moves(cache_dir):
     assert trainer.last.step == 12 and trainer.tokens_seen > 0
 
 
-def test_same_seed_same_adapter_other_seed_differs(cache_dir):
+def test_same_seed_same_adapter_other_seed_differs(tiny):
     runs = []
     for seed in (7, 7, 8):
-        loaded = tiny(cache_dir)
-        trainer = ShardTrainer(
-            loaded.model,
-            pack_documents(loaded.tokenizer, TEXTS, 16),
-            LoraSettings(rank=4),
-            settings(),
-            seed=seed,
-        )
+        trainer = trainer_on(tiny, seed=seed)
         while not trainer.done:
             trainer.step()
         runs.append(lora_weights(trainer))
@@ -106,17 +95,9 @@ def test_same_seed_same_adapter_other_seed_differs(cache_dir):
     assert shard_seed(0, "hr.b0001.000") != shard_seed(0, "hr.b0001.001")
 
 
-def test_resume_from_checkpoint_is_exact(cache_dir, tmp_path):
+def test_resume_from_checkpoint_is_exact(tiny, tmp_path):
     def fresh(seed=3):
-        loaded = tiny(cache_dir)
-        blocks = pack_documents(loaded.tokenizer, TEXTS, 16)
-        return ShardTrainer(
-            loaded.model,
-            blocks,
-            LoraSettings(rank=4),
-            settings(max_steps=6, batch_size=1),
-            seed=seed,
-        )
+        return trainer_on(tiny, seed=seed, max_steps=6, batch_size=1)
 
     straight = fresh()
     while not straight.done:
@@ -135,12 +116,12 @@ def test_resume_from_checkpoint_is_exact(cache_dir, tmp_path):
         torch.testing.assert_close(got[key], expected[key])
 
 
-def test_data_parallel_ranks_split_blocks(cache_dir):
-    loaded = tiny(cache_dir)
+def test_data_parallel_ranks_split_blocks(tiny):
+    loaded = private_copy(tiny)
     blocks = pack_documents(loaded.tokenizer, TEXTS * 4, 16)
     parts = [
         ShardTrainer(
-            tiny(cache_dir).model,
+            private_copy(tiny).model,
             blocks,
             LoraSettings(rank=2),
             settings(),
@@ -154,15 +135,8 @@ def test_data_parallel_ranks_split_blocks(cache_dir):
     assert torch.equal(parts[0].input_ids, blocks.input_ids[0::2])
 
 
-def test_artifacts_load_in_peft_and_refuse_another_base(cache_dir, tmp_path):
-    loaded = tiny(cache_dir)
-    trainer = ShardTrainer(
-        loaded.model,
-        pack_documents(loaded.tokenizer, TEXTS, 16),
-        LoraSettings(rank=4),
-        settings(),
-        seed=0,
-    )
+def test_artifacts_load_in_peft_and_refuse_another_base(tiny, tmp_path):
+    trainer = trainer_on(tiny)
     while not trainer.done:
         trainer.step()
     layout = StorageLayout.from_uri(str(tmp_path / "storage"))
@@ -174,12 +148,12 @@ def test_artifacts_load_in_peft_and_refuse_another_base(cache_dir, tmp_path):
     assert read_manifest(loc) == manifest
 
     local = download_version(loc, tmp_path / "local")
-    peft_model = PeftModel.from_pretrained(tiny(cache_dir).model, str(local))
+    peft_model = PeftModel.from_pretrained(private_copy(tiny).model, str(local))
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         trained_out = trainer.model(input_ids=ids).logits
         loaded_out = peft_model(input_ids=ids).logits
-        base_out = tiny(cache_dir).model(input_ids=ids).logits
+        base_out = tiny.model(input_ids=ids).logits
     assert not torch.allclose(trained_out, base_out)  # the adapter does something
     torch.testing.assert_close(loaded_out, trained_out)
 
@@ -190,7 +164,7 @@ def test_artifacts_load_in_peft_and_refuse_another_base(cache_dir, tmp_path):
         read_manifest(loc).check_base_model("def")
 
 
-def test_sweep_removes_only_unknown_versions(tmp_path, cache_dir):
+def test_sweep_removes_only_unknown_versions(tmp_path):
     layout = StorageLayout.from_uri(str(tmp_path / "s"))
     for adapter_id, version in (("a.b1.000", 1), ("a.b1.000", 2), ("b.b1.000", 1)):
         loc = layout.version(AdapterRef(adapter_id, version))
@@ -204,17 +178,10 @@ def test_sweep_removes_only_unknown_versions(tmp_path, cache_dir):
     ]
 
 
-def test_out_of_memory_names_the_shard_and_the_fix(cache_dir, monkeypatch):
+def test_out_of_memory_names_the_shard_and_the_fix(tiny, monkeypatch):
     from adapterswap.train.shard import ShardRun, step_or_explain
 
-    loaded = tiny(cache_dir)
-    trainer = ShardTrainer(
-        loaded.model,
-        pack_documents(loaded.tokenizer, TEXTS, 16),
-        LoraSettings(rank=2),
-        settings(),
-        seed=0,
-    )
+    trainer = trainer_on(tiny, rank=2)
 
     def oom():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -228,10 +195,10 @@ def test_out_of_memory_names_the_shard_and_the_fix(cache_dir, monkeypatch):
         step_or_explain(trainer, run)
 
 
-def test_chronological_baseline_keeps_fine_tuning_one_adapter(cache_dir):
+def test_chronological_baseline_keeps_fine_tuning_one_adapter(tiny):
     from adapterswap.train.chronological import train_chronological
 
-    loaded = tiny(cache_dir)
+    loaded = private_copy(tiny)
     snapshots = []
     trainer = train_chronological(
         loaded.model,
@@ -246,19 +213,13 @@ def test_chronological_baseline_keeps_fine_tuning_one_adapter(cache_dir):
     # The same adapter moved on from batch 1's weights (it is not a fresh one per batch).
     changed = [k for k in snapshots[0] if not torch.equal(snapshots[0][k], snapshots[1][k])]
     assert changed
-    fresh = ShardTrainer(
-        tiny(cache_dir).model,
-        pack_documents(loaded.tokenizer, TEXTS[2:], 16),
-        LoraSettings(rank=4),
-        settings(max_steps=3),
-        seed=0,
-    )
+    fresh = trainer_on(tiny, TEXTS[2:], max_steps=3)
     while not fresh.done:
         fresh.step()
     assert any(not torch.equal(lora_weights(fresh)[k], snapshots[1][k]) for k in snapshots[1])
 
 
-def test_epoch_budget_sets_the_step_count(cache_dir):
+def test_epoch_budget_sets_the_step_count(tiny):
     from adapterswap.train.loop import budget_steps
 
     assert budget_steps(settings(max_steps=9), n_blocks=10) == 9
@@ -266,7 +227,7 @@ def test_epoch_budget_sets_the_step_count(cache_dir):
         budget_steps(settings(epochs=2, batch_size=4), n_blocks=10) == 5
     )  # 20 blocks / 4 per step
     assert budget_steps(settings(epochs=1, batch_size=4, grad_accum_steps=2), n_blocks=3) == 1
-    loaded = tiny(cache_dir)
+    loaded = private_copy(tiny)
     blocks = pack_documents(loaded.tokenizer, TEXTS * 3, 16)
     trainer = ShardTrainer(
         loaded.model, blocks, LoraSettings(rank=2), settings(epochs=1, batch_size=2), seed=0
