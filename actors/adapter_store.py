@@ -24,8 +24,8 @@ _HEAD_NODE = {"node:__internal_head__": 0.001}
 # register_version would add another version, a second activate would raise).
 # Measured on Ray 2.60: a call submitted while the actor restarts (about 0.2-0.7 s after a
 # kill) fails at once with ActorUnavailableError ("may or may not have been executed"); it is
-# not queued. Reads are idempotent, so a caller that wants them to wait out a restart asks
-# for retries per call: ``store.epoch.options(max_task_retries=-1).remote()``.
+# not queued. Reads are idempotent, so the store's client (actors.store_client.StoreClient)
+# asks for retries per read: ``store.epoch.options(max_task_retries=-1).remote()``.
 AdapterStore = ray.remote(max_restarts=-1, max_task_retries=0)(AdapterRegistry)
 
 

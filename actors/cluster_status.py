@@ -45,12 +45,12 @@ def replica_liveness(config: AdapterSwapConfig) -> Callable[[str], bool]:
     """The deletion barrier's ``is_alive`` for ``adapterswap delete``, run outside Serve.
 
     On its first call it joins the running cluster and from then on asks Serve's controller
-    (:class:`~actors.serve_app.ServeReplicaOracle`), as the ingress does. With no Ray
+    (:class:`~actors.replica_oracle.ServeReplicaOracle`), as the ingress does. With no Ray
     running where the store is (``ray.address`` unset), nothing can serve: every registered
     replica is one that died without unregistering. A cluster that cannot be asked counts
     every replica alive: the barrier fails closed.
     """
-    from actors.serve_app import ServeReplicaOracle
+    from actors.replica_oracle import ServeReplicaOracle
 
     oracle: list[Callable[[str], bool]] = []
 

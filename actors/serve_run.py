@@ -31,7 +31,7 @@ def serve_until_stopped(
         signal.signal(sig, lambda *_: stop.set())
     ray.init(address=config.ray.address, namespace=config.ray.namespace, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
-    args = {"home": config.home, "config": config_file, "overrides": overrides, "num_replicas": 1}
+    args = {"home": config.home, "config": config.model_dump(), "num_replicas": 1}
     serve.run(build_app(args), name="adapterswap", route_prefix="/")
     print(f"AdapterSwap serving on http://{host}:{port} (Ctrl-C to stop)", flush=True)
     stop.wait()

@@ -99,9 +99,10 @@ def main() -> None:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             url = f"http://127.0.0.1:{port}/v1/completions"
             for replicas in (1, 2):
-                settings = [*home_settings, f"serve.cpu_threads={max(1, cores // replicas)}"]
+                threads = {"serve": {"cpu_threads": max(1, cores // replicas)}}
+                settings = {"model": {"cache_dir": str(model_cache)}, **threads}
                 app = build_app(
-                    {"home": config.home, "overrides": settings, "num_replicas": replicas}
+                    {"home": config.home, "config": settings, "num_replicas": replicas}
                 )
                 serve.run(app, name="adapterswap", route_prefix="/")
                 run_load(url, key, args.clients, 3, args.new_tokens)  # warm-up

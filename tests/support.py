@@ -19,13 +19,11 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from adapterswap.api.app import create_app
 from adapterswap.api.auth import Authenticator
-from adapterswap.api.gateway import Gateway
+from adapterswap.api.gateway import build_gateway
 from adapterswap.api.model_client import LocalModelClient
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.engine.replica import ModelReplica
 from adapterswap.models.base import LoadedModel, hash_base_model, load_base_model
-from adapterswap.models.embedder import load_embedder
-from adapterswap.route.active_set import ActiveSet
 from adapterswap.route.stats import compute_shard_stats, save_shard_stats
 from adapterswap.storage.artifacts import version_location, write_adapter_version
 from adapterswap.store.registry import AdapterRef, AdapterRegistry, JobRecord
@@ -185,20 +183,14 @@ def in_process_app(
     replica = ModelReplica(config, registry.active_snapshot, epoch=registry.epoch)
     ttl = config.serve.key_cache_ttl_s if key_cache_ttl_s is None else key_cache_ttl_s
     app = create_app()
-    app.state.gateway = Gateway(
+    app.state.gateway = build_gateway(
         config,
+        store=registry,
         model=LocalModelClient(replica),
         model_id=replica.model_id,
-        authenticator=Authenticator(registry.lookup_key, ttl),
-        active=ActiveSet(
-            registry.active_snapshot,
-            lambda keep: replica.source.forget(keep) or [],
-            epoch=registry.epoch,
-        ),
-        stats=replica.source.router_stats,
-        embed=load_embedder(config.embedding).embed,
-        store=registry,
+        adapters=replica.source,
         jobs=jobs or RecordedJobs(registry),
+        authenticator=Authenticator(registry.lookup_key, ttl),
     )
     return app, replica
 

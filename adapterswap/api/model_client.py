@@ -1,20 +1,36 @@
-"""A :class:`~adapterswap.api.gateway.ModelClient` over a replica in this process.
+"""How the gateway reaches model replicas: the :class:`ModelClient` protocol, and
+:class:`LocalModelClient` over a replica in this process.
 
-Used by tests and by single-process serving; the Ray Serve ingress uses a handle-backed
-client instead. The replica's work is blocking, so it runs in a worker thread, and streamed
-text deltas cross back to the event loop through a queue.
+The local client serves tests and single-process serving; the Ray Serve ingress uses a
+handle-backed client (``actors.model_handle.HandleModelClient``). The replica's work is
+blocking, so it runs in a worker thread, and streamed text deltas cross back to the event
+loop through a queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from adapterswap.engine.replica import InferenceJob, ModelReplica
 from adapterswap.engine.requests import GenerationResult, PromptScores
 from adapterswap.errors import AdapterSwapError
 
 _DONE = object()
+
+
+class ModelClient(Protocol):
+    """How the gateway reaches model replicas (locally, or through a Serve handle)."""
+
+    async def generate(self, jobs: list[InferenceJob]) -> list[GenerationResult | AdapterSwapError]:
+        """One result per job, or that job's error (see ``ModelReplica.generate``)."""
+
+    async def score(
+        self, jobs: list[InferenceJob], top_logprobs: int
+    ) -> list[PromptScores | AdapterSwapError]: ...
+
+    def stream(self, job: InferenceJob) -> AsyncIterator[str]: ...
 
 
 class LocalModelClient:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import ray
 from ray import serve
-from support import free_port, set_flags
+from support import free_port
 
 from actors.serve_app import build_app
 from adapterswap.config import AdapterSwapConfig
@@ -52,9 +52,10 @@ def serve_app(ray_cluster: None) -> Iterator[Callable[..., int]]:
     def start(config: AdapterSwapConfig, num_replicas: int = 1) -> int:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        overrides = set_flags(config.model_dump(exclude_defaults=True))
         serve.run(
-            build_app({"home": config.home, "overrides": overrides, "num_replicas": num_replicas}),
+            build_app(
+                {"home": config.home, "config": config.model_dump(), "num_replicas": num_replicas}
+            ),
             name="adapterswap",
             route_prefix="/",
         )

@@ -16,6 +16,7 @@ import ray
 from ray.actor import ActorHandle
 
 from actors.adapter_store import STORE_ACTOR_NAME, get_or_create_store, get_store
+from actors.store_client import StoreClient
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import StoreNotRunning
 from adapterswap.store.registry import AdapterRef, AdapterStatus
@@ -138,3 +139,14 @@ def test_a_call_in_flight_when_the_actor_dies_is_not_replayed(config: AdapterSwa
     assert time.monotonic() - started < 5  # it failed, rather than being run again
     # A read that asks for retries waits out the restart and then succeeds.
     assert _call(store, "epoch") == 0
+
+
+def test_the_clients_reads_wait_out_a_restart(config: AdapterSwapConfig) -> None:
+    store = get_or_create_store(config)
+    client = StoreClient(store, timeout_s=30)
+    job = client.create_job("train", "test", actor="cli")
+    _kill_and_wait_for_restart(store)
+    ray.kill(store, no_restart=False)  # and once more, with the reads sent at once
+    assert client.epoch() == 0
+    assert client.get_job(job.job_id) == job
+    assert client.unfinished_deletions() == []

@@ -34,11 +34,11 @@ import ray
 from ray import serve
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from support import set_flags
 
 from actors.adapter_store import STORE_ACTOR_NAME, get_or_create_store, get_store
 from actors.cluster_status import collect_cluster
-from actors.serve_app import StoreProxy, build_app
+from actors.serve_app import build_app
+from actors.store_client import StoreClient
 from adapterswap.catalog.ingest import ingest_files
 from adapterswap.ops.status import collect_status, format_status
 from adapterswap.store.locks import exclusive
@@ -133,7 +133,7 @@ class LockHolder:
     """Takes the ingest lock in turns with holders on other nodes, through the one store."""
 
     def __init__(self, namespace: str) -> None:
-        self.store = StoreProxy(get_store(namespace))
+        self.store = StoreClient(get_store(namespace))
 
     def hold(self, rounds: int) -> list[tuple[float, float]]:
         spans = []
@@ -385,12 +385,11 @@ def test_a_removed_node_degrades_then_recovers_without_data_loss(cluster, home, 
 
 def test_scaling_down_drains_in_flight_requests(home, served):
     config, _ = home
-    overrides = set_flags(config.model_dump(exclude_defaults=True))
     port, key = served
     with Load(port, key) as load:
         time.sleep(1)
         serve.run(  # the same app with one replica: Serve drains the other before stopping it
-            build_app({"home": config.home, "overrides": overrides, "num_replicas": 1}),
+            build_app({"home": config.home, "config": config.model_dump(), "num_replicas": 1}),
             name="adapterswap",
             route_prefix="/",
         )

@@ -21,7 +21,7 @@ from safetensors.torch import save as save_safetensors
 from support import free_port, post_head, publish_random_adapter, push
 
 from actors.adapter_store import get_store
-from actors.serve_app import StoreProxy, _read
+from actors.store_client import StoreClient
 from adapterswap.errors import NotFound, StoreUnavailable
 from adapterswap.models.embedder import load_embedder
 from adapterswap.storage.artifacts import ADAPTER_WEIGHTS
@@ -240,7 +240,7 @@ def test_a_failing_request_fails_alone_and_shows_nothing_of_the_server(served):
 
 def test_store_errors_arrive_unwrapped(served):
     with pytest.raises(NotFound) as info:
-        StoreProxy(get_store("adapterswap")).get_job("train-000000000000")
+        StoreClient(get_store("adapterswap")).get_job("train-000000000000")
     assert type(info.value) is NotFound and "Traceback" not in str(info.value)
 
 
@@ -254,7 +254,7 @@ def test_store_calls_have_deadlines_and_writes_are_sent_once(served):
             time.sleep(2)
             return 1
 
-        def begin_delete(self, doc_id: str) -> None:
+        def begin_delete(self, doc_ids: list[str], runner: str, **options: object) -> None:
             self.writes += 1
             time.sleep(2)
 
@@ -265,9 +265,9 @@ def test_store_calls_have_deadlines_and_writes_are_sent_once(served):
     ray.get(slow.written.remote(), timeout=60)  # started
     started = time.monotonic()
     with pytest.raises(StoreUnavailable, match="did not answer within serve.store_timeout_s=0.5"):
-        _read(slow, "epoch", timeout_s=0.5)
+        StoreClient(slow, timeout_s=0.5).epoch()
     with pytest.raises(StoreUnavailable, match="may or may not have been made"):
-        StoreProxy(slow, timeout_s=0.5).begin_delete("doc-1")
+        StoreClient(slow, timeout_s=0.5).begin_delete(["doc-1"], "test")
     assert time.monotonic() - started < 1.9  # neither waited for the slow store
     assert ray.get(slow.written.remote(), timeout=60) == 1  # the write was not sent again
     ray.kill(slow)

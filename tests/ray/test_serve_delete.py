@@ -14,7 +14,7 @@ import time
 import httpx2 as httpx
 import pytest
 
-from actors.serve_app import ServeReplicaOracle
+from actors.replica_oracle import ServeReplicaOracle
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.ingest import ingest_records
 from adapterswap.catalog.readers import RawRecord

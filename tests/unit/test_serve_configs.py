@@ -1,4 +1,5 @@
-"""Every serve_configs/*.yaml parses as a Serve config and its application builds (no deploy)."""
+"""Every serve_configs/*.yaml parses as a Serve config and its application builds (no deploy);
+the builder's args are validated through the config models and laid over the home's."""
 
 from __future__ import annotations
 
@@ -9,8 +10,18 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from actors.serve_app import build_app
+from adapterswap.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "serve_configs").glob("*.yaml"))
+
+
+def _built(args: dict) -> tuple:
+    """(ingress deployment, model deployment, the settings both were given)."""
+    ingress = build_app(args)._bound_deployment
+    model = ingress.init_args[0]._bound_deployment
+    (settings,) = model.init_args
+    assert ingress.init_args[1] == settings
+    return ingress, model, settings
 
 
 def test_both_configs_exist():
@@ -22,20 +33,51 @@ def test_config_parses_and_builds(path, tmp_path):
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     (app,) = schema.applications
     assert app.import_path == "actors.serve_app:build_app"
-    application = build_app({**app.args, "home": str(tmp_path)})
-    ingress = application._bound_deployment
-    model = ingress.init_args[0]._bound_deployment
+    assert "overrides" not in app.args  # structured settings, not dotted strings
+    ingress, model, settings = _built({**app.args, "home": str(tmp_path)})
     assert ingress.name == "Ingress" and model.name == "Model"
+    assert settings["model"]["spec"] == "embedded"
+    assert settings["home"] == str(tmp_path)
     options = model.ray_actor_options
     if path.name == "gpu.yaml":
         assert (
             options["num_gpus"] == 1
             and model._deployment_config.autoscaling_config.max_replicas == 8
         )
+        assert settings["serve"]["max_batch_size"] == 32
+        assert model._deployment_config.max_ongoing_requests == 64  # two batches
     else:
         assert options["num_gpus"] == 0 and 0 < options["num_cpus"] < 1
 
 
 def test_bad_args_are_refused_with_the_field_named(tmp_path):
-    with pytest.raises(Exception, match="replicas"):
+    with pytest.raises(ConfigError, match="replicas: Extra inputs"):
         build_app({"home": str(tmp_path), "replicas": 2})
+
+
+@pytest.mark.parametrize(
+    "config, field",
+    [
+        ({"serve": {"max_batch_sise": 4}}, "config.serve.max_batch_sise: Extra inputs"),
+        ({"serve": {"max_batch_size": 0}}, "config.serve.max_batch_size: Input should be"),
+        ({"modle": {"spec": "embedded"}}, "config.modle: Extra inputs"),
+        ({"model": "embedded"}, "config.model: Input should be"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_field_named(tmp_path, config, field):
+    with pytest.raises(ConfigError, match=field):
+        build_app({"home": str(tmp_path), "config": config})
+
+
+def test_settings_are_laid_over_the_homes_section_by_section(tmp_path):
+    (tmp_path / "config.yaml").write_text(
+        "lora: {rank: 8}\nserve: {max_batch_size: 4, max_new_tokens: 7}\n"
+    )
+    _, model, settings = _built(
+        {"home": str(tmp_path), "config": {"serve": {"max_batch_size": 16}}, "num_replicas": 2}
+    )
+    assert settings["serve"]["max_batch_size"] == 16  # given in args
+    assert settings["serve"]["max_new_tokens"] == 7  # the home's, in the same section
+    assert settings["lora"]["rank"] == 8  # the home's, in another section
+    assert settings["serve"]["max_prompt_tokens"] == 2048  # the default, set by neither
+    assert model._deployment_config.num_replicas == 2

@@ -1,0 +1,181 @@
+"""The two Serve deployments, as ordinary classes: the model and the ingress.
+
+- :class:`ModelDeployment` pins one base model per replica (``num_gpus: 1`` in the GPU
+  config, a CPU share locally) and batches concurrent requests with ``@serve.batch``: each
+  request is one row of the batch, with its own adapter mixture.
+- :class:`IngressDeployment` serves the FastAPI app: authentication against the store,
+  routing, and calls to the model deployment through its handle.
+
+Their collaborators come in through the constructor with the production ones as defaults,
+as in Ray Serve LLM's ``LLMServer(llm_config, *, engine_cls=None, ...)``: the store client,
+the replica id and the model loader (model), the store and the replicas' liveness oracle
+(ingress). So a test builds either without Serve; ``actors.serve_app.build_app`` applies
+``serve.deployment`` (and ``serve.ingress``) to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from actors.job_runner import RayJobs
+from actors.metrics import ServeMetrics
+from actors.model_handle import HandleModelClient
+from actors.replica_oracle import ServeReplicaOracle
+from actors.store_client import StoreClient
+from adapterswap.api.app import create_app
+from adapterswap.api.gateway import build_gateway
+from adapterswap.api.model_client import LocalModelClient
+from adapterswap.api.schemas import ChatRequest, CompletionRequest
+from adapterswap.config import AdapterSwapConfig, ModelSettings
+from adapterswap.engine.epoch_watch import EpochWatcher
+from adapterswap.engine.replica import InferenceJob, ModelReplica
+from adapterswap.engine.requests import GenerationResult, PromptScores
+from adapterswap.errors import AdapterSwapError
+from adapterswap.models.base import LoadedModel, hash_base_model, load_base_model
+from adapterswap.storage.adapter_source import StorageAdapterSource
+from adapterswap.storage.layout import StorageLayout
+from adapterswap.storage.privacy import private_process
+from adapterswap.store.protocol import Store
+
+# (model settings, cache dir) -> the base model, ready to serve.
+ModelLoader = Callable[[ModelSettings, Path], LoadedModel]
+
+
+def _serve_replica_id() -> str:
+    """This replica's id as Serve's controller lists it (see ServeReplicaOracle)."""
+    return serve.get_replica_context().replica_id.unique_id
+
+
+class ModelDeployment:
+    """One base model per replica; concurrent requests are batched, one row each."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        store: Store | None = None,
+        replica_id: str | None = None,
+        load_model: ModelLoader = load_base_model,
+    ) -> None:
+        """``store`` defaults to the store actor's client, ``replica_id`` to Serve's id of
+        this replica (the deletion barrier knows the replica by it)."""
+        private_process()  # it writes the model cache
+        self.config = AdapterSwapConfig.model_validate(config)
+        # Ray sets OMP_NUM_THREADS=floor(num_cpus) or 1 for a fractional replica; a CPU replica
+        # that shares a node with a store and trainers still wants every core for its batches.
+        torch.set_num_threads(self.config.serve.cpu_threads or os.cpu_count() or 1)
+        store = store or StoreClient.connect(self.config)
+        self.replica = ModelReplica(
+            self.config,
+            store.active_snapshot,
+            loaded=load_model(self.config.model, self.config.model_cache_dir),
+            epoch=store.epoch,
+        )
+        self.local = LocalModelClient(self.replica)
+        self.metrics = ServeMetrics()
+        self.watcher = EpochWatcher(
+            self.replica.sync,
+            store,
+            replica_id=replica_id or _serve_replica_id(),
+            poll_s=self.config.serve.epoch_poll_s,
+            heartbeat_s=self.config.serve.replica_heartbeat_s,
+        )
+        self.generate_one.set_max_batch_size(self.config.serve.max_batch_size)
+        self.generate_one.set_batch_wait_timeout_s(self.config.serve.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def generate_one(
+        self, jobs: list[InferenceJob]
+    ) -> list[GenerationResult | AdapterSwapError]:
+        """One job per call; Serve gathers concurrent calls into one :meth:`generate`."""
+        return await self.generate(jobs)
+
+    async def generate(self, jobs: list[InferenceJob]) -> list[GenerationResult | AdapterSwapError]:
+        """One batch. A job that cannot run comes back as its error, in its place: it fails
+        alone."""
+        replica = self.replica
+        hits, misses = replica.adapter_hits, replica.adapter_misses
+        results = await self.local.generate(jobs)
+        self.metrics.record_batch(
+            replica.adapter_hits - hits,
+            replica.adapter_misses - misses,
+            replica.last_composition_ms,
+        )
+        return results
+
+    async def score(
+        self, jobs: list[InferenceJob], top_logprobs: int
+    ) -> list[PromptScores | AdapterSwapError]:
+        return await self.local.score(jobs, top_logprobs)
+
+    async def stream(self, job: InferenceJob) -> AsyncIterator[str]:
+        async for delta in self.local.stream(job):
+            yield delta
+
+    def __del__(self) -> None:
+        """Serve shuts the replica down: no delete should wait for it any more."""
+        self.watcher.stop()
+
+
+class IngressDeployment:
+    """Authentication, routing and the OpenAI endpoints; the model runs elsewhere."""
+
+    def __init__(
+        self,
+        model: DeploymentHandle,
+        config: dict[str, Any],
+        *,
+        store: Store | None = None,
+        replica_alive: Callable[[str], bool] | None = None,
+    ) -> None:
+        """``store`` defaults to the store actor's client, ``replica_alive`` to asking Serve's
+        controller (the deletion barrier drops a model replica only when Serve reports it
+        dead)."""
+        private_process()  # it writes the catalog
+        self.config = AdapterSwapConfig.model_validate(config)
+        store = store or StoreClient.connect(self.config)
+        jobs = RayJobs(self.config, store)
+        source = StorageAdapterSource(
+            StorageLayout.from_config(self.config),
+            hash_base_model(self.config.model, self.config.model_cache_dir),
+        )
+        self.gateway = build_gateway(
+            self.config,
+            store=store,
+            model=HandleModelClient(model),
+            model_id=self.config.model.spec,
+            adapters=source,
+            jobs=jobs,
+            on_routed=ServeMetrics().record_routing,
+            replica_alive=replica_alive
+            or ServeReplicaOracle(timeout_s=self.config.serve.store_timeout_s),
+        )
+        jobs.resume_deletions()  # a crash left a delete unfinished: finish it now
+
+    # The same operations for Python callers inside the cluster:
+    #   handle = serve.get_app_handle("adapterswap"); await handle.completions.remote(key, {...})
+    async def completions(self, api_key: str, body: dict[str, Any]) -> dict[str, Any]:
+        principal = await self.gateway.auth.authenticate_async(f"Bearer {api_key}")
+        return await self.gateway.complete(principal, CompletionRequest.model_validate(body))
+
+    async def chat(self, api_key: str, body: dict[str, Any]) -> dict[str, Any]:
+        principal = await self.gateway.auth.authenticate_async(f"Bearer {api_key}")
+        return await self.gateway.chat(principal, ChatRequest.model_validate(body))
+
+    async def adapters(self, api_key: str) -> dict[str, Any]:
+        principal = await self.gateway.auth.authenticate_async(f"Bearer {api_key}")
+        return await asyncio.to_thread(self.gateway.list_adapters, principal)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        """The FastAPI app, built on the replica after __init__ so it holds this gateway."""
+        app = create_app()
+        app.state.gateway = self.gateway
+        return app

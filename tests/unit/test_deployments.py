@@ -1,0 +1,55 @@
+"""The Serve deployments are ordinary classes: built here without Ray or Serve, their store,
+replica id, model loader and liveness oracle given through the constructor."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi.testclient import TestClient
+from support import private_copy
+
+from actors.deployments import IngressDeployment, ModelDeployment
+from adapterswap.engine.replica import InferenceJob
+from adapterswap.engine.requests import GenerationResult, SamplingParams
+from adapterswap.store.registry import AdapterRegistry
+
+
+def test_the_model_deployment_builds_and_generates_without_serve(tiny_config, tiny):
+    config = tiny_config()
+    registry = AdapterRegistry(config.db_path)
+    loads = []
+
+    def load_model(settings, cache_dir):
+        loads.append(settings.spec)
+        return private_copy(tiny)  # the bank is injected into the model it serves
+
+    deployment = ModelDeployment(
+        config.model_dump(), store=registry, replica_id="replica-1", load_model=load_model
+    )
+    try:
+        assert loads == ["tiny-random"]
+        # registered with the deletion barrier, under the id it was given, before any request
+        assert [r[:2] for r in registry.live_replicas(60)] == [("replica-1", 0)]
+        job = InferenceJob(prompt="Hello", params=SamplingParams(max_tokens=3, ignore_eos=True))
+        (result,) = asyncio.run(deployment.generate([job]))
+        assert isinstance(result, GenerationResult) and result.completion_tokens == 3
+    finally:
+        deployment.watcher.stop()
+
+
+def test_the_ingress_builds_and_answers_without_serve(tiny_config):
+    config = tiny_config()
+    registry = AdapterRegistry(config.db_path)
+    key = registry.create_key("ann", ["hr"])[0]
+    ingress = IngressDeployment(
+        object(),  # the model's handle: this test makes no model call
+        config.model_dump(),
+        store=registry,
+        replica_alive=lambda replica_id: True,
+    )
+    gateway = ingress.gateway
+    assert gateway.store is registry and gateway.replica_alive("replica-1")
+    client = TestClient(ingress.__serve_build_asgi_app__())
+    answer = client.get("/v1/adapters", headers={"Authorization": f"Bearer {key}"})
+    assert answer.status_code == 200 and answer.json() == {"object": "list", "data": []}
+    assert client.get("/v1/adapters").status_code == 401
