@@ -19,6 +19,7 @@ import ray
 
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.storage.privacy import private_process
+from adapterswap.store.protocol import Store
 from adapterswap.store.registry import JobRecord, JobState
 
 _HEAD_NODE = {"node:__internal_head__": 0.001}
@@ -41,11 +42,11 @@ class JobRunner:
 
 
 class RayJobs:
-    """Submit and read jobs on the cluster; ``store`` answers registry methods synchronously."""
+    """Submit and read jobs on the cluster, their rows through ``store`` (the store's client)."""
 
     runner = RUNNER
 
-    def __init__(self, config: AdapterSwapConfig, store: Any) -> None:
+    def __init__(self, config: AdapterSwapConfig, store: Store) -> None:
         self.config = config
         self.store = store
 
