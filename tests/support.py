@@ -25,7 +25,9 @@ from adapterswap.config import AdapterSwapConfig
 from adapterswap.engine.replica import ModelReplica
 from adapterswap.models.base import LoadedModel, hash_base_model, load_base_model
 from adapterswap.route.stats import compute_shard_stats, save_shard_stats
-from adapterswap.storage.artifacts import version_location, write_adapter_version
+from adapterswap.storage.artifacts import write_adapter_version
+from adapterswap.storage.layout import StorageLayout
+from adapterswap.storage.manifest import AdapterManifest, BaseModelId, RouterInfo, TrainingMetrics
 from adapterswap.store.registry import AdapterRef, AdapterRegistry, JobRecord
 
 # Raw HTTP, for what a client library will not send: a lying Content-Length, an endless body.
@@ -135,16 +137,43 @@ def publish_random_adapter(
     lineage = doc_ids or [f"{adapter_id}-{i}" for i in range(len(texts))]
     version = registry.register_version(adapter_id, group, "x", lineage).version
     stats = compute_shard_stats(texts, embed, "embedded:all-MiniLM-L6-v2")
-    base = {"id": config.model.spec, "hash": hash_base_model(config.model, config.model_cache_dir)}
-    manifest = {"adapter_id": adapter_id, "version": version, "group": group, "base_model": base}
+    base_hash = hash_base_model(config.model, config.model_cache_dir)
+    ref = AdapterRef(adapter_id, version)
+    manifest = untrained_manifest(
+        ref, group, lineage, BaseModelId(id=config.model.spec, hash=base_hash)
+    )
     write_adapter_version(
-        version_location(config.storage, adapter_id, version),
+        StorageLayout.from_config(config).version(ref),
         peft_model,
         save_shard_stats(stats),
         manifest,
     )
     registry.activate(adapter_id, version)
-    return AdapterRef(adapter_id, version)
+    return ref
+
+
+def untrained_manifest(
+    ref: AdapterRef, group: str, doc_ids: list[str], base_model: BaseModelId
+) -> AdapterManifest:
+    """A complete manifest for a version that was not trained: fixed times and metrics, so
+    the same version written twice is the same bytes."""
+    return AdapterManifest(
+        adapter_id=ref.id,
+        version=ref.version,
+        shard=ref.id,
+        group=group,
+        doc_ids=sorted(doc_ids),
+        data_hash="sha256:untrained",
+        base_model=base_model,
+        lora={},
+        training={},
+        seed=0,
+        router=RouterInfo(embedder="embedded:all-MiniLM-L6-v2"),
+        metrics=TrainingMetrics(
+            final_loss=None, steps=0, tokens=0, wall_time_s=0.0, tokens_per_s=None
+        ),
+        created_at="2026-01-01T00:00:00+00:00",
+    )
 
 
 class RecordedJobs:

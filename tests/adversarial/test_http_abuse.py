@@ -48,8 +48,9 @@ from support import (
 from adapterswap.api.auth import Authenticator
 from adapterswap.errors import NotFound, Overloaded, StaleMixture, StoreUnavailable
 from adapterswap.models.embedder import load_embedder
-from adapterswap.storage.artifacts import ADAPTER_WEIGHTS, version_location
-from adapterswap.store.registry import AdapterRegistry
+from adapterswap.storage.artifacts import ADAPTER_WEIGHTS
+from adapterswap.storage.layout import StorageLayout
+from adapterswap.store.registry import AdapterRef, AdapterRegistry
 
 LIMIT = 1_000_000  # serve.max_body_bytes (the default)
 REQUEST_ID = re.compile(r"^internal error \(request id (req-[0-9a-f]{16})\)$")
@@ -66,7 +67,7 @@ def world(tiny_config):
     legal = publish_random_adapter(
         config, registry, embed, "legal.b0001.000", "legal", ["Contracts last 7 years."], 2
     )
-    _corrupt(config.storage, legal.id, legal.version)
+    _corrupt(StorageLayout.from_config(config), legal)
     app, _ = in_process_app(config, registry)
     gateway = app.state.gateway
     # As the Serve ingress builds it (with the store's key ids), with a small negative cache
@@ -86,9 +87,9 @@ def world(tiny_config):
     return TestClient(app, raise_server_exceptions=False), keys, app
 
 
-def _corrupt(storage: str, adapter_id: str, version: int) -> None:
+def _corrupt(layout: StorageLayout, ref: AdapterRef) -> None:
     """NaN in one LoRA matrix: a well-formed file whose tensors fail the bank's checks."""
-    path = Path(version_location(storage, adapter_id, version).child(ADAPTER_WEIGHTS).path)
+    path = Path(layout.version(ref).child(ADAPTER_WEIGHTS).path)
     state = load_safetensors(path.read_bytes())
     name = next(iter(state))
     state[name] = torch.full_like(state[name], float("nan"))

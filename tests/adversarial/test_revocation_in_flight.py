@@ -37,7 +37,8 @@ from adapterswap.engine.requests import GenerationResult, SamplingParams
 from adapterswap.errors import InvalidArgument, RevocationTimeout, StaleMixture
 from adapterswap.models.embedder import load_embedder
 from adapterswap.route.active_set import ActiveSet
-from adapterswap.storage.artifacts import ADAPTER_WEIGHTS, version_location
+from adapterswap.storage.artifacts import ADAPTER_WEIGHTS
+from adapterswap.storage.layout import StorageLayout
 from adapterswap.store.registry import AdapterRef, AdapterRegistry
 
 DOCS = {
@@ -363,7 +364,7 @@ def greedy_job(mixture=(), prompt=PROMPT, max_tokens=6) -> InferenceJob:
 
 def corrupt(world, ref: AdapterRef) -> None:
     """Overwrite a stored version's weights with bytes that are not safetensors."""
-    weights = version_location(world.config.storage, ref.id, ref.version).child(ADAPTER_WEIGHTS)
+    weights = StorageLayout.from_config(world.config).version(ref).child(ADAPTER_WEIGHTS)
     with weights.fs.open_output_stream(weights.path) as out:
         out.write(b"\x00garbage, not safetensors")
 
