@@ -37,7 +37,6 @@ from adapterswap.config import AdapterSwapConfig
 from adapterswap.storage.layout import StorageLayout
 from adapterswap.storage.privacy import private_process
 from adapterswap.train.shard import ShardRun, finish_shard_run, start_shard_trainer, step_or_explain
-from adapterswap.types import AdapterRef
 
 
 @dataclass(frozen=True)
@@ -96,8 +95,7 @@ def _trainer_for(
     run: ShardRun, config: AdapterSwapConfig, loop_config: dict[str, Any]
 ) -> TorchTrainer:
     # Ray Train writes <storage_path>/<name>: the run directory the layout (and a purge) knows.
-    ref = AdapterRef(run.adapter_id, run.version)
-    checkpoints = StorageLayout.from_config(config).checkpoints(ref)
+    checkpoints = StorageLayout.from_config(config).checkpoints(run.ref)
     use_gpu = config.ray.train_use_gpu
     if use_gpu == "auto":
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1

@@ -84,7 +84,7 @@ def _register(
 
 
 def _publish(run: ShardRun, layout: StorageLayout, registry: AdapterRegistry) -> dict[str, Any]:
-    ref = AdapterRef(run.adapter_id, run.version)
+    ref = run.ref
     manifest = read_manifest(layout.version(ref))
     registry.activate(ref.id, ref.version, manifest=manifest.model_dump(mode="json"), actor="train")
     delete_dir(layout.checkpoints(ref))  # they derive from the shard's documents
@@ -95,7 +95,7 @@ def _publish(run: ShardRun, layout: StorageLayout, registry: AdapterRegistry) ->
 def _abandon(
     run: ShardRun, error: str, layout: StorageLayout, registry: AdapterRegistry
 ) -> dict[str, Any]:
-    ref = AdapterRef(run.adapter_id, run.version)
+    ref = run.ref
     if registry.get_version(ref.id, ref.version).status == AdapterStatus.TRAINING:
         registry.fail(ref.id, ref.version, reason=error[:500], actor="train")
     purge_version(layout, registry, ref, actor="train")

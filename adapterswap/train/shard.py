@@ -56,6 +56,10 @@ class ShardRun:
     embedding: dict[str, Any] = field(default_factory=dict)
     started_at: float = 0.0
 
+    @property
+    def ref(self) -> AdapterRef:
+        return AdapterRef(self.adapter_id, self.version)
+
 
 def make_shard_run(
     work: ShardWork,
@@ -142,7 +146,7 @@ def finish_shard_run(run: ShardRun, trainer: ShardTrainer) -> AdapterManifest:
     embedder = load_embedder(EmbeddingSettings(**run.embedding))
     stats = compute_shard_stats(run.texts, embedder.embed, embedder.model_id)
     manifest = build_manifest(run, trainer, embedder.model_id)
-    loc = StorageLayout.from_uri(run.storage_uri).version(AdapterRef(run.adapter_id, run.version))
+    loc = StorageLayout.from_uri(run.storage_uri).version(run.ref)
     write_adapter_version(loc, trainer.model, save_shard_stats(stats), manifest)
     return manifest
 
