@@ -31,6 +31,7 @@ class JobRunner:
     """Runs the jobs of one kind, in the order they were queued."""
 
     def run(self, kind: str, config: dict[str, Any], job_id: str) -> None:
+        from actors.train_launcher import train_shards_with_ray
         from adapterswap.delete.job import run_deletion
         from adapterswap.store.registry import AdapterRegistry
         from adapterswap.train.job import run_training
@@ -38,7 +39,8 @@ class JobRunner:
         private_process()
         settings = AdapterSwapConfig.model_validate(config)
         work = {"train": run_training, "delete": run_deletion}[kind]
-        work(settings, AdapterRegistry(settings.db_path), job_id=job_id)
+        registry = AdapterRegistry(settings.db_path)
+        work(settings, registry, train_shards=train_shards_with_ray, job_id=job_id)
 
 
 class RayJobs:

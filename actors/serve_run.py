@@ -1,39 +1,166 @@
-"""``adapterswap serve``: start (or join) Ray, deploy the app, serve until stopped."""
+"""Starting Ray and Serve from the command line: ``adapterswap serve`` and the demo.
+
+:func:`ray_started` joins the configured cluster (or starts a local one) for a block and shuts
+it down after; :func:`app_served` deploys the Serve application for a block. With a
+``ray_log`` file, Ray's own output goes there instead of the terminal (the demo's terminal
+shows its story and its progress bars only). Ray talks to the driver's terminal in three ways,
+each redirected here:
+
+- its Python loggers (``ray``, ``ray.serve``, ``ray.data``, ...), whose console handlers it
+  installs at import and again in ``ray.init`` and ``serve.start``;
+- Python warnings raised in its modules;
+- what the raylet and the core worker push to the driver (worker start-up warnings, retried
+  tasks), printed by a thread of the driver through ``print_to_stdstream``.
+
+The raylet's, the GCS's and the workers' own logs stay where Ray writes them, in the session's
+``logs/`` directory (its path is the first line of ``ray_log``).
+"""
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
 
+import ray
+import ray._private.worker as ray_worker
+from ray import serve
+
+from actors.serve_app import build_app
 from adapterswap.config import AdapterSwapConfig
+
+RAY_PACKAGE = str(Path(ray.__file__).parent)
+
+
+@contextmanager
+def ray_started(
+    address: str | None,
+    *,
+    namespace: str | None = None,
+    include_dashboard: bool | None = None,
+    ray_log: Path | None = None,
+) -> Iterator[None]:
+    """Ray for the block: ``ray.init(address, ...)``, then ``ray.shutdown()`` however it ends.
+
+    ``ray_log``: Ray's output goes to this file (see the module docstring), not the terminal.
+    """
+    with ExitStack() as stack:
+        if ray_log is not None:
+            stack.enter_context(_ray_output_to(ray_log))
+        ray.init(
+            address=address,
+            namespace=namespace,
+            include_dashboard=include_dashboard,
+            log_to_driver=False,
+        )
+        stack.callback(ray.shutdown)
+        _reroute_ray_loggers()  # ray.init may have set up console handlers again
+        node = ray_worker._global_node  # None when joined through a Ray client
+        if ray_log is not None and node is not None:
+            logs = node.get_logs_dir_path()
+            logging.getLogger("ray").info("the session's own logs (raylet, GCS, workers): %s", logs)
+        yield
+
+
+@contextmanager
+def app_served(app_args: dict[str, Any], host: str, port: int) -> Iterator[None]:
+    """The Serve application (``build_app(app_args)``) on ``host:port`` for the block.
+
+    On the way out, Serve drains in-flight requests before it shuts down.
+    """
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        _reroute_ray_loggers()  # serve.start configured Serve's logger
+        serve.run(build_app(app_args), name="adapterswap", route_prefix="/")
+        yield
+    finally:
+        serve.shutdown()
 
 
 def serve_until_stopped(
     config: AdapterSwapConfig,
     host: str,
     port: int,
-    *,
-    config_file: str | None,
-    overrides: list[str],
 ) -> None:
     """Deploy the Serve application on ``host:port`` and block until SIGINT or SIGTERM.
 
-    Joins the Ray cluster at ``ray.address`` (or RAY_ADDRESS), else starts a local one.
-    On a signal, Serve drains in-flight requests before it shuts down.
+    Joins the Ray cluster at ``ray.address`` (or RAY_ADDRESS), else starts a local one. The app
+    gets the whole configuration this command resolved (file, environment, ``--set``).
     """
-    import ray
-    from ray import serve
-
-    from actors.serve_app import build_app
-
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # a signal during start-up stops once it is up
         signal.signal(sig, lambda *_: stop.set())
-    ray.init(address=config.ray.address, namespace=config.ray.namespace, log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port})
     args = {"home": config.home, "config": config.model_dump(), "num_replicas": 1}
-    serve.run(build_app(args), name="adapterswap", route_prefix="/")
-    print(f"AdapterSwap serving on http://{host}:{port} (Ctrl-C to stop)", flush=True)
-    stop.wait()
-    serve.shutdown()
-    ray.shutdown()
+    with (
+        ray_started(config.ray.address, namespace=config.ray.namespace),
+        app_served(args, host, port),
+    ):
+        print(f"AdapterSwap serving on http://{host}:{port} (Ctrl-C to stop)", flush=True)
+        stop.wait()
+
+
+class _RayLogFile(logging.FileHandler):
+    """The file Ray's output goes to (a class of its own, so that it is found again)."""
+
+
+@contextmanager
+def _ray_output_to(path: Path) -> Iterator[None]:
+    """Ray's loggers, warnings and pushed messages to ``path`` for the block; then as before."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = _RayLogFile(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s -- %(message)s"))
+    saved = {name: list(logger.handlers) for name, logger in _ray_loggers().items()}
+    show, print_pushed = warnings.showwarning, ray_worker.print_to_stdstream
+
+    def show_warning(message: Any, category: Any, filename: str, lineno: int, *rest: Any) -> None:
+        if filename.startswith(RAY_PACKAGE):
+            logging.getLogger("ray.warnings").warning("%s: %s", category.__name__, message)
+        else:
+            show(message, category, filename, lineno, *rest)
+
+    def print_to_log(data: dict[str, Any], ignore_prefix: bool) -> None:
+        for line in data.get("lines", []):
+            logging.getLogger("ray.pushed").warning("(%s) %s", data.get("pid"), line)
+
+    logging.getLogger("ray").addHandler(handler)
+    _reroute_ray_loggers()
+    warnings.showwarning = show_warning
+    # Private, but the one way in: the driver's error thread calls this module function by name.
+    ray_worker.print_to_stdstream = print_to_log
+    try:
+        yield
+    finally:
+        ray_worker.print_to_stdstream = print_pushed
+        warnings.showwarning = show
+        for name, logger in _ray_loggers().items():
+            logger.handlers = saved.get(name, [h for h in logger.handlers if h is not handler])
+        handler.close()
+
+
+def _ray_loggers() -> dict[str, logging.Logger]:
+    return {
+        name: logger
+        for name, logger in logging.root.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger) and (name == "ray" or name.startswith("ray."))
+    }
+
+
+def _reroute_ray_loggers() -> None:
+    """While Ray's output goes to a file, swap every console handler of its loggers for it."""
+    log_file = [h for h in logging.getLogger("ray").handlers if isinstance(h, _RayLogFile)]
+    if not log_file:
+        return
+    for logger in _ray_loggers().values():
+        consoles = [
+            h
+            for h in logger.handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        ]
+        if consoles:
+            kept = [h for h in logger.handlers if h not in consoles and h is not log_file[0]]
+            logger.handlers = [*kept, log_file[0]]

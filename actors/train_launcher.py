@@ -22,7 +22,7 @@ import posixpath
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +36,8 @@ from ray.util.queue import Queue
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.storage.layout import StorageLayout
 from adapterswap.storage.privacy import private_process
+from adapterswap.train.launcher import ShardOutcome
 from adapterswap.train.shard import ShardRun, finish_shard_run, start_shard_trainer, step_or_explain
-
-
-@dataclass(frozen=True)
-class ShardOutcome:
-    """How one shard's Ray Train run ended."""
-
-    run: ShardRun
-    error: str | None
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
@@ -128,7 +121,8 @@ def train_shards_with_ray(
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     fail_once_at_step: int | None = None,
 ) -> list[ShardOutcome]:
-    """Run one TorchTrainer per shard concurrently; returns each shard's outcome.
+    """Run one TorchTrainer per shard concurrently; returns each shard's outcome (the
+    :class:`~adapterswap.train.launcher.ShardLauncher` the jobs are given on Ray).
 
     ``fail_once_at_step`` makes every shard's worker crash once at that step (a
     fault-injection hook for tests of ``FailureConfig`` recovery).

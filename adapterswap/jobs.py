@@ -11,36 +11,16 @@ died): ``start`` fails it, so no job stays ``running`` forever.
 from __future__ import annotations
 
 import os
-import shlex
 import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from adapterswap.config import AdapterSwapConfig
 from adapterswap.store.locks import exclusive
 from adapterswap.store.registry import AdapterRegistry, JobRecord, JobState
 
 PROGRESS_INTERVAL_S = 1.0
-
-
-DEFAULT_JOB_SERVER = "http://127.0.0.1:8265"
-
-
-def submit_ray_job(config: AdapterSwapConfig, args: list[str]) -> str | None:
-    """Submit ``python -m adapterswap ARGS`` as a Ray job; None when no job server answers.
-
-    The job server is ``RAY_ADDRESS``, else ``ray.address``, else the local dashboard.
-    """
-    from ray.job_submission import JobSubmissionClient
-
-    address = os.environ.get("RAY_ADDRESS") or config.ray.address or DEFAULT_JOB_SERVER
-    try:
-        client = JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError, ValueError):
-        return None
-    return client.submit_job(entrypoint=shlex.join(["python", "-m", "adapterswap", *args]))
 
 
 @contextmanager

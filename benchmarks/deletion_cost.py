@@ -43,6 +43,7 @@ import ray
 from _common import serve_on_loopback, write_result
 from ray import serve
 
+from actors.train_launcher import train_shards_with_ray
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.ingest import ingest_files, ingest_records
 from adapterswap.catalog.readers import RawRecord
@@ -252,12 +253,14 @@ def removal_cost(root: Path, steps: int) -> dict[str, Any]:
     ingest_files(sorted((EXAMPLES / "batch1").glob("*.jsonl")), config, embed=embed)
     registry = AdapterRegistry(config.db_path)
     started = time.perf_counter()
-    everything = run_training(config, registry)
+    everything = run_training(config, registry, train_shards=train_shards_with_ray)
     all_s = time.perf_counter() - started
     victim = sorted(Catalog(config.storage).ids())[0]
     started = time.perf_counter()
     request = request_delete(registry, Catalog(config.storage), [victim], "bench", "bench")
-    report = run_deletion(config, registry, job_id=request.job_id)
+    report = run_deletion(
+        config, registry, train_shards=train_shards_with_ray, job_id=request.job_id
+    )
     one_s = time.perf_counter() - started
     all_tokens = sum(t["tokens"] for t in everything.trained)
     one_tokens = sum(t["tokens"] for t in report.training["trained"])

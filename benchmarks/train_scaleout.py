@@ -18,6 +18,7 @@ from pathlib import Path
 import ray
 from _common import write_result
 
+from actors.train_launcher import train_shards_with_ray
 from adapterswap.catalog.ingest import ingest_files
 from adapterswap.config import load_config
 from adapterswap.store.registry import AdapterRegistry
@@ -43,7 +44,9 @@ def timed_run(model: str, shards: int, steps: int, cpus_per_worker: float) -> di
         )
         ingest_files(CORPUS, config, embed=None)
         started = time.perf_counter()
-        report = run_training(config, AdapterRegistry(config.db_path))
+        report = run_training(
+            config, AdapterRegistry(config.db_path), train_shards=train_shards_with_ray
+        )
         wall = time.perf_counter() - started
     assert not report.failed, report.failed
     n = len(report.trained)

@@ -22,6 +22,7 @@ from _common import write_result
 from peft import LoraConfig, get_peft_model
 from transformers import get_cosine_schedule_with_warmup
 
+from actors.train_launcher import train_shards_with_ray
 from adapterswap.catalog.ingest import ingest_files
 from adapterswap.config import load_config
 from adapterswap.models.base import load_base_model
@@ -79,7 +80,12 @@ def plain_peft(config, texts: list[str], threads: int) -> dict:
 def ray_train(config, threads: int) -> dict:
     events = []
     started = time.perf_counter()
-    report = run_training(config, AdapterRegistry(config.db_path), on_progress=events.append)
+    report = run_training(
+        config,
+        AdapterRegistry(config.db_path),
+        train_shards=train_shards_with_ray,
+        on_progress=events.append,
+    )
     wall = time.perf_counter() - started
     assert not report.failed, report.failed
     rates = [e["tokens_per_s"] for e in events if e["step"] > 1]

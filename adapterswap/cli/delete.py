@@ -1,4 +1,5 @@
-"""``adapterswap delete``: revoke and wait for the replicas, then retrain and purge in a job.
+"""``adapterswap delete``: revoke and wait for the replicas, then retrain and purge in a job;
+``adapterswap verify-forget``: check that a deleted document is forgotten.
 
 ``adapterswap delete DOC_ID...`` revokes in the store (one transaction) and returns once every
 live serving replica has acknowledged it. The rest (catalog, retraining, purge) runs as a
@@ -8,11 +9,20 @@ runs it here. ``adapterswap delete --finish`` finishes every deletion a crash le
 
 from __future__ import annotations
 
+import argparse
+import os
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
+from actors.cluster_status import replica_liveness
+from actors.job_submission import submit_ray_job
+from actors.train_launcher import train_shards_with_ray
+from adapterswap.api.client import Client
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.ingest import ingest_lock
+from adapterswap.catalog.readers import read_inputs
+from adapterswap.cli.common import UsageError, forwarded_flags, open_registry
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.delete.job import (
     DeletionReport,
@@ -20,13 +30,32 @@ from adapterswap.delete.job import (
     run_deletion,
     wait_for_replicas,
 )
+from adapterswap.delete.verify_forget import ForgetCheckFailed, http_scorer, verify_forget
 from adapterswap.errors import AdapterSwapError
-from adapterswap.jobs import process_runner, submit_ray_job
+from adapterswap.jobs import process_runner
+from adapterswap.progress import ShardProgressBars
 from adapterswap.store.registry import AdapterRegistry
 
 
 class DeletionFailed(AdapterSwapError):
     """The documents stay revoked, but retraining or purging failed; rerun --finish."""
+
+
+def delete_command(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
+    """``delete DOC_ID...`` or ``delete --finish``."""
+    if args.finish == bool(args.doc_ids):
+        raise UsageError("delete: give DOC_ID... or --finish (not both)")
+    if args.finish:
+        return finish_deletions(config, open_registry(config), None, quiet=args.json)
+    return delete_documents(
+        config,
+        open_registry(config),
+        args.doc_ids,
+        wait=args.wait,
+        forward=forwarded_flags(args),
+        quiet=args.json,
+        is_alive=replica_liveness(config),
+    )
 
 
 def delete_documents(
@@ -75,13 +104,15 @@ def finish_deletions(
     config: AdapterSwapConfig, registry: AdapterRegistry, job_id: str | None, *, quiet: bool
 ) -> tuple[str, dict[str, Any]]:
     """Run the delete job here (``--finish``, or after a request); raises DeletionFailed."""
-    from dataclasses import asdict
-
-    from adapterswap.progress import ShardProgressBars
-
     bars = None if quiet else ShardProgressBars()
     try:
-        report = run_deletion(config, registry, job_id=job_id, on_progress=bars)
+        report = run_deletion(
+            config,
+            registry,
+            train_shards=train_shards_with_ray,
+            job_id=job_id,
+            on_progress=bars,
+        )
     finally:
         if bars is not None:
             bars.close()
@@ -109,3 +140,25 @@ def format_report(report: DeletionReport) -> str:
             f"  purged versions: {', '.join(report.purged) or 'none'}",
         ]
     )
+
+
+def verify_forget_command(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
+    """Score the deleted document against never-ingested controls of its group, over HTTP."""
+    key = args.key or os.environ.get("ADAPTERSWAP_API_KEY")
+    if not key:
+        raise UsageError("verify-forget: give --key or set ADAPTERSWAP_API_KEY")
+    source = [r.fields for r in read_inputs([args.source]).records]
+    doc = next((r for r in source if r.get("id") == args.doc_id), None)
+    if doc is None:
+        raise UsageError(f"verify-forget: {args.source} has no record with id {args.doc_id!r}")
+    group = doc.get("group")
+    controls = [
+        r["text"]
+        for r in (r.fields for r in read_inputs([args.controls_file]).records)
+        if r.get("group") == group and r.get("id") != args.doc_id
+    ][: args.controls]
+    with Client(args.url, key) as client:
+        report = verify_forget(args.doc_id, group, doc["text"], controls, http_scorer(client))
+    if not report.passed:
+        raise ForgetCheckFailed(report.summary())
+    return report.summary(), asdict(report)

@@ -1,4 +1,8 @@
-"""The ``adapterswap`` command line (see API.md for the contract).
+"""The ``adapterswap`` command line: its parser and the dispatch (see API.md for the contract).
+
+Each command's work lives in its group's module (``ingest``, ``train``, ``serve``, ``delete``,
+``keys``, ``ops``, ``demo``); the parser names it as ``module:function``, imported only when
+the command runs, so ``--help`` stays instant although training pulls in torch and Ray.
 
 Exit codes: 0 success, 1 the operation failed, 2 wrong usage. ``--json`` prints one
 JSON document on stdout instead of the human-readable report; errors then come as
@@ -8,22 +12,19 @@ JSON document on stdout instead of the human-readable report; errors then come a
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from adapterswap.cli.common import UsageError
 from adapterswap.config import AdapterSwapConfig, load_config
 from adapterswap.errors import AdapterSwapError
-from adapterswap.storage.privacy import private_home, private_process
+from adapterswap.storage.privacy import private_process
 
 Handler = Callable[[argparse.Namespace, AdapterSwapConfig], tuple[str, Any]]
-
-
-class UsageError(Exception):
-    """Wrong usage that argparse cannot express: exit code 2."""
 
 
 def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -61,12 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("files", nargs="+", type=Path, metavar="FILE")
     ingest.add_argument("--group", help="group of records that do not name one")
     ingest.add_argument("--batch", help="batch label (default: the next bNNNN)")
-    ingest.set_defaults(handler=_cmd_ingest)
+    ingest.set_defaults(handler="adapterswap.cli.ingest:ingest_command")
 
     serve_cmd = sub.add_parser("serve", parents=[common], help="serve the HTTP API until stopped")
     serve_cmd.add_argument("--host", help="bind address (default serve.host, 127.0.0.1)")
     serve_cmd.add_argument("--port", type=int, help="port (default serve.port, 8000)")
-    serve_cmd.set_defaults(handler=_cmd_serve)
+    serve_cmd.set_defaults(handler="adapterswap.cli.serve:serve_command")
 
     train = sub.add_parser(
         "train", parents=[common], help="train every shard whose content changed"
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train here and wait (default: submit a Ray job when a cluster is running)",
     )
-    train.set_defaults(handler=_cmd_train)
+    train.set_defaults(handler="adapterswap.cli.train:train_command")
 
     delete = sub.add_parser(
         "delete", parents=[common], help="delete documents: revoke now, retrain and purge"
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument(
         "--finish", action="store_true", help="finish every deletion a crash left unfinished"
     )
-    delete.set_defaults(handler=_cmd_delete)
+    delete.set_defaults(handler="adapterswap.cli.delete:delete_command")
 
     verify = sub.add_parser(
         "verify-forget",
@@ -112,12 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--key", help="a key holding the document's group (env ADAPTERSWAP_API_KEY)"
     )
-    verify.set_defaults(handler=_cmd_verify_forget)
+    verify.set_defaults(handler="adapterswap.cli.delete:verify_forget_command")
 
     audit = sub.add_parser("audit", parents=[common], help="the append-only audit log")
     audit.add_argument("--since", type=int, default=0, help="entries after this sequence number")
     audit.add_argument("--limit", type=int, default=100, help="at most this many entries")
-    audit.set_defaults(handler=_cmd_audit)
+    audit.set_defaults(handler="adapterswap.cli.ops:audit_command")
 
     status = sub.add_parser(
         "status",
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also join the running Ray cluster and report its nodes and Serve apps",
     )
-    status.set_defaults(handler=_cmd_status)
+    status.set_defaults(handler="adapterswap.cli.ops:status_command")
 
     keys = sub.add_parser("keys", parents=[common], help="manage API keys").add_subparsers(
         dest="keys_command", required=True, metavar="ACTION"
@@ -138,17 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--user", required=True)
     create.add_argument("--groups", required=True, help="comma-separated groups, e.g. hr,finance")
     create.add_argument("--admin", action="store_true", help="allow admin endpoints")
-    create.set_defaults(handler=_cmd_keys_create)
-    keys.add_parser("list", parents=[common], help="list keys").set_defaults(handler=_cmd_keys_list)
+    create.set_defaults(handler="adapterswap.cli.keys:create_key_command")
+    keys.add_parser("list", parents=[common], help="list keys").set_defaults(
+        handler="adapterswap.cli.keys:list_keys_command"
+    )
     revoke = keys.add_parser("revoke", parents=[common], help="revoke a key by its id")
     revoke.add_argument("key_id")
-    revoke.set_defaults(handler=_cmd_keys_revoke)
+    revoke.set_defaults(handler="adapterswap.cli.keys:revoke_key_command")
 
     backup = sub.add_parser(
         "backup", parents=[common], help="copy the store, catalog and adapters to a new directory"
     )
     backup.add_argument("dest", metavar="DEST", help="a local directory: new or empty")
-    backup.set_defaults(handler=_cmd_backup)
+    backup.set_defaults(handler="adapterswap.cli.ops:backup_command")
 
     restore = sub.add_parser(
         "restore", parents=[common], help="restore a backup into this home and storage"
@@ -163,200 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
             "using this home and storage first"
         ),
     )
-    restore.set_defaults(handler=_cmd_restore)
+    restore.set_defaults(handler="adapterswap.cli.ops:restore_command")
 
     demo = sub.add_parser("demo", parents=[common], help="the end-to-end demonstration")
     demo.add_argument("--corpus", type=Path, help="example corpus directory (default: examples/)")
     demo.add_argument("--steps", type=int, help="training steps per shard (default 20)")
-    demo.set_defaults(handler=_cmd_demo)
+    demo.set_defaults(handler="adapterswap.cli.demo:demo_command")
     return parser
 
 
-def _registry(config: AdapterSwapConfig):  # noqa: ANN202 - import kept lazy for fast --help
-    from adapterswap.store.registry import AdapterRegistry
-
-    private_home(config.home_path)
-    return AdapterRegistry(config.db_path)
-
-
-def _cmd_ingest(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
-    from adapterswap.catalog.ingest import ingest_files
-    from adapterswap.models.embedder import load_embedder
-    from adapterswap.progress import embed_with_progress
-
-    embed = None
-    if config.sharding.strategy == "topical":
-        embed = embed_with_progress(load_embedder(config.embedding).embed, "planning shards")
-    result = ingest_files(
-        args.files,
-        config,
-        embed=embed,
-        audit=_registry(config),
-        actor="cli",
-        group=args.group,
-        batch=args.batch,
-    )
-    lines = [f"accepted {result.accepted} documents into batch {result.batch}", "planned shards:"]
-    lines += [
-        f"  {p.shard:<32} {len(p.doc_ids):>5} docs {p.tokens:>8} tokens" for p in result.shards
-    ]
-    payload = {
-        "accepted": result.accepted,
-        "batch": result.batch,
-        "shards": [asdict(p) for p in result.shards],
-    }
-    return "\n".join(lines), payload
-
-
-def _cmd_serve(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
-    from actors.serve_run import serve_until_stopped
-
-    host = args.host or config.serve.host
-    port = args.port or config.serve.port
-    serve_until_stopped(config, host, port, config_file=args.config, overrides=args.overrides)
-    return "stopped", {"stopped": True}
-
-
-def _cmd_train(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
-    from adapterswap.cli.train import submit_or_train
-
-    return submit_or_train(config, wait=args.wait, forward=_forwarded_flags(args), quiet=args.json)
-
-
-def _forwarded_flags(args: argparse.Namespace) -> list[str]:
-    """The global flags a submitted job must repeat to see the same configuration."""
-    flags = []
-    if args.home:
-        flags += ["--home", args.home]
-    if args.config:
-        flags += ["--config", args.config]
-    for item in args.overrides:
-        flags += ["--set", item]
-    return flags
-
-
-def _cmd_delete(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
-    from actors.cluster_status import replica_liveness
-    from adapterswap.cli.delete import delete_documents, finish_deletions
-
-    if args.finish == bool(args.doc_ids):
-        raise UsageError("delete: give DOC_ID... or --finish (not both)")
-    if args.finish:
-        return finish_deletions(config, _registry(config), None, quiet=args.json)
-    return delete_documents(
-        config,
-        _registry(config),
-        args.doc_ids,
-        wait=args.wait,
-        forward=_forwarded_flags(args),
-        quiet=args.json,
-        is_alive=replica_liveness(config),
-    )
-
-
-def _cmd_verify_forget(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
-    import os
-
-    from adapterswap.api.client import Client
-    from adapterswap.catalog.readers import read_inputs
-    from adapterswap.delete.verify_forget import ForgetCheckFailed, http_scorer, verify_forget
-
-    key = args.key or os.environ.get("ADAPTERSWAP_API_KEY")
-    if not key:
-        raise UsageError("verify-forget: give --key or set ADAPTERSWAP_API_KEY")
-    source = [r.fields for r in read_inputs([args.source]).records]
-    doc = next((r for r in source if r.get("id") == args.doc_id), None)
-    if doc is None:
-        raise UsageError(f"verify-forget: {args.source} has no record with id {args.doc_id!r}")
-    group = doc.get("group")
-    controls = [
-        r["text"]
-        for r in (r.fields for r in read_inputs([args.controls_file]).records)
-        if r.get("group") == group and r.get("id") != args.doc_id
-    ][: args.controls]
-    with Client(args.url, key) as client:
-        report = verify_forget(args.doc_id, group, doc["text"], controls, http_scorer(client))
-    if not report.passed:
-        raise ForgetCheckFailed(report.summary())
-    return report.summary(), asdict(report)
-
-
-def _cmd_audit(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
-    entries = _registry(config).audit_log(args.since, args.limit)
-    lines = [
-        f"{e.seq:>6} {e.ts} {e.actor:<14} {e.action:<18} {json.dumps(e.details, sort_keys=True)}"
-        for e in entries
-    ]
-    return "\n".join(lines) or "no audit entries", [asdict(e) for e in entries]
-
-
-def _cmd_status(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
-    from adapterswap.ops.status import collect_status, format_status
-
-    cluster = None
-    if args.cluster:
-        from actors.cluster_status import collect_cluster
-
-        cluster = collect_cluster(config)
-    status = collect_status(config, _registry(config), cluster)
-    return format_status(status), status
-
-
-def _cmd_keys_create(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
-    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
-    key, record = _registry(config).create_key(args.user, groups, admin=args.admin, actor="cli")
-    text = (
-        f"created key {record.key_id} for user {record.user} "
-        f"(groups: {', '.join(record.groups)}{', admin' if record.admin else ''})\n"
-        f"{key}\n"
-        "Store it now: it is not shown again."
-    )
-    return text, {"key": key, **asdict(record)}
-
-
-def _cmd_keys_list(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
-    keys = _registry(config).list_keys()
-    rows = [
-        f"  {k.key_id:<14} {k.user:<20} {','.join(k.groups):<30} "
-        f"{'admin' if k.admin else '':<6} {'revoked' if k.revoked_at else 'active'}"
-        for k in keys
-    ]
-    return "\n".join([f"{len(keys)} key(s)", *rows]), [asdict(k) for k in keys]
-
-
-def _cmd_keys_revoke(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
-    record = _registry(config).revoke_key(args.key_id, actor="cli")
-    return f"revoked key {record.key_id} ({record.user})", asdict(record)
-
-
-def _cmd_backup(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
-    from adapterswap.ops.backup import backup_home
-
-    done = backup_home(config, args.dest)
-    text = (
-        f"backed up {done.files} files ({done.bytes} bytes, store epoch {done.epoch}) "
-        f"to {done.backup}"
-    )
-    return text, asdict(done)
-
-
-def _cmd_restore(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
-    from adapterswap.ops.backup import restore_home
-
-    done = restore_home(config, args.src, force=args.force)
-    text = (
-        f"restored {done.files} files ({done.bytes} bytes, store epoch {done.epoch}) "
-        f"from {done.backup} into {config.home_path} and {done.storage}"
-    )
-    return text, asdict(done)
-
-
-def _cmd_demo(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
-    from adapterswap.cli.demo import DEMO_STEPS, run_demo
-
-    echo = None if args.json else print
-    report = run_demo(config, corpus=args.corpus, echo=echo, steps=args.steps or DEMO_STEPS)
-    return "", report
+def load_handler(name: str) -> Handler:
+    """The function a command's ``handler`` names as ``module:function``, imported now."""
+    module, _, function = name.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -365,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     private_process()  # whatever the umask: the home and its files are the user's alone
     try:
         config = load_config(args.config, home=args.home, overrides=args.overrides)
-        text, payload = args.handler(args, config)
+        text, payload = load_handler(args.handler)(args, config)
     except UsageError as exc:
         print(f"adapterswap: error: {exc}", file=sys.stderr)
         return 2

@@ -9,11 +9,16 @@ failed. ``ray job submit -- python -m adapterswap train --wait`` is the same ent
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
+from actors.job_submission import submit_ray_job
+from actors.train_launcher import train_shards_with_ray
+from adapterswap.cli.common import forwarded_flags
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import AdapterSwapError
-from adapterswap.jobs import submit_ray_job
+from adapterswap.progress import ShardProgressBars
+from adapterswap.store.registry import AdapterRegistry
 from adapterswap.train.job import TrainReport, run_training
 
 
@@ -21,14 +26,21 @@ class TrainingFailed(AdapterSwapError):
     """At least one shard failed to train; the others were published."""
 
 
+def train_command(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
+    """The ``train`` command's flags, to :func:`submit_or_train`."""
+    return submit_or_train(config, wait=args.wait, forward=forwarded_flags(args), quiet=args.json)
+
+
 def train_in_foreground(config: AdapterSwapConfig, *, quiet: bool) -> TrainReport:
     """Run the training job here (joining or starting Ray if there is work), with progress bars."""
-    from adapterswap.progress import ShardProgressBars
-    from adapterswap.store.registry import AdapterRegistry
-
     bars = None if quiet else ShardProgressBars()
     try:
-        return run_training(config, AdapterRegistry(config.db_path), on_progress=bars)
+        return run_training(
+            config,
+            AdapterRegistry(config.db_path),
+            train_shards=train_shards_with_ray,
+            on_progress=bars,
+        )
     finally:
         if bars is not None:
             bars.close()

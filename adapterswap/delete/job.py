@@ -60,6 +60,7 @@ from adapterswap.store.registry import (
     covers_row,
 )
 from adapterswap.train.job import TrainReport, train_changed_shards
+from adapterswap.train.launcher import ShardLauncher
 
 # A DELETE reads the catalog again after recording the deletion; a replacement that landed
 # in between is deleted in a further round. Without the ingest lock, rounds are bounded.
@@ -236,13 +237,15 @@ def run_deletion(
     config: AdapterSwapConfig,
     registry: AdapterRegistry,
     *,
+    train_shards: ShardLauncher,
     job_id: str | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> DeletionReport:
-    """Finish every unfinished deletion: remove, retrain, purge (see the module docstring)."""
+    """Finish every unfinished deletion: remove, retrain (with ``train_shards``), purge (see
+    the module docstring)."""
     with running_job(registry, "delete", job_id) as job:
         report = DeletionReport(job=job.job_id)
-        _finish_deletions(config, registry, report, job.forwarding(on_progress))
+        _finish_deletions(config, registry, report, train_shards, job.forwarding(on_progress))
         failed = ", ".join(f["id"] for f in report.training.get("failed", []))
         job.finish(asdict(report), error=f"retraining failed: {failed}" if failed else None)
     return report
@@ -252,6 +255,7 @@ def _finish_deletions(
     config: AdapterSwapConfig,
     registry: AdapterRegistry,
     report: DeletionReport,
+    train_shards: ShardLauncher,
     on_progress: Callable[[dict[str, Any]], None],
 ) -> None:
     pending = registry.unfinished_deletions()
@@ -271,7 +275,7 @@ def _finish_deletions(
         registry.advance_deletion(deleting, DeletionState.REMOVED, actor="delete")
 
     trained = TrainReport()
-    train_changed_shards(config, registry, trained, on_progress, only=shards)
+    train_changed_shards(config, registry, trained, train_shards, on_progress, only=shards)
     report.training = asdict(trained)
     failed = {f["id"] for f in trained.failed}
     present = {s.shard for s in catalog.shard_summaries()}

@@ -31,6 +31,7 @@ from adapterswap.storage.layout import StorageLayout
 from adapterswap.storage.manifest import read_manifest
 from adapterswap.storage.purge import purge_version, sweep_orphans
 from adapterswap.store.registry import AdapterRef, AdapterRegistry, AdapterStatus
+from adapterswap.train.launcher import ShardLauncher
 from adapterswap.train.plan import ShardWork, shards_to_train
 from adapterswap.train.shard import ShardRun, make_shard_run
 
@@ -106,11 +107,12 @@ def run_training(
     config: AdapterSwapConfig,
     registry: AdapterRegistry,
     *,
+    train_shards: ShardLauncher,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
-    fail_once_at_step: int | None = None,
     job_id: str | None = None,
 ) -> TrainReport:
-    """Train and publish every changed shard with Ray Train (joining or starting Ray if needed).
+    """Train and publish every changed shard, the shards trained by ``train_shards`` (on Ray:
+    ``actors.train_launcher.train_shards_with_ray``, passed by the CLI and the job runner).
 
     The work is recorded as job ``job_id`` (created ``pending`` by the submitter), or as a
     new job of this process; jobs queue on the home's train lock.
@@ -118,7 +120,7 @@ def run_training(
     with running_job(registry, "train", job_id) as job:
         report = TrainReport(job=job.job_id)
         progress = job.forwarding(on_progress)
-        train_changed_shards(config, registry, report, progress, fail_once_at_step)
+        train_changed_shards(config, registry, report, train_shards, progress)
         failed = ", ".join(f["id"] for f in report.failed)
         job.finish(asdict(report), error=f"shards failed: {failed}" if failed else None)
     return report
@@ -128,14 +130,12 @@ def train_changed_shards(
     config: AdapterSwapConfig,
     registry: AdapterRegistry,
     report: TrainReport,
+    train_shards: ShardLauncher,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
-    fail_once_at_step: int | None = None,
     only: Collection[str] | None = None,
 ) -> None:
     """The body of a training job (the caller holds the home's train lock): recover, train
     the changed shards (of ``only``, if given) and publish them, filling ``report``."""
-    from actors.train_launcher import train_shards_with_ray
-
     layout = StorageLayout.from_config(config)
     report.recovered = recover_interrupted(layout, registry)
     work = shards_to_train(Catalog(config.storage), registry, only)
@@ -144,9 +144,7 @@ def train_changed_shards(
         return
     base_hash = hash_base_model(config.model, config.model_cache_dir)
     runs = [_register(w, config, layout, registry, base_hash) for w in work]
-    outcomes = train_shards_with_ray(
-        runs, config, on_progress=on_progress, fail_once_at_step=fail_once_at_step
-    )
+    outcomes = train_shards(runs, config, on_progress=on_progress)
     for outcome in outcomes:
         error = outcome.error
         if error is None:

@@ -16,12 +16,12 @@ import torch
 from fastapi.testclient import TestClient
 from support import in_process_app, publish_random_adapter
 
-from actors.train_launcher import ShardOutcome
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.delete.job import run_deletion
 from adapterswap.errors import IllegalTransition
 from adapterswap.store.registry import AdapterRegistry, AdapterStatus, DeletionState
 from adapterswap.train.job import run_training
+from adapterswap.train.launcher import ShardOutcome
 from adapterswap.train.shard import finish_shard_run, start_shard_trainer
 
 GROUP = "hr"
@@ -47,8 +47,7 @@ def failing_training(runs, config, **_):
 
 
 @pytest.fixture
-def world(tiny_config, monkeypatch):
-    monkeypatch.setattr("actors.train_launcher.train_shards_with_ray", train_in_process)
+def world(tiny_config):
     config = tiny_config(training={"max_steps": 1})
     registry = AdapterRegistry(config.db_path)
     app, _ = in_process_app(config, registry)
@@ -87,9 +86,9 @@ def active_holders(registry, doc_id: str) -> list:
     return [v.ref for v in registry.versions_containing(doc_id) if v.status == AdapterStatus.ACTIVE]
 
 
-def finish(config, registry, job_id=None):
+def finish(config, registry, job_id=None, train_shards=train_in_process):
     """Run the delete job here (a DELETE's own job, or ``adapterswap delete --finish``)."""
-    return run_deletion(config, registry, job_id=job_id)
+    return run_deletion(config, registry, train_shards=train_shards, job_id=job_id)
 
 
 def test_replacing_twice_quickly_leaves_one_row(world):
@@ -151,19 +150,16 @@ def test_a_delete_after_two_replaces_revokes_and_removes_everything(world):
     assert client.delete("/v1/documents/memo").status_code == 404  # gone: nothing to delete
 
 
-def test_a_deletion_stuck_at_removed_blocks_reingest_activation_and_a_new_delete_acts(
-    world, monkeypatch
-):
+def test_a_deletion_stuck_at_removed_blocks_reingest_activation_and_a_new_delete_acts(world):
     client, config, registry = world
     ingest(client, doc("memo", "The vault code is 7319."), doc("other", "Lunch is at noon."))
-    assert run_training(config, registry).failed == []
+    assert run_training(config, registry, train_shards=train_in_process).failed == []
     (trained,) = active_holders(registry, "memo")
     first = client.delete("/v1/documents/memo")
     assert first.status_code == 200 and first.json()["revoked"] == [
         {"id": trained.id, "version": trained.version}
     ]
-    monkeypatch.setattr("actors.train_launcher.train_shards_with_ray", failing_training)
-    finish(config, registry, first.json()["job"])  # retraining fails: stuck at removed
+    finish(config, registry, first.json()["job"], failing_training)  # stuck at removed
     stuck = registry.deletion("memo")
     assert stuck.state == DeletionState.REMOVED
     assert registry.get_job(stuck.job_id).state == "failed"
@@ -184,7 +180,6 @@ def test_a_deletion_stuck_at_removed_blocks_reingest_activation_and_a_new_delete
     assert repeat.status_code == 200
     assert repeat.json()["job"] != stuck.job_id  # the old job ended: a new one carries it on
     assert registry.deletion("memo").job_id == repeat.json()["job"]
-    monkeypatch.setattr("actors.train_launcher.train_shards_with_ray", train_in_process)
     report = finish(config, registry, repeat.json()["job"])
     assert registry.deletion("memo").state == DeletionState.PURGED, report
     assert all("memo" not in registry.lineage(v.id, v.version) for v in active_versions(registry))

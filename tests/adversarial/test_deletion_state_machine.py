@@ -49,13 +49,13 @@ from hypothesis.stateful import (
 )
 from support import in_process_app
 
-from actors.train_launcher import ShardOutcome
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.documents import content_hash
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.delete.job import run_deletion
 from adapterswap.store.registry import AdapterRegistry, AdapterStatus, DeletionState, covers_row
 from adapterswap.train.job import run_training
+from adapterswap.train.launcher import ShardOutcome
 from adapterswap.train.shard import finish_shard_run, start_shard_trainer
 
 GROUP = "hr"
@@ -168,7 +168,9 @@ class DeletionMachine(RuleBasedStateMachine):
         assert answer.status_code == 200, answer.text
         self.model |= {d["id"]: d["text"] for d in docs}
         if train:
-            self.run(lambda: run_training(self.config, self.registry), None)
+            self.run(
+                lambda: run_training(self.config, self.registry, train_shards=self.train_here), None
+            )
 
     def post(self, doc_id: str, text: str, replace: bool):
         body = {"documents": [{"id": doc_id, "text": text, "group": GROUP}], "replace": replace}
@@ -264,13 +266,17 @@ class DeletionMachine(RuleBasedStateMachine):
     @rule(crash=st.sampled_from((None, *TRAIN_POINTS)))
     def train(self, crash):
         self.log("train", crash)
-        self.run(lambda: run_training(self.config, self.registry), crash)
+        self.run(
+            lambda: run_training(self.config, self.registry, train_shards=self.train_here), crash
+        )
 
     @rule(crash=st.sampled_from((None, *DELETE_POINTS, *TRAIN_POINTS)))
     def finish(self, crash):
         """``adapterswap delete --finish``."""
         self.log("finish", crash)
-        self.run(lambda: run_deletion(self.config, self.registry), crash)
+        self.run(
+            lambda: run_deletion(self.config, self.registry, train_shards=self.train_here), crash
+        )
 
     def run(self, job, crash: str | None) -> None:
         self.armed = crash
@@ -328,9 +334,6 @@ class DeletionMachine(RuleBasedStateMachine):
         stack.enter_context(mock.patch.object(registry, "purge", purge))
         stack.enter_context(mock.patch.object(registry, "activate", activate))
         stack.enter_context(mock.patch.object(Catalog, "remove", remove))
-        stack.enter_context(
-            mock.patch("actors.train_launcher.train_shards_with_ray", self.train_here)
-        )
         return stack
 
     def train_here(self, runs, config, **_):
@@ -411,7 +414,10 @@ class DeletionMachine(RuleBasedStateMachine):
             for _ in range(1 + len(self.states)):  # each run unblocks at least one
                 if not self.registry.unfinished_deletions():
                     break
-                self.run(lambda: run_deletion(self.config, self.registry), None)
+                self.run(
+                    lambda: run_deletion(self.config, self.registry, train_shards=self.train_here),
+                    None,
+                )
             self.nothing_deleted_is_served()
             self.state_machines_only_move_forward()
             left = self.registry.unfinished_deletions()

@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from support import in_process_app
 
+from actors.train_launcher import train_shards_with_ray
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.ingest import ingest_records
 from adapterswap.catalog.readers import RawRecord
@@ -61,7 +62,7 @@ def world(tmp_path_factory, embedded_cache, ray_cluster):
         [RawRecord(i, {"id": i, "text": t, "group": g}) for i, g, t in docs], config, embed=None
     )
     registry = AdapterRegistry(config.db_path)
-    assert len(run_training(config, registry).trained) == 2
+    assert len(run_training(config, registry, train_shards=train_shards_with_ray).trained) == 2
     app, _ = in_process_app(config, registry, key_cache_ttl_s=0)
     keys = {
         name: registry.create_key(name, groups)[0]
@@ -106,7 +107,7 @@ def test_recall_isolation_then_verified_forgetting(world):
     assert gain_hr <= gain_controls + 0.5, (gain_hr, gain_controls)
 
     request = request_delete(registry, Catalog(config.storage), ["hr-vault"], "test", "root")
-    run_deletion(config, registry, job_id=request.job_id)
+    run_deletion(config, registry, train_shards=train_shards_with_ray, job_id=request.job_id)
     report = verify_forget("hr-vault", "hr", HR["hr-vault"], CONTROLS, hana)
     print(report.summary())
     assert report.passed, report.summary()

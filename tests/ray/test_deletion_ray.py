@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from actors.train_launcher import train_shards_with_ray
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.ingest import ingest_records
 from adapterswap.catalog.readers import RawRecord
@@ -51,7 +52,7 @@ def env(tiny_config, ray_cluster):
     ]
     ingest_records(records, config, embed=None, batch="b0001")
     registry = AdapterRegistry(config.db_path)
-    report = run_training(config, registry)
+    report = run_training(config, registry, train_shards=train_shards_with_ray)
     assert sorted(t["id"] for t in report.trained) == [FIN, HR]
     return config, registry
 
@@ -88,7 +89,9 @@ def test_a_deleted_document_is_revoked_retrained_out_and_purged_everywhere(env):
     assert request.revoked == [{"id": HR, "version": 1}]
     assert active_version(registry, HR) is None  # revoked at once, before any retraining
 
-    report = run_deletion(config, registry, job_id=request.job_id)
+    report = run_deletion(
+        config, registry, train_shards=train_shards_with_ray, job_id=request.job_id
+    )
     assert report.documents == ["hr-0"] and report.purged == [f"{HR}@v1"]
     assert active_version(registry, HR) == 2
     assert registry.lineage(HR, 2) == ["hr-1", "hr-2", "hr-3"]
@@ -110,11 +113,18 @@ def test_several_documents_of_a_shard_retrain_it_once_and_its_last_one_retires_i
     config, registry = env
     request = delete(config, registry, "hr-1", "hr-2")
     assert request.revoked == [{"id": HR, "version": 2}]
-    report = run_deletion(config, registry, job_id=request.job_id)
+    report = run_deletion(
+        config, registry, train_shards=train_shards_with_ray, job_id=request.job_id
+    )
     assert [(t["id"], t["version"]) for t in report.training["trained"]] == [(HR, 3)]
     assert registry.lineage(HR, 3) == ["hr-3"]
 
-    run_deletion(config, registry, job_id=delete(config, registry, "hr-3").job_id)
+    run_deletion(
+        config,
+        registry,
+        train_shards=train_shards_with_ray,
+        job_id=delete(config, registry, "hr-3").job_id,
+    )
     assert active_version(registry, HR) is None  # retired: no version, no empty adapter
     assert {v.status for v in registry.list_versions(HR)} == {AdapterStatus.PURGED}
     adapters = StorageLayout.from_config(config).adapters()
@@ -139,16 +149,23 @@ def test_a_delete_crashing_at_each_step_is_finished_by_running_the_job_again(env
 
         monkeypatch.setattr(owner, name, crash)
         with pytest.raises(SystemExit, match=step):
-            run_deletion(config, registry, job_id=request.job_id if step == "removing" else None)
+            run_deletion(
+                config,
+                registry,
+                train_shards=train_shards_with_ray,
+                job_id=request.job_id if step == "removing" else None,
+            )
         monkeypatch.undo()
         assert registry.deletion("fin-0").state == state_after, step
         assert active_version(registry, FIN) in (None, 2)  # v1 (which saw fin-0) never again
         assert registry.list_jobs()[0].state == JobState.FAILED
 
-    report = run_deletion(config, registry)
+    report = run_deletion(config, registry, train_shards=train_shards_with_ray)
     assert report.documents == ["fin-0"]
     assert registry.deletion("fin-0").state == DeletionState.PURGED
     assert active_version(registry, FIN) == 2 and registry.lineage(FIN, 2) == ["fin-1", "fin-2"]
     assert registry.get_version(FIN, 1).status == AdapterStatus.PURGED
     assert not Path(StorageLayout.from_config(config).version(AdapterRef(FIN, 1)).path).exists()
-    assert run_deletion(config, registry).documents == []  # nothing left: a no-op
+    assert (
+        run_deletion(config, registry, train_shards=train_shards_with_ray).documents == []
+    )  # nothing left: a no-op

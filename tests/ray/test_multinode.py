@@ -39,6 +39,7 @@ from actors.adapter_store import STORE_ACTOR_NAME, get_or_create_store, get_stor
 from actors.cluster_status import collect_cluster
 from actors.serve_app import build_app
 from actors.store_client import StoreClient
+from actors.train_launcher import train_shards_with_ray
 from adapterswap.catalog.ingest import ingest_files
 from adapterswap.ops.status import collect_status, format_status
 from adapterswap.store.locks import exclusive
@@ -116,7 +117,7 @@ def _actors(class_name: str, *, alive: bool = False) -> list[dict]:
 def test_shards_train_at_once_on_different_nodes(cluster, home):
     _, worker_nodes, _ = cluster
     config, registry = home
-    report = run_training(config, registry)
+    report = run_training(config, registry, train_shards=train_shards_with_ray)
     active = registry.list_versions(statuses=[AdapterStatus.ACTIVE])
     assert {v.group for v in active} == {"hr", "finance"}, report
     workers = _actors("RayTrainWorker")
@@ -186,7 +187,9 @@ def test_a_killed_training_worker_resumes_from_its_checkpoint(cluster, home, tmp
             os.kill(worker["pid"], signal.SIGKILL)
             killed.append(event["step"])
 
-    report = run_training(config, registry, on_progress=on_progress)
+    report = run_training(
+        config, registry, train_shards=train_shards_with_ray, on_progress=on_progress
+    )
     assert report.failed == [] and [t["id"] for t in report.trained] == ["hr.b0002.000"]
     steps = [e["step"] for e in events]
     resumed_at = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])

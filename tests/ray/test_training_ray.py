@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
 
+from actors.train_launcher import train_shards_with_ray
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.ingest import ingest_files
 from adapterswap.models.base import load_base_model
@@ -72,7 +74,9 @@ def test_batch1_trains_concurrently_and_resumes_after_a_worker_failure(env, tmp_
     config, registry = env
     ingest(config, tmp_path, "b1", FACTS, batch="b0001")
     events = []
-    report = run_training(config, registry, on_progress=events.append, fail_once_at_step=3)
+    # every shard's worker crashes once, at step 3
+    crash_once = partial(train_shards_with_ray, fail_once_at_step=3)
+    report = run_training(config, registry, train_shards=crash_once, on_progress=events.append)
     assert report.failed == [], report.failed
     assert sorted(t["id"] for t in report.trained) == ["finance.b0001.000", "hr.b0001.000"]
 
@@ -131,7 +135,9 @@ def test_nothing_to_train_is_a_clear_no_op_and_fails_jobs_left_running(env):
     dead = registry.create_job("train", "process:elsewhere:1")  # its runner died mid-run
     registry.update_job(dead.job_id, JobState.RUNNING)
     submitted = registry.create_job("train", "ray-actor", actor="root")
-    report = run_training(config, registry, job_id=submitted.job_id)
+    report = run_training(
+        config, registry, train_shards=train_shards_with_ray, job_id=submitted.job_id
+    )
     assert report.message == NOTHING_TO_TRAIN and report.trained == []
     assert report.job == submitted.job_id
     assert registry.get_job(submitted.job_id).state == JobState.SUCCEEDED
@@ -155,7 +161,7 @@ def test_batch2_failures_never_touch_batch1(env, tmp_path, monkeypatch):
     layout = StorageLayout.from_config(config)
     blocker = Path(layout.adapters().path, new)
     blocker.write_text("not a directory")
-    report = run_training(config, registry)
+    report = run_training(config, registry, train_shards=train_shards_with_ray)
     assert [f["id"] for f in report.failed] == [new] and report.trained == []
     job = registry.get_job(report.job)
     assert job.state == JobState.FAILED and job.error == f"shards failed: {new}"
@@ -169,7 +175,7 @@ def test_batch2_failures_never_touch_batch1(env, tmp_path, monkeypatch):
 
     monkeypatch.setattr(AdapterRegistry, "activate", crash)
     with pytest.raises(SystemExit):
-        run_training(config, registry)
+        run_training(config, registry, train_shards=train_shards_with_ray)
     monkeypatch.undo()
     job = registry.list_jobs()[0]
     assert job.state == JobState.FAILED and job.error.startswith("SystemExit")
@@ -181,7 +187,7 @@ def test_batch2_failures_never_touch_batch1(env, tmp_path, monkeypatch):
     }
 
     # 3. The next job sweeps the interrupted version and trains the shard cleanly.
-    report = run_training(config, registry)
+    report = run_training(config, registry, train_shards=train_shards_with_ray)
     assert report.recovered == [f"{new} v2"]
     assert [(t["id"], t["version"]) for t in report.trained] == [(new, 3)]
     assert not Path(layout.version(AdapterRef(new, 2)).path).exists()
@@ -200,7 +206,9 @@ def test_two_workers_train_one_shard_with_ddp(env, tmp_path):
     ]
     ingest(ddp, tmp_path, "b3", {"finance": texts}, batch="b0003")
     events = []
-    report = run_training(ddp, registry, on_progress=events.append)
+    report = run_training(
+        ddp, registry, train_shards=train_shards_with_ray, on_progress=events.append
+    )
     assert [(t["id"], t["version"]) for t in report.trained] == [("finance.b0003.000", 1)], (
         report.failed
     )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 
 import pytest
 
-from adapterswap.cli.main import main
+from adapterswap.cli.main import build_parser, load_handler, main
 from adapterswap.store.registry import AdapterRegistry
 
 
@@ -79,6 +80,23 @@ def test_usage_errors_exit_2(capsys):
         main(["keys", "create", "--user", "x"])  # --groups missing
     assert info.value.code == 2
     assert "--groups" in capsys.readouterr().err
+
+
+def test_every_command_names_a_handler_that_exists():
+    """Handlers are named as ``module:function`` and imported when their command runs."""
+
+    def handlers(parser: argparse.ArgumentParser) -> list[str]:
+        found = [parser.get_default("handler")] if parser.get_default("handler") else []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    found += handlers(sub)
+        return found
+
+    names = handlers(build_parser())
+    assert len(names) == 13  # 11 commands, keys with 3 actions
+    for name in names:
+        assert callable(load_handler(name)), name
 
 
 def test_ingest_then_status(capsys, tmp_path):
