@@ -1,4 +1,5 @@
-"""The HTTP API: authentication, request schemas, the gateway, OpenAI-shaped responses and the Python client.
+"""The HTTP API: the FastAPI app, authentication, request schemas, the gateway (inference and
+admin endpoints, wired by ``build_gateway``), OpenAI response shapes, errors and the Python client.
 
 No Ray here: everything that touches Ray lives in ``actors/``.
 """
