@@ -13,7 +13,7 @@ each redirected here:
   tasks), printed by a thread of the driver through ``print_to_stdstream``.
 
 The raylet's, the GCS's and the workers' own logs stay where Ray writes them, in the session's
-``logs/`` directory (its path is the first line of ``ray_log``).
+``logs/`` directory (``ray_log`` names it).
 """
 
 from __future__ import annotations
@@ -82,11 +82,7 @@ def app_served(app_args: dict[str, Any], host: str, port: int) -> Iterator[None]
         serve.shutdown()
 
 
-def serve_until_stopped(
-    config: AdapterSwapConfig,
-    host: str,
-    port: int,
-) -> None:
+def serve_until_stopped(config: AdapterSwapConfig, host: str, port: int) -> None:
     """Deploy the Serve application on ``host:port`` and block until SIGINT or SIGTERM.
 
     Joins the Ray cluster at ``ray.address`` (or RAY_ADDRESS), else starts a local one. The app
