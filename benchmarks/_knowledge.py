@@ -21,7 +21,8 @@ import torch
 from _common import RESULTS
 from peft.utils import get_peft_model_state_dict
 
-from adapterswap.compose.mixture import AdapterBank, find_target_linears
+from adapterswap.compose.bank import AdapterBank
+from adapterswap.compose.layer import find_target_linears
 from adapterswap.config import LoraSettings, ModelSettings, RouterSettings, TrainingSettings
 from adapterswap.models.base import LoadedModel, load_base_model
 from adapterswap.models.embedder import Embedder

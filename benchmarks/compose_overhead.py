@@ -33,7 +33,9 @@ import torch
 from _common import write_result
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from adapterswap.compose.mixture import AdapterBank, find_target_linears, load_adapter_dir
+from adapterswap.compose.adapter_files import load_adapter_dir
+from adapterswap.compose.bank import AdapterBank
+from adapterswap.compose.layer import find_target_linears
 from adapterswap.config import LoraSettings, ModelSettings
 from adapterswap.models.base import load_base_model
 from adapterswap.store.registry import AdapterRef

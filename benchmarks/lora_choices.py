@@ -32,7 +32,7 @@ from _common import RESULTS, write_result
 from compose_overhead import arithmetic_floor
 from peft.utils import get_peft_model_state_dict
 
-from adapterswap.compose.mixture import AdapterBank
+from adapterswap.compose.bank import AdapterBank
 from adapterswap.config import (
     EmbeddingSettings,
     LoraSettings,

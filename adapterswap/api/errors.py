@@ -23,12 +23,8 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from adapterswap.compose.mixture import (
-    AdapterNotLoaded,
-    InvalidAdapter,
-    InvalidMixture,
-    SlotsExhausted,
-)
+from adapterswap.compose.adapter_files import InvalidAdapter
+from adapterswap.compose.bank import AdapterNotLoaded, InvalidMixture, SlotsExhausted
 from adapterswap.errors import (
     AdapterSwapError,
     Forbidden,

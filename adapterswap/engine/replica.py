@@ -38,7 +38,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapterswap.compose.mixture import AdapterBank, InvalidAdapter, InvalidMixture
+from adapterswap.compose.adapter_files import InvalidAdapter
+from adapterswap.compose.bank import AdapterBank, InvalidMixture
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.engine.generation import StepGuard, TokenCallback, generate_batch
 from adapterswap.engine.requests import (

@@ -30,7 +30,6 @@ from pathlib import Path
 import pytest
 import torch
 import uvicorn
-from adapterswap.compose.mixture import SlotsExhausted
 from fastapi.testclient import TestClient
 from ray.exceptions import RayTaskError
 from safetensors.torch import load as load_safetensors
@@ -46,6 +45,7 @@ from support import (
 )
 
 from adapterswap.api.auth import Authenticator
+from adapterswap.compose.bank import SlotsExhausted
 from adapterswap.errors import NotFound, Overloaded, StaleMixture, StoreUnavailable
 from adapterswap.models.embedder import load_embedder
 from adapterswap.storage.artifacts import ADAPTER_WEIGHTS

@@ -23,11 +23,11 @@ from types import SimpleNamespace
 import httpx2 as httpx
 import pytest
 import uvicorn
-from adapterswap.compose.mixture import InvalidMixture
 from support import free_port, in_process_app, publish_random_adapter
 
 from adapterswap.catalog.ingest import ingest_records
 from adapterswap.catalog.readers import RawRecord
+from adapterswap.compose.bank import InvalidMixture
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.delete.job import wait_for_replicas
 from adapterswap.engine import generation

@@ -21,18 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from adapterswap.compose.mixture import (
-    AdapterBank,
-    AdapterNotLoaded,
-    InvalidAdapter,
-    InvalidMixture,
-    SlotsExhausted,
-    load_adapter_dir,
-)
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from adapterswap.compose import mixture as compose
+from adapterswap.compose import layer as mixture_layer
+from adapterswap.compose.adapter_files import InvalidAdapter, load_adapter_dir
+from adapterswap.compose.bank import AdapterBank, AdapterNotLoaded, InvalidMixture, SlotsExhausted
 from adapterswap.config import LoraSettings, ServeSettings
 from adapterswap.models.base import LoadedModel
 from adapterswap.store.registry import AdapterRef
@@ -191,7 +185,7 @@ def test_mixed_batch_rows_match_each_row_alone(tiny64, dirs, ids, monkeypatch, l
     bank = loaded_bank(tiny64, dirs)
     alone = [bank_hidden(bank, [row], ids[b : b + 1])[0] for b, row in enumerate(rows)]
     if path != "auto":
-        monkeypatch.setattr(compose, "_prefer_gather", lambda *a: path == "gather")
+        monkeypatch.setattr(mixture_layer, "_prefer_gather", lambda *a: path == "gather")
     got = bank_hidden(bank, rows, ids)
     base = hidden(tiny64.model, ids)
     for b, row in enumerate(rows):

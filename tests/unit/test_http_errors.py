@@ -10,7 +10,8 @@ from ray.exceptions import RayTaskError
 
 from adapterswap.api.errors import error_reply, from_exception
 from adapterswap.api.schemas import CompletionRequest
-from adapterswap.compose.mixture import InvalidAdapter, InvalidMixture, SlotsExhausted
+from adapterswap.compose.adapter_files import InvalidAdapter
+from adapterswap.compose.bank import InvalidMixture, SlotsExhausted
 from adapterswap.engine.replica import AdapterLoadFailed, GenerationFailed
 from adapterswap.errors import (
     Forbidden,

@@ -7,10 +7,10 @@ import time
 
 import pytest
 import torch
-from adapterswap.compose.mixture import AdapterBank
 from peft import LoraConfig, get_peft_model
 from support import private_copy, untrained_manifest
 
+from adapterswap.compose.bank import AdapterBank
 from adapterswap.errors import NotFound, StaleMixture
 from adapterswap.route.active_set import ActiveSet
 from adapterswap.route.stats import compute_shard_stats, save_shard_stats
