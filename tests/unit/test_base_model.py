@@ -14,13 +14,14 @@ import torch
 from adapterswap.config import ModelSettings
 from adapterswap.errors import ModelLoadError
 from adapterswap.models import base as base_model
+from adapterswap.models import gguf as gguf_cache
 from adapterswap.models.base import (
-    EMBEDDED_CACHE_NAME,
     LoadedModel,
     hash_base_model,
     load_base_model,
     resolve_dtype_device,
 )
+from adapterswap.models.gguf import EMBEDDED_CACHE_NAME
 
 _real_find_spec = importlib.util.find_spec
 
@@ -135,7 +136,7 @@ def test_gguf_path_converts_once_into_a_cache_keyed_by_file(
     tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[Path] = []
-    monkeypatch.setattr(base_model, "_save_gguf_model", _fake_converter(tiny, calls))
+    monkeypatch.setattr(gguf_cache, "_save_gguf_model", _fake_converter(tiny, calls))
     gguf = tmp_path / "mine.gguf"
     gguf.write_bytes(b"not really gguf")
     cache = tmp_path / "cache"
@@ -167,7 +168,7 @@ def test_publish_atomically_leaves_nothing_when_the_writer_crashes(tmp_path: Pat
         raise RuntimeError("killed mid-conversion")
 
     with pytest.raises(RuntimeError, match="killed"):
-        base_model._publish_atomically(target, crash, _complete)
+        gguf_cache._publish_atomically(target, crash, _complete)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -179,7 +180,7 @@ def test_publish_atomically_loser_of_a_race_keeps_the_winners_cache(tmp_path: Pa
         target.mkdir()  # the other converter renames its complete copy in first
         (target / "done").write_text("winner")
 
-    base_model._publish_atomically(target, write_while_another_process_wins, _complete)
+    gguf_cache._publish_atomically(target, write_while_another_process_wins, _complete)
     assert (target / "done").read_text() == "winner"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
@@ -189,7 +190,7 @@ def test_publish_atomically_replaces_a_broken_target(tmp_path: Path) -> None:
     target.mkdir()
     (target / "config.json").write_text("half")  # damaged by hand: not complete
 
-    base_model._publish_atomically(target, lambda out: (out / "done").write_text("new"), _complete)
+    gguf_cache._publish_atomically(target, lambda out: (out / "done").write_text("new"), _complete)
     assert sorted(p.name for p in target.iterdir()) == ["done"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
@@ -197,11 +198,11 @@ def test_publish_atomically_replaces_a_broken_target(tmp_path: Path) -> None:
 def test_stale_temp_dirs_are_cleaned_and_fresh_ones_left_alone(
     tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(base_model, "_save_gguf_model", _fake_converter(tiny, []))
+    monkeypatch.setattr(gguf_cache, "_save_gguf_model", _fake_converter(tiny, []))
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"x")
     cache = tmp_path / "cache"
-    name = base_model._gguf_cache_name(gguf.resolve())
+    name = gguf_cache._gguf_cache_name(gguf.resolve())
     stale = cache / f".{name}.tmp-crashed"
     fresh = cache / f".{name}.tmp-live"
     for half in (stale, fresh):
@@ -294,7 +295,7 @@ def test_hash_of_tiny_random_is_stable(tiny_cache: Path) -> None:
 
 
 def test_embedded_hash_is_the_gguf_content_hash(tmp_path: Path) -> None:
-    gguf = base_model._find_embedded_gguf()
+    gguf = gguf_cache.find_embedded_gguf()
     start = time.perf_counter()
     embedded = hash_base_model(ModelSettings(), tmp_path)
     cold = time.perf_counter() - start
@@ -357,8 +358,8 @@ def test_embedded_second_load_comes_from_cache(
     def no_gguf(*args: object) -> None:
         raise AssertionError("a cached load must not touch the GGUF")
 
-    monkeypatch.setattr(base_model, "_find_embedded_gguf", no_gguf)
-    monkeypatch.setattr(base_model, "_save_gguf_model", no_gguf)
+    monkeypatch.setattr(gguf_cache, "find_embedded_gguf", no_gguf)
+    monkeypatch.setattr(gguf_cache, "_save_gguf_model", no_gguf)
     start = time.perf_counter()
     loaded = load_base_model(ModelSettings(), cache)
     elapsed = time.perf_counter() - start
