@@ -3,8 +3,8 @@
 The FastAPI app (``api/app.py``) is a thin layer over a :class:`Gateway`, which joins the
 inference endpoints (``api/inference.py``) and the admin ones (``api/admin.py``) over the
 same collaborators. :func:`build_gateway` wires those collaborators from a store, a model
-client and an adapter source; the Ray Serve ingress, the tests' in-process app and the
-benchmarks all build their gateway with it.
+client and an adapter source; the Ray Serve ingress (``actors/deployments.py``) and the
+tests' in-process app (``tests/support.py``) both build their gateway with it.
 """
 
 from __future__ import annotations
