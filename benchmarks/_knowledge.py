@@ -12,7 +12,7 @@ import argparse
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,13 +60,24 @@ class Adapter:
         )
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--corpus``, ``--out``, ``--model`` and ``--model-cache``, as every knowledge benchmark
-    takes them (the corpus is built there when absent; results go to ``--out``)."""
+def run_from_command_line(run: Callable[..., Any], doc: str, **options: tuple[type, Any]) -> None:
+    """A knowledge benchmark's ``main``: parse the options and call
+    ``run(corpus, out, spec=model, cache=model_cache, **options)``.
+
+    Every knowledge benchmark takes ``--corpus``, ``--out``, ``--model`` and ``--model-cache``
+    (the corpus is built there when absent; results go to ``--out``); ``options`` adds its
+    own, ``name=(type, default)`` for ``--name``.
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--corpus", type=Path, default=RESULTS / "corpus")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--model-cache", type=Path, default=MODEL_CACHE)
+    for name, (kind, default) in options.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default)
+    args = vars(parser.parse_args())
+    corpus, out = args.pop("corpus"), args.pop("out")
+    run(corpus, out, spec=args.pop("model"), cache=args.pop("model_cache"), **args)
 
 
 def load_model(spec: str, cache_dir: Path = MODEL_CACHE) -> LoadedModel:

@@ -21,7 +21,6 @@ Writes results/forgetting.{json,png}.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,9 @@ from _knowledge import (
     Adapter,
     System,
     adapter_of,
-    add_common_arguments,
     load_model,
     perplexity,
+    run_from_command_line,
     train_adapter,
 )
 from _plots import line_chart
@@ -156,22 +155,13 @@ def _last(curves: dict[str, list[float]]) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_arguments(parser)
-    parser.add_argument("--group", default="library")
-    parser.add_argument("--batches", type=int, default=6)
-    parser.add_argument("--docs-per-batch", type=int, default=2)
-    parser.add_argument("--epochs", type=float, default=12)
-    args = parser.parse_args()
-    run(
-        args.corpus,
-        args.out,
-        spec=args.model,
-        cache=args.model_cache,
-        group=args.group,
-        batches=args.batches,
-        docs_per_batch=args.docs_per_batch,
-        epochs=args.epochs,
+    run_from_command_line(
+        run,
+        __doc__,
+        group=(str, "library"),
+        batches=(int, 6),
+        docs_per_batch=(int, 2),
+        epochs=(float, 12),
     )
 
 

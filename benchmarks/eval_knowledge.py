@@ -25,7 +25,6 @@ Writes results/mixture.{json,png} and results/removal.{json,png}.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Sequence
@@ -36,9 +35,9 @@ from _common import write_result
 from _knowledge import (
     Adapter,
     System,
-    add_common_arguments,
     halves,
     perplexity,
+    run_from_command_line,
     train_adapter,
 )
 from _plots import bar_chart
@@ -271,22 +270,8 @@ def run(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_arguments(parser)
-    parser.add_argument("--per-group", type=int, default=8)
-    parser.add_argument("--docs-per-shard", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--delete", type=int, default=2)
-    args = parser.parse_args()
-    run(
-        args.corpus,
-        args.out,
-        spec=args.model,
-        cache=args.model_cache,
-        per_group=args.per_group,
-        docs_per_shard=args.docs_per_shard,
-        steps=args.steps,
-        delete=args.delete,
+    run_from_command_line(
+        run, __doc__, per_group=(int, 8), docs_per_shard=(int, 4), steps=(int, 20), delete=(int, 2)
     )
 
 

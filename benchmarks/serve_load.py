@@ -101,9 +101,7 @@ def main() -> None:
             for replicas in (1, 2):
                 threads = {"serve": {"cpu_threads": max(1, cores // replicas)}}
                 settings = {"model": {"cache_dir": str(model_cache)}, **threads}
-                app = build_app(
-                    {"home": config.home, "config": settings, "num_replicas": replicas}
-                )
+                app = build_app({"home": config.home, "config": settings, "num_replicas": replicas})
                 serve.run(app, name="adapterswap", route_prefix="/")
                 run_load(url, key, args.clients, 3, args.new_tokens)  # warm-up
                 results[str(replicas)] = run_load(

@@ -12,43 +12,26 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import ray
 from _common import write_result
+from _training import benchmark_config, train_with_ray
 
-from actors.train_launcher import train_shards_with_ray
 from adapterswap.catalog.ingest import ingest_files
-from adapterswap.config import load_config
-from adapterswap.store.registry import AdapterRegistry
-from adapterswap.train.job import run_training
 
 CORPUS = sorted((Path(__file__).resolve().parents[1] / "examples" / "batch1").glob("*.jsonl"))
 
 
 def timed_run(model: str, shards: int, steps: int, cpus_per_worker: float) -> dict:
     with tempfile.TemporaryDirectory() as home:
-        config = load_config(
-            home=home,
-            environ={},
-            overrides=[
-                f"model.spec={model}",
-                "model.cache_dir=~/.adapterswap/models",
-                f"training.max_steps={steps}",
-                "sharding.strategy=sequential",
-                # The corpus holds 3 groups of 12 documents; shards never mix groups.
-                f"sharding.max_shard_docs={-(-12 // max(1, shards // 3))}",
-                f"ray.train_num_cpus_per_worker={cpus_per_worker}",
-            ],
+        # The corpus holds 3 groups of 12 documents; shards never mix groups.
+        max_docs = -(-12 // max(1, shards // 3))
+        config = benchmark_config(
+            home, model, steps, cpus_per_worker, f"sharding.max_shard_docs={max_docs}"
         )
         ingest_files(CORPUS, config, embed=None)
-        started = time.perf_counter()
-        report = run_training(
-            config, AdapterRegistry(config.db_path), train_shards=train_shards_with_ray
-        )
-        wall = time.perf_counter() - started
-    assert not report.failed, report.failed
+        report, wall = train_with_ray(config)
     n = len(report.trained)
     return {
         "cpus_per_worker": cpus_per_worker,

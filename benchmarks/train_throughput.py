@@ -19,15 +19,12 @@ from pathlib import Path
 
 import torch
 from _common import write_result
+from _training import benchmark_config, train_with_ray
 from peft import LoraConfig, get_peft_model
 from transformers import get_cosine_schedule_with_warmup
 
-from actors.train_launcher import train_shards_with_ray
 from adapterswap.catalog.ingest import ingest_files
-from adapterswap.config import load_config
 from adapterswap.models.base import load_base_model
-from adapterswap.store.registry import AdapterRegistry
-from adapterswap.train.job import run_training
 from adapterswap.train.loop import pack_documents
 
 CORPUS = Path(__file__).resolve().parents[1] / "examples" / "batch1" / "hr.jsonl"
@@ -79,15 +76,7 @@ def plain_peft(config, texts: list[str], threads: int) -> dict:
 
 def ray_train(config, threads: int) -> dict:
     events = []
-    started = time.perf_counter()
-    report = run_training(
-        config,
-        AdapterRegistry(config.db_path),
-        train_shards=train_shards_with_ray,
-        on_progress=events.append,
-    )
-    wall = time.perf_counter() - started
-    assert not report.failed, report.failed
+    report, wall = train_with_ray(config, on_progress=events.append)
     rates = [e["tokens_per_s"] for e in events if e["step"] > 1]
     return {
         "steady_tokens_per_s": statistics.median(rates),
@@ -104,17 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     texts = [json.loads(line)["text"] for line in CORPUS.read_text().splitlines()]
     with tempfile.TemporaryDirectory() as home:
-        config = load_config(
-            home=home,
-            environ={},
-            overrides=[
-                f"model.spec={args.model}",
-                "model.cache_dir=~/.adapterswap/models",
-                f"training.max_steps={args.steps}",
-                "sharding.strategy=sequential",
-                f"ray.train_num_cpus_per_worker={args.threads}",
-            ],
-        )
+        config = benchmark_config(home, args.model, args.steps, args.threads)
         ingest_files([CORPUS], config, embed=None)
         ours = ray_train(config, args.threads)
     plain = plain_peft(config, texts, args.threads)
