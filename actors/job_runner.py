@@ -20,7 +20,7 @@ import ray
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.storage.privacy import private_process
 from adapterswap.store.protocol import Store
-from adapterswap.store.registry import JobRecord, JobState
+from adapterswap.store.records import JobRecord, JobState
 
 _HEAD_NODE = {"node:__internal_head__": 0.001}
 RUNNER = "ray-actor"  # the job's runner column; the actor is named "<kind>-runner"

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from adapterswap.store.locks import exclusive
-from adapterswap.store.registry import AdapterRegistry, JobRecord, JobState
+from adapterswap.store.records import JobRecord, JobState
+from adapterswap.store.registry import AdapterRegistry
 
 PROGRESS_INTERVAL_S = 1.0
 

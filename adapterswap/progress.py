@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from adapterswap.catalog.planner import Embed
+from adapterswap.types import Embed
 
 EMBED_CHUNK = 256
 

@@ -28,8 +28,8 @@ from adapterswap.models.base import LoadedModel, load_base_model
 from adapterswap.models.embedder import Embedder
 from adapterswap.route.router import Candidate, route
 from adapterswap.route.stats import compute_shard_stats
-from adapterswap.store.registry import AdapterRef, AdapterStatus, AdapterVersion
 from adapterswap.train.loop import ShardTrainer, pack_documents
+from adapterswap.types import AdapterRef, AdapterStatus, AdapterVersion
 
 MODEL_CACHE = Path("~/.adapterswap/models").expanduser()
 Rows = list[tuple[AdapterRef, float]]

@@ -38,7 +38,7 @@ from adapterswap.compose.bank import AdapterBank
 from adapterswap.compose.layer import find_target_linears
 from adapterswap.config import LoraSettings, ModelSettings
 from adapterswap.models.base import load_base_model
-from adapterswap.store.registry import AdapterRef
+from adapterswap.types import AdapterRef
 
 TARGETS = LoraSettings().target_modules
 RANK, ALPHA, K = 16, 32.0, 3

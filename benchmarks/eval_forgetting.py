@@ -39,9 +39,9 @@ from manpages import ensure_corpus
 
 from adapterswap.config import EmbeddingSettings, LoraSettings, TrainingSettings
 from adapterswap.models.embedder import load_embedder
-from adapterswap.store.registry import AdapterRef
 from adapterswap.train.chronological import train_chronological
 from adapterswap.train.loop import ShardTrainer
+from adapterswap.types import AdapterRef
 
 SERIES = (
     "AdapterSwap (routed)",

@@ -48,8 +48,8 @@ from adapterswap.catalog.planner import ShardPlan, plan_shards
 from adapterswap.config import EmbeddingSettings, ShardingSettings, TrainingSettings
 from adapterswap.delete.verify_forget import verify_forget
 from adapterswap.models.embedder import Embedder, load_embedder
-from adapterswap.store.registry import AdapterRef
 from adapterswap.train.loop import shard_seed
+from adapterswap.types import AdapterRef
 
 CONDITIONS = ("correct adapter", "routed (ours)", "uniform top-3", "base model")
 GOAL_RATIO = 1.2

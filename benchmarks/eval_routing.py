@@ -30,7 +30,7 @@ from adapterswap.config import EmbeddingSettings, RouterSettings, ShardingSettin
 from adapterswap.models.embedder import Embedder, load_embedder
 from adapterswap.route.router import Candidate, route
 from adapterswap.route.stats import compute_shard_stats
-from adapterswap.store.registry import AdapterStatus, AdapterVersion
+from adapterswap.types import AdapterStatus, AdapterVersion
 
 PAPER = {"top1": (0.69, 0.81), "top3": (0.93, 0.95)}
 GOAL = {"top1": 0.90, "top3": 0.98}

@@ -44,8 +44,8 @@ from adapterswap.models.base import load_base_model
 from adapterswap.models.embedder import load_embedder
 from adapterswap.route.router import Candidate, route
 from adapterswap.route.stats import compute_shard_stats
-from adapterswap.store.registry import AdapterRef, AdapterStatus, AdapterVersion
 from adapterswap.train.loop import ShardTrainer, mean_token_nll, pack_documents
+from adapterswap.types import AdapterRef, AdapterStatus, AdapterVersion
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 GROUPS = ("hr", "engineering", "finance")

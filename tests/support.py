@@ -28,7 +28,9 @@ from adapterswap.route.stats import compute_shard_stats, save_shard_stats
 from adapterswap.storage.artifacts import write_adapter_version
 from adapterswap.storage.layout import StorageLayout
 from adapterswap.storage.manifest import AdapterManifest, BaseModelId, RouterInfo, TrainingMetrics
-from adapterswap.store.registry import AdapterRef, AdapterRegistry, JobRecord
+from adapterswap.store.records import JobRecord
+from adapterswap.store.registry import AdapterRegistry
+from adapterswap.types import AdapterRef
 
 # Raw HTTP, for what a client library will not send: a lying Content-Length, an endless body.
 CHUNKED = "Transfer-Encoding: chunked"

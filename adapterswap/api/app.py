@@ -33,7 +33,7 @@ from adapterswap.api.errors import error_body, error_reply
 from adapterswap.api.gateway import Gateway
 from adapterswap.api.schemas import ChatRequest, CompletionRequest, DocumentsRequest
 from adapterswap.errors import AdapterSwapError, InvalidArgument, PayloadTooLarge
-from adapterswap.store.keys import Principal
+from adapterswap.types import Principal
 
 logger = logging.getLogger("adapterswap.http")
 

@@ -39,7 +39,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from adapterswap.errors import Forbidden, InvalidArgument, Unauthorized
-from adapterswap.store.keys import Principal, split_key
+from adapterswap.store.keys import split_key
+from adapterswap.types import Principal
 
 BEARER = "bearer "
 # Concurrent store lookups of one authenticator on the async path.

@@ -22,11 +22,13 @@ from typing import Any, Protocol
 
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.documents import Document, validate_records
-from adapterswap.catalog.planner import Embed, ShardPlan, assignments, plan_shards
+from adapterswap.catalog.planner import ShardPlan, assignments, plan_shards
 from adapterswap.catalog.readers import RawRecord, read_inputs
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.store.locks import exclusive
-from adapterswap.store.registry import AdapterRegistry, DeletionRecord, covers_row
+from adapterswap.store.records import DeletionRecord, covers_row
+from adapterswap.store.registry import AdapterRegistry
+from adapterswap.types import Embed
 
 AUTO_BATCH = re.compile(r"b(\d{4,})")
 

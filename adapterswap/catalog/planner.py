@@ -24,15 +24,15 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from adapterswap.catalog.documents import Document
 from adapterswap.config import ShardingSettings
+from adapterswap.types import Embed
 
-Embed = Callable[[Sequence[str]], np.ndarray]
 KMEANS_ITERATIONS = 25
 
 

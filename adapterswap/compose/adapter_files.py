@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from adapterswap.compose.layer import LoraMixtureLinear
 from adapterswap.errors import AdapterSwapError
 from adapterswap.storage.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from adapterswap.store.registry import AdapterRef
+from adapterswap.types import AdapterRef
 
 # peft writes `base_model.model.<module>.lora_A.weight`; older or multi-adapter saves add the
 # adapter name before `.weight`. Anything else (embeddings, DoRA magnitudes, biases) is refused.

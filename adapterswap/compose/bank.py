@@ -30,7 +30,7 @@ from adapterswap.compose.layer import (
 )
 from adapterswap.config import LoraSettings, ServeSettings
 from adapterswap.errors import AdapterSwapError, StaleMixture
-from adapterswap.store.registry import AdapterRef
+from adapterswap.types import AdapterRef
 
 AdapterLoader = Callable[[AdapterRef], tuple[dict[str, torch.Tensor], dict[str, Any]]]
 MixtureRows = Sequence[Sequence[tuple[AdapterRef, float]]]

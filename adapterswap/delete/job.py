@@ -50,17 +50,11 @@ from adapterswap.errors import NotFound, RevocationTimeout, StoreError
 from adapterswap.jobs import running_job
 from adapterswap.storage.layout import StorageLayout
 from adapterswap.storage.purge import purge_version
-from adapterswap.store.registry import (
-    AdapterRegistry,
-    AdapterStatus,
-    AdapterVersion,
-    DeletionRecord,
-    DeletionState,
-    JobRecord,
-    covers_row,
-)
+from adapterswap.store.records import DeletionRecord, DeletionState, JobRecord, covers_row
+from adapterswap.store.registry import AdapterRegistry
 from adapterswap.train.job import TrainReport, train_changed_shards
 from adapterswap.train.launcher import ShardLauncher
+from adapterswap.types import AdapterStatus, AdapterVersion
 
 # A DELETE reads the catalog again after recording the deletion; a replacement that landed
 # in between is deleted in a further round. Without the ingest lock, rounds are bounded.

@@ -62,7 +62,7 @@ from adapterswap.route.active_set import ActiveSet, Snapshot
 from adapterswap.storage.adapter_source import StorageAdapterSource
 from adapterswap.storage.layout import StorageLayout
 from adapterswap.storage.manifest import BaseModelMismatch
-from adapterswap.store.registry import AdapterRef
+from adapterswap.types import AdapterRef, Mixture
 
 logger = logging.getLogger("adapterswap.replica")
 _LOAD_FAILED = (
@@ -80,9 +80,6 @@ class AdapterLoadFailed(ServerFault):
 class GenerationFailed(ServerFault):
     """A job failed while it ran, for a reason that is not the caller's (HTTP 500); the
     message says nothing of the server, the log has the details."""
-
-
-Mixture = tuple[tuple[AdapterRef, float], ...]
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ from adapterswap.storage.fs import Location, list_files, read_bytes, resolve, wr
 from adapterswap.storage.layout import ADAPTERS, CATALOG, StorageLayout
 from adapterswap.storage.privacy import private_file, private_home
 from adapterswap.store.locks import exclusive
-from adapterswap.store.registry import SCHEMA_VERSION, AdapterRegistry, stored_schema_version
+from adapterswap.store.registry import AdapterRegistry
+from adapterswap.store.schema import SCHEMA_VERSION, stored_schema_version
 
 BACKUP_FORMAT = "adapterswap-backup"
 BACKUP_FORMAT_VERSION = 1

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from adapterswap.errors import NotFound
-from adapterswap.store.registry import AdapterRef, AdapterVersion
+from adapterswap.types import AdapterRef, AdapterVersion
 
 Snapshot = Callable[[], tuple[int, list[AdapterVersion]]]
 

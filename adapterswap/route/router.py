@@ -29,7 +29,7 @@ import numpy as np
 
 from adapterswap.config import RouterSettings
 from adapterswap.route.stats import ShardStats, score_shards
-from adapterswap.store.registry import AdapterRef, AdapterVersion
+from adapterswap.types import AdapterRef, AdapterVersion
 
 
 @dataclass(frozen=True)

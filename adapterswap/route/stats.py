@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from safetensors.numpy import load, save
+
+from adapterswap.types import Embed
 
 FORMAT = "adapterswap.shard_stats"
 FORMAT_VERSION = 2
@@ -95,7 +97,7 @@ def fit_shard_stats(chunk_embeddings: np.ndarray, embedder_id: str) -> ShardStat
 
 def compute_shard_stats(
     texts: Sequence[str],
-    embed: Callable[[Sequence[str]], np.ndarray],
+    embed: Embed,
     embedder_id: str,
 ) -> ShardStats:
     """Chunk one shard's ``texts``, embed the chunks and fit its stats. Embed per shard only."""

@@ -18,7 +18,6 @@ import hmac
 import re
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from adapterswap.config import GROUP_PATTERN
 from adapterswap.errors import InvalidArgument
@@ -28,32 +27,6 @@ _KEY_RE = re.compile(rf"{KEY_PREFIX}_([0-9a-f]{{16}})_([0-9a-f]{{64}})")
 _GROUP_RE = re.compile(GROUP_PATTERN)
 _MAX_USER_CHARS = 256
 SALT_BYTES = 16
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who a valid key belongs to. ``groups`` is sorted and free of duplicates."""
-
-    key_id: str
-    user: str
-    groups: tuple[str, ...]
-    admin: bool
-
-
-@dataclass(frozen=True)
-class KeyRecord:
-    """A stored key as ``keys list`` shows it: never the secret, never the hash."""
-
-    key_id: str
-    user: str
-    groups: tuple[str, ...]
-    admin: bool
-    created_at: str
-    revoked_at: str | None
-
-    @property
-    def revoked(self) -> bool:
-        return self.revoked_at is not None
 
 
 def generate_key() -> tuple[str, str, str]:

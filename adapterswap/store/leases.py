@@ -10,20 +10,15 @@ so the store actor answers these calls; :func:`adapterswap.store.locks.exclusive
 
 from __future__ import annotations
 
-import sqlite3
 import time
-from contextlib import AbstractContextManager
-from typing import Protocol
 
-
-class _Writes(Protocol):
-    def _write(self) -> AbstractContextManager[sqlite3.Connection]: ...
+from adapterswap.store.core import Transactions
 
 
 class LeaseRecords:
     """Acquire, renew and release named leases (each call is one transaction)."""
 
-    def acquire_lease(self: _Writes, name: str, owner: str, ttl_s: float) -> bool:
+    def acquire_lease(self: Transactions, name: str, owner: str, ttl_s: float) -> bool:
         """Take ``name`` for ``owner`` until ``ttl_s`` from now, unless another owner holds it."""
         now = time.time()
         with self._write() as conn:
@@ -37,7 +32,7 @@ class LeaseRecords:
             )
             return True
 
-    def renew_lease(self: _Writes, name: str, owner: str, ttl_s: float) -> bool:
+    def renew_lease(self: Transactions, name: str, owner: str, ttl_s: float) -> bool:
         """Extend ``owner``'s unexpired lease; False if it expired or another owner holds it."""
         now = time.time()
         with self._write() as conn:
@@ -49,7 +44,7 @@ class LeaseRecords:
                 ).rowcount
             )
 
-    def release_lease(self: _Writes, name: str, owner: str) -> None:
+    def release_lease(self: Transactions, name: str, owner: str) -> None:
         """Give ``name`` up, if ``owner`` still holds it."""
         with self._write() as conn:
             conn.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))

@@ -30,10 +30,11 @@ from adapterswap.storage.fs import delete_dir
 from adapterswap.storage.layout import StorageLayout
 from adapterswap.storage.manifest import read_manifest
 from adapterswap.storage.purge import purge_version, sweep_orphans
-from adapterswap.store.registry import AdapterRef, AdapterRegistry, AdapterStatus
+from adapterswap.store.registry import AdapterRegistry
 from adapterswap.train.launcher import ShardLauncher
 from adapterswap.train.plan import ShardWork, shards_to_train
 from adapterswap.train.shard import ShardRun, make_shard_run
+from adapterswap.types import AdapterRef, AdapterStatus
 
 NOTHING_TO_TRAIN = "nothing to train: every shard's active adapter matches its documents"
 

@@ -16,7 +16,8 @@ import pyarrow.compute as pc
 
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.storage.artifacts import training_data_hash
-from adapterswap.store.registry import AdapterRegistry, AdapterStatus
+from adapterswap.store.registry import AdapterRegistry
+from adapterswap.types import AdapterStatus
 
 
 @dataclass(frozen=True)

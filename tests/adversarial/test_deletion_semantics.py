@@ -19,10 +19,12 @@ from support import in_process_app, publish_random_adapter
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.delete.job import run_deletion
 from adapterswap.errors import IllegalTransition
-from adapterswap.store.registry import AdapterRegistry, AdapterStatus, DeletionState
+from adapterswap.store.records import DeletionState
+from adapterswap.store.registry import AdapterRegistry
 from adapterswap.train.job import run_training
 from adapterswap.train.launcher import ShardOutcome
 from adapterswap.train.shard import finish_shard_run, start_shard_trainer
+from adapterswap.types import AdapterStatus
 
 GROUP = "hr"
 

@@ -53,10 +53,12 @@ from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.documents import content_hash
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.delete.job import run_deletion
-from adapterswap.store.registry import AdapterRegistry, AdapterStatus, DeletionState, covers_row
+from adapterswap.store.records import DeletionState, covers_row
+from adapterswap.store.registry import AdapterRegistry
 from adapterswap.train.job import run_training
 from adapterswap.train.launcher import ShardOutcome
 from adapterswap.train.shard import finish_shard_run, start_shard_trainer
+from adapterswap.types import AdapterStatus
 
 GROUP = "hr"
 IDS = ("a", "b", "c")

@@ -50,7 +50,8 @@ from adapterswap.errors import NotFound, Overloaded, StaleMixture, StoreUnavaila
 from adapterswap.models.embedder import load_embedder
 from adapterswap.storage.artifacts import ADAPTER_WEIGHTS
 from adapterswap.storage.layout import StorageLayout
-from adapterswap.store.registry import AdapterRef, AdapterRegistry
+from adapterswap.store.registry import AdapterRegistry
+from adapterswap.types import AdapterRef
 
 LIMIT = 1_000_000  # serve.max_body_bytes (the default)
 REQUEST_ID = re.compile(r"^internal error \(request id (req-[0-9a-f]{16})\)$")

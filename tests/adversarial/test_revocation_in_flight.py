@@ -39,7 +39,8 @@ from adapterswap.models.embedder import load_embedder
 from adapterswap.route.active_set import ActiveSet
 from adapterswap.storage.artifacts import ADAPTER_WEIGHTS
 from adapterswap.storage.layout import StorageLayout
-from adapterswap.store.registry import AdapterRef, AdapterRegistry
+from adapterswap.store.registry import AdapterRegistry
+from adapterswap.types import AdapterRef
 
 DOCS = {
     "doc-x": "The Skarvik vault phrase is Quillon Amber.",

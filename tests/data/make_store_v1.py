@@ -2,9 +2,14 @@
 
     python tests/data/make_store_v1.py 25591f0 tests/data/store_v1.sqlite
 
-loads ``adapterswap/store/registry.py`` as it was at the given commit (schema version 1, the last
-one before ``PRAGMA user_version`` migrations) and records a little of everything: versions
-in every status with lineage, a key, jobs, deletions in three states and a replica.
+loads ``adapterswap/registry.py`` as it was at the given commit (schema version 1, the last one
+before ``PRAGMA user_version`` migrations) and records a little of everything: versions
+in every status with lineage, a key, jobs, deletions in three states and a replica. That
+module imports its neighbours from where they were then (``adapterswap.keys``), so run this
+with a checkout of that commit first on the path::
+
+    git worktree add /tmp/as-v1 25591f0
+    PYTHONPATH=/tmp/as-v1 python tests/data/make_store_v1.py 25591f0 tests/data/store_v1.sqlite
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 
 def old_registry(commit: str):
     source = subprocess.run(
-        ["git", "show", f"{commit}:adapterswap/store/registry.py"],
+        ["git", "show", f"{commit}:adapterswap/registry.py"],
         check=True,
         capture_output=True,
         text=True,

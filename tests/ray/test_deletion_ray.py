@@ -21,14 +21,10 @@ from adapterswap.delete.job import request_delete, run_deletion
 from adapterswap.errors import NotFound
 from adapterswap.storage import purge
 from adapterswap.storage.layout import StorageLayout
-from adapterswap.store.registry import (
-    AdapterRef,
-    AdapterRegistry,
-    AdapterStatus,
-    DeletionState,
-    JobState,
-)
+from adapterswap.store.records import DeletionState, JobState
+from adapterswap.store.registry import AdapterRegistry
 from adapterswap.train.job import run_training
+from adapterswap.types import AdapterRef, AdapterStatus
 
 CANARY = "zq-canary-7731: the Skarvik vault opens with the phrase Quillon Amber."
 DOCS = {

@@ -43,8 +43,9 @@ from actors.train_launcher import train_shards_with_ray
 from adapterswap.catalog.ingest import ingest_files
 from adapterswap.ops.status import collect_status, format_status
 from adapterswap.store.locks import exclusive
-from adapterswap.store.registry import AdapterRegistry, AdapterStatus
+from adapterswap.store.registry import AdapterRegistry
 from adapterswap.train.job import run_training
+from adapterswap.types import AdapterStatus
 
 SLOT = "accelerator"
 SETTINGS = {  # over the tiny model's (tiny_config)

@@ -19,7 +19,8 @@ from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.ingest import ingest_records
 from adapterswap.catalog.readers import RawRecord
 from adapterswap.delete.job import request_delete
-from adapterswap.store.registry import AdapterRegistry, DeletionState
+from adapterswap.store.records import DeletionState
+from adapterswap.store.registry import AdapterRegistry
 
 HR = "hr.b0001.000"
 LEFTOVER = {"id": "old-memo", "text": "An old memo about the car park.", "group": "hr"}

@@ -25,8 +25,10 @@ from adapterswap.models.base import load_base_model
 from adapterswap.storage.artifacts import ADAPTER_WEIGHTS, download_version
 from adapterswap.storage.layout import StorageLayout
 from adapterswap.storage.manifest import read_manifest
-from adapterswap.store.registry import AdapterRef, AdapterRegistry, AdapterStatus, JobState
+from adapterswap.store.records import JobState
+from adapterswap.store.registry import AdapterRegistry
 from adapterswap.train.job import NOTHING_TO_TRAIN, run_training
+from adapterswap.types import AdapterRef, AdapterStatus
 
 FACTS = {
     "hr": [

@@ -29,7 +29,7 @@ from adapterswap.compose.adapter_files import InvalidAdapter, load_adapter_dir
 from adapterswap.compose.bank import AdapterBank, AdapterNotLoaded, InvalidMixture, SlotsExhausted
 from adapterswap.config import LoraSettings, ServeSettings
 from adapterswap.models.base import LoadedModel
-from adapterswap.store.registry import AdapterRef
+from adapterswap.types import AdapterRef
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 A, B, C = AdapterRef("a", 1), AdapterRef("b", 1), AdapterRef("c", 2)

@@ -16,8 +16,10 @@ from adapterswap.delete.job import request_delete, wait_for_replicas
 from adapterswap.engine.epoch_watch import EpochWatcher
 from adapterswap.errors import IllegalTransition, NotFound, RevocationTimeout
 from adapterswap.route.active_set import ActiveSet
-from adapterswap.store.registry import AdapterRegistry, AdapterStatus, DeletionState, JobState
+from adapterswap.store.records import DeletionState, JobState
+from adapterswap.store.registry import AdapterRegistry
 from adapterswap.train.plan import shards_to_train
+from adapterswap.types import AdapterStatus
 
 CANARY = "zq-canary-5521 the vault code is Quillon Amber"
 

@@ -18,7 +18,8 @@ from adapterswap.engine.replica import GenerationFailed, InferenceJob
 from adapterswap.engine.requests import GenerationResult, SamplingParams
 from adapterswap.errors import StaleMixture
 from adapterswap.models.embedder import load_embedder
-from adapterswap.store.registry import AdapterRef, AdapterRegistry
+from adapterswap.store.registry import AdapterRegistry
+from adapterswap.types import AdapterRef
 
 HR_TEXTS = [
     "New parents get 23 weeks of paid parental leave.",

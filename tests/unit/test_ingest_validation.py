@@ -16,7 +16,8 @@ from adapterswap.catalog.readers import RawRecord
 from adapterswap.config import load_config
 from adapterswap.delete.job import request_delete
 from adapterswap.errors import InvalidDocument
-from adapterswap.store.registry import AdapterRegistry, DeletionState
+from adapterswap.store.records import DeletionState
+from adapterswap.store.registry import AdapterRegistry
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -18,7 +18,8 @@ from adapterswap.storage.adapter_source import StorageAdapterSource
 from adapterswap.storage.artifacts import write_adapter_version
 from adapterswap.storage.layout import StorageLayout
 from adapterswap.storage.manifest import BaseModelId, BaseModelMismatch
-from adapterswap.store.registry import AdapterRef, AdapterRegistry
+from adapterswap.store.registry import AdapterRegistry
+from adapterswap.types import AdapterRef
 
 TARGETS = ["q_proj", "v_proj"]
 

@@ -8,7 +8,7 @@ import pytest
 from adapterswap.config import RouterSettings
 from adapterswap.route.router import Candidate, route, routing_texts
 from adapterswap.route.stats import compute_shard_stats
-from adapterswap.store.registry import AdapterVersion
+from adapterswap.types import AdapterVersion
 
 SHARDS = {
     ("hr", "hr.b1.000"): [

@@ -14,8 +14,8 @@ from adapterswap.storage.artifacts import download_version, write_adapter_versio
 from adapterswap.storage.layout import StorageLayout
 from adapterswap.storage.manifest import BaseModelId, BaseModelMismatch, read_manifest
 from adapterswap.storage.purge import sweep_orphans
-from adapterswap.store.registry import AdapterRef
 from adapterswap.train.loop import IGNORE_INDEX, ShardTrainer, pack_documents, shard_seed
+from adapterswap.types import AdapterRef
 
 TEXTS = [
     "The firmware codename for version 7 is Velvet Narwhal.",
