@@ -30,10 +30,9 @@ from adapterswap.compose.layer import (
 )
 from adapterswap.config import LoraSettings, ServeSettings
 from adapterswap.errors import AdapterSwapError, StaleMixture
-from adapterswap.types import AdapterRef
+from adapterswap.types import AdapterRef, Mixture
 
 AdapterLoader = Callable[[AdapterRef], tuple[dict[str, torch.Tensor], dict[str, Any]]]
-MixtureRows = Sequence[Sequence[tuple[AdapterRef, float]]]
 
 
 class InvalidMixture(AdapterSwapError, ValueError):
@@ -264,7 +263,9 @@ class AdapterBank:
         )
 
     @contextmanager
-    def mixture(self, rows: MixtureRows, loader: AdapterLoader | None = None) -> Iterator[None]:
+    def mixture(
+        self, rows: Sequence[Mixture], loader: AdapterLoader | None = None
+    ) -> Iterator[None]:
         """Compose ``rows[b] = [(ref, weight), ...]`` for batch row b inside the block.
 
         Every ref must be loaded, or ``loader`` is called for the missing ones. The batch's
