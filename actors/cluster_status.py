@@ -15,11 +15,7 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from adapterswap.config import AdapterSwapConfig
-from adapterswap.errors import AdapterSwapError
-
-
-class NoCluster(AdapterSwapError):
-    """No running Ray cluster to report on."""
+from adapterswap.errors import NoCluster
 
 
 def collect_cluster(config: AdapterSwapConfig) -> dict[str, Any]:

@@ -1,4 +1,7 @@
-"""The exceptions callers branch on. Each message names the field, the bad value and the fix."""
+"""Every exception AdapterSwap raises on purpose, and (at the end) the HTTP status of each.
+
+Each message names the field, the bad value and the fix.
+"""
 
 from __future__ import annotations
 
@@ -127,3 +130,80 @@ def unwrap_remote(exc: BaseException) -> BaseException:
 
 class LeaseLost(AdapterSwapError):
     """A lock's lease expired while its holder worked (it could not reach the store)."""
+
+
+class InvalidAdapter(AdapterSwapError, ValueError):
+    """An adapter's files or tensors cannot be composed (bad shape, rank, key, NaN, format)."""
+
+
+class InvalidMixture(AdapterSwapError, ValueError):
+    """A mixture's weights are not finite and non-negative, or its rows are malformed."""
+
+
+class AdapterNotLoaded(AdapterSwapError, LookupError):
+    """A mixture names an adapter that is not in the bank and no loader was given."""
+
+
+class SlotsExhausted(AdapterSwapError, RuntimeError):
+    """Every slot is pinned by the in-flight batch, so nothing can be evicted to load another."""
+
+
+class BaseModelMismatch(AdapterSwapError):
+    """An adapter was trained on another base model than the one it is being used with."""
+
+
+class AdapterLoadFailed(ServerFault):
+    """A stored adapter version a job needs could not be loaded: damaged files, another base
+    model, a storage error. The server's fault, not the caller's (HTTP 500); the message
+    names nothing, the log has the details."""
+
+
+class GenerationFailed(ServerFault):
+    """A job failed while it ran, for a reason that is not the caller's (HTTP 500); the
+    message says nothing of the server, the log has the details."""
+
+
+class TrainingFailed(AdapterSwapError):
+    """At least one shard failed to train; the others were published."""
+
+
+class DeletionFailed(AdapterSwapError):
+    """The documents stay revoked, but retraining or purging failed; rerun --finish."""
+
+
+class ForgetCheckFailed(AdapterSwapError):
+    """The deleted document is still more recallable than every control."""
+
+
+class DemoFailed(AdapterSwapError):
+    """A step of the demo did not do what it claims."""
+
+
+class NoCluster(AdapterSwapError):
+    """No running Ray cluster to report on."""
+
+
+# What each error answers over HTTP; adapterswap.api.errors turns them into responses.
+# Server-side failures, whatever their class: a 500 that shows only a request id.
+SERVER_FAULTS: tuple[type[Exception], ...] = (
+    ServerFault,  # the replica's AdapterLoadFailed and GenerationFailed among them
+    InvalidAdapter,
+    InvalidMixture,
+    AdapterNotLoaded,
+)
+
+# The caller's errors: the first matching row wins, so subclasses come before their bases.
+HTTP_STATUS: list[tuple[type[Exception], int, str]] = [
+    (Unauthorized, 401, "authentication_error"),
+    (Forbidden, 403, "permission_error"),
+    (NotFound, 404, "not_found_error"),
+    (PayloadTooLarge, 413, "invalid_request_error"),
+    (Overloaded, 503, "overloaded_error"),
+    (SlotsExhausted, 503, "overloaded_error"),
+    (RevocationTimeout, 503, "timeout_error"),
+    (IllegalTransition, 409, "conflict_error"),
+    (InvalidDocument, 400, "invalid_request_error"),
+    (InvalidArgument, 400, "invalid_request_error"),
+    (AdapterSwapError, 400, "invalid_request_error"),
+]
+ERROR_CODES: dict[type[Exception], str] = {SlotsExhausted: "no_free_adapter_slot"}

@@ -23,20 +23,10 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from adapterswap.compose.adapter_files import InvalidAdapter
-from adapterswap.compose.bank import AdapterNotLoaded, InvalidMixture, SlotsExhausted
 from adapterswap.errors import (
-    AdapterSwapError,
-    Forbidden,
-    IllegalTransition,
-    InvalidArgument,
-    InvalidDocument,
-    NotFound,
-    Overloaded,
-    PayloadTooLarge,
-    RevocationTimeout,
-    ServerFault,
-    Unauthorized,
+    ERROR_CODES,
+    HTTP_STATUS,
+    SERVER_FAULTS,
     unwrap_remote,
 )
 
@@ -45,29 +35,6 @@ logger = logging.getLogger("adapterswap.http")
 # Seconds a client should wait before retrying a 503: long enough for a batch to finish and
 # free its adapter slots, or a restarted store to come back, short enough not to idle.
 RETRY_AFTER_S = 1
-
-# Server-side failures, whatever their class: shown only as a request id.
-_INTERNAL: tuple[type[Exception], ...] = (
-    ServerFault,  # the replica's AdapterLoadFailed and GenerationFailed among them
-    InvalidAdapter,
-    InvalidMixture,
-    AdapterNotLoaded,
-)
-
-_STATUS: list[tuple[type[Exception], int, str]] = [
-    (Unauthorized, 401, "authentication_error"),
-    (Forbidden, 403, "permission_error"),
-    (NotFound, 404, "not_found_error"),
-    (PayloadTooLarge, 413, "invalid_request_error"),
-    (Overloaded, 503, "overloaded_error"),
-    (SlotsExhausted, 503, "overloaded_error"),
-    (RevocationTimeout, 503, "timeout_error"),
-    (IllegalTransition, 409, "conflict_error"),
-    (InvalidDocument, 400, "invalid_request_error"),
-    (InvalidArgument, 400, "invalid_request_error"),
-    (AdapterSwapError, 400, "invalid_request_error"),
-]
-_CODES: dict[type[Exception], str] = {SlotsExhausted: "no_free_adapter_slot"}
 
 
 @dataclass(frozen=True)
@@ -117,10 +84,10 @@ def from_exception(exc: BaseException, request_id: str | None = None) -> tuple[i
     exc = unwrap_remote(exc)
     if isinstance(exc, ValidationError | RequestValidationError):
         return from_validation_error(exc)
-    if not isinstance(exc, _INTERNAL):
-        for kind, status, name in _STATUS:
+    if not isinstance(exc, SERVER_FAULTS):
+        for kind, status, name in HTTP_STATUS:
             if isinstance(exc, kind):
-                code = getattr(exc, "code", None) or _CODES.get(kind)
+                code = getattr(exc, "code", None) or ERROR_CODES.get(kind)
                 return status, error_body(str(exc), name, code=code)
     request_id = request_id or new_request_id()
     message = f"internal error (request id {request_id})"

@@ -30,15 +30,11 @@ from adapterswap.delete.job import (
     run_deletion,
     wait_for_replicas,
 )
-from adapterswap.delete.verify_forget import ForgetCheckFailed, http_scorer, verify_forget
-from adapterswap.errors import AdapterSwapError
+from adapterswap.delete.verify_forget import http_scorer, verify_forget
+from adapterswap.errors import DeletionFailed, ForgetCheckFailed
 from adapterswap.jobs import process_runner
 from adapterswap.progress import ShardProgressBars
 from adapterswap.store.registry import AdapterRegistry
-
-
-class DeletionFailed(AdapterSwapError):
-    """The documents stay revoked, but retraining or purging failed; rerun --finish."""
 
 
 def delete_command(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:

@@ -41,7 +41,7 @@ from adapterswap.cli.demo_probes import Probe, Recall, ask, load_probes, read_js
 from adapterswap.cli.demo_report import write_report
 from adapterswap.config import AdapterSwapConfig, load_config
 from adapterswap.delete.verify_forget import http_scorer, verify_forget
-from adapterswap.errors import AdapterSwapError
+from adapterswap.errors import DemoFailed
 from adapterswap.models.embedder import load_embedder
 from adapterswap.progress import ShardProgressBars
 from adapterswap.storage.privacy import private_home
@@ -56,10 +56,6 @@ USERS = {"alice": ["hr", "engineering"], "bob": ["finance"]}
 DELETE = "eng-001"  # its group has never-ingested controls in examples/heldout/
 TOKENS = 8  # completed per probe: enough for every example fact
 RAY_LOG = "ray.log"
-
-
-class DemoFailed(AdapterSwapError):
-    """A step of the demo did not do what it claims."""
 
 
 @dataclass(frozen=True)

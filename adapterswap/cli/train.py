@@ -16,14 +16,10 @@ from actors.job_submission import submit_ray_job
 from actors.train_launcher import train_shards_with_ray
 from adapterswap.cli.common import forwarded_flags
 from adapterswap.config import AdapterSwapConfig
-from adapterswap.errors import AdapterSwapError
+from adapterswap.errors import TrainingFailed
 from adapterswap.progress import ShardProgressBars
 from adapterswap.store.registry import AdapterRegistry
 from adapterswap.train.job import TrainReport, run_training
-
-
-class TrainingFailed(AdapterSwapError):
-    """At least one shard failed to train; the others were published."""
 
 
 def train_command(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:

@@ -16,7 +16,7 @@ from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file
 
 from adapterswap.compose.layer import LoraMixtureLinear
-from adapterswap.errors import AdapterSwapError
+from adapterswap.errors import InvalidAdapter
 from adapterswap.storage.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from adapterswap.types import AdapterRef
 
@@ -28,10 +28,6 @@ _PEFT_KEY = re.compile(
 # Config switches that change the maths away from `W x + s B A x`: composing them would be wrong.
 _UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "target_parameters")
 _UNSUPPORTED += ("trainable_token_indices", "layer_replication", "alora_invocation_tokens")
-
-
-class InvalidAdapter(AdapterSwapError, ValueError):
-    """An adapter's files or tensors cannot be composed (bad shape, rank, key, NaN, format)."""
 
 
 def load_adapter_dir(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -29,22 +29,10 @@ from adapterswap.compose.layer import (
     inject_mixture_layers,
 )
 from adapterswap.config import LoraSettings, ServeSettings
-from adapterswap.errors import AdapterSwapError, StaleMixture
+from adapterswap.errors import AdapterNotLoaded, InvalidMixture, SlotsExhausted, StaleMixture
 from adapterswap.types import AdapterRef, Mixture
 
 AdapterLoader = Callable[[AdapterRef], tuple[dict[str, torch.Tensor], dict[str, Any]]]
-
-
-class InvalidMixture(AdapterSwapError, ValueError):
-    """A mixture's weights are not finite and non-negative, or its rows are malformed."""
-
-
-class AdapterNotLoaded(AdapterSwapError, LookupError):
-    """A mixture names an adapter that is not in the bank and no loader was given."""
-
-
-class SlotsExhausted(AdapterSwapError, RuntimeError):
-    """Every slot is pinned by the in-flight batch, so nothing can be evicted to load another."""
 
 
 def _clean_row(index: int, row: Sequence[tuple[AdapterRef, float]]) -> dict[AdapterRef, float]:

@@ -19,12 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from adapterswap.errors import AdapterSwapError, InvalidArgument
-
-
-class ForgetCheckFailed(AdapterSwapError):
-    """The deleted document is still more recallable than every control."""
-
+from adapterswap.errors import InvalidArgument
 
 Scorer = Callable[[Sequence[str], str], list[float]]  # (texts, group) -> mean NLL per text
 

@@ -38,8 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapterswap.compose.adapter_files import InvalidAdapter
-from adapterswap.compose.bank import AdapterBank, InvalidMixture
+from adapterswap.compose.bank import AdapterBank
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.engine.generation import StepGuard, TokenCallback, generate_batch
 from adapterswap.engine.requests import (
@@ -51,17 +50,20 @@ from adapterswap.engine.requests import (
 from adapterswap.engine.scoring import score_prompts
 from adapterswap.engine.text import apply_chat_template
 from adapterswap.errors import (
+    AdapterLoadFailed,
     AdapterSwapError,
+    BaseModelMismatch,
+    GenerationFailed,
+    InvalidAdapter,
     InvalidArgument,
+    InvalidMixture,
     PayloadTooLarge,
-    ServerFault,
     StaleMixture,
 )
 from adapterswap.models.base import LoadedModel, hash_base_model, load_base_model
 from adapterswap.route.active_set import ActiveSet, Snapshot
 from adapterswap.storage.adapter_source import StorageAdapterSource
 from adapterswap.storage.layout import StorageLayout
-from adapterswap.storage.manifest import BaseModelMismatch
 from adapterswap.types import AdapterRef, Mixture
 
 logger = logging.getLogger("adapterswap.replica")
@@ -69,17 +71,6 @@ _LOAD_FAILED = (
     "an adapter this request needs could not be loaded on the model replica; the server "
     "logged the details"
 )
-
-
-class AdapterLoadFailed(ServerFault):
-    """A stored adapter version a job needs could not be loaded: damaged files, another base
-    model, a storage error. The server's fault, not the caller's (HTTP 500); the message
-    names nothing, the log has the details."""
-
-
-class GenerationFailed(ServerFault):
-    """A job failed while it ran, for a reason that is not the caller's (HTTP 500); the
-    message says nothing of the server, the log has the details."""
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapterswap.errors import AdapterSwapError
+from adapterswap.errors import BaseModelMismatch
 from adapterswap.storage.fs import Location, read_bytes
 from adapterswap.types import AdapterRef
 
 MANIFEST = "manifest.json"
-
-
-class BaseModelMismatch(AdapterSwapError):
-    """An adapter was trained on another base model than the one it is being used with."""
 
 
 class BaseModelId(BaseModel):

@@ -45,8 +45,7 @@ from support import (
 )
 
 from adapterswap.api.auth import Authenticator
-from adapterswap.compose.bank import SlotsExhausted
-from adapterswap.errors import NotFound, Overloaded, StaleMixture, StoreUnavailable
+from adapterswap.errors import NotFound, Overloaded, SlotsExhausted, StaleMixture, StoreUnavailable
 from adapterswap.models.embedder import load_embedder
 from adapterswap.storage.artifacts import ADAPTER_WEIGHTS
 from adapterswap.storage.layout import StorageLayout

@@ -27,14 +27,19 @@ from support import free_port, in_process_app, publish_random_adapter
 
 from adapterswap.catalog.ingest import ingest_records
 from adapterswap.catalog.readers import RawRecord
-from adapterswap.compose.bank import InvalidMixture
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.delete.job import wait_for_replicas
 from adapterswap.engine import generation
 from adapterswap.engine.epoch_watch import EpochWatcher
-from adapterswap.engine.replica import AdapterLoadFailed, InferenceJob
+from adapterswap.engine.replica import InferenceJob
 from adapterswap.engine.requests import GenerationResult, SamplingParams
-from adapterswap.errors import InvalidArgument, RevocationTimeout, StaleMixture
+from adapterswap.errors import (
+    AdapterLoadFailed,
+    InvalidArgument,
+    InvalidMixture,
+    RevocationTimeout,
+    StaleMixture,
+)
 from adapterswap.models.embedder import load_embedder
 from adapterswap.route.active_set import ActiveSet
 from adapterswap.storage.artifacts import ADAPTER_WEIGHTS

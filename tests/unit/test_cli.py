@@ -208,9 +208,10 @@ def test_delete_leaves_out_a_replica_that_died_without_unregistering(capsys, tmp
     """A replica killed with SIGKILL never unregisters. The command asks the cluster which
     replicas are alive; with no Ray running where the store is, none can be serving."""
     import actors.cluster_status as cluster_status
+    from adapterswap.errors import NoCluster
 
     def no_cluster(config):
-        raise cluster_status.NoCluster("no running Ray cluster")
+        raise NoCluster("no running Ray cluster")
 
     monkeypatch.setattr(cluster_status, "_join", no_cluster)
     home = tmp_path / "h"
@@ -226,9 +227,10 @@ def test_delete_leaves_out_a_replica_that_died_without_unregistering(capsys, tmp
 def test_a_cluster_that_cannot_be_asked_counts_every_replica_alive(monkeypatch):
     import actors.cluster_status as cluster_status
     from adapterswap.config import load_config
+    from adapterswap.errors import NoCluster
 
     def unreachable(config):
-        raise cluster_status.NoCluster("ray.address 'ray://10.0.0.9:10001' does not answer")
+        raise NoCluster("ray.address 'ray://10.0.0.9:10001' does not answer")
 
     monkeypatch.setattr(cluster_status, "_join", unreachable)
     config = load_config(environ={}, overrides=["ray.address=ray://10.0.0.9:10001"])

@@ -25,9 +25,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from adapterswap.compose import layer as mixture_layer
-from adapterswap.compose.adapter_files import InvalidAdapter, load_adapter_dir
-from adapterswap.compose.bank import AdapterBank, AdapterNotLoaded, InvalidMixture, SlotsExhausted
+from adapterswap.compose.adapter_files import load_adapter_dir
+from adapterswap.compose.bank import AdapterBank
 from adapterswap.config import LoraSettings, ServeSettings
+from adapterswap.errors import AdapterNotLoaded, InvalidAdapter, InvalidMixture, SlotsExhausted
 from adapterswap.models.base import LoadedModel
 from adapterswap.types import AdapterRef
 

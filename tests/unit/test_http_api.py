@@ -14,9 +14,9 @@ from support import LOGP, exact_float64, in_process_app, publish_random_adapter
 
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.delete.verify_forget import http_scorer
-from adapterswap.engine.replica import GenerationFailed, InferenceJob
+from adapterswap.engine.replica import InferenceJob
 from adapterswap.engine.requests import GenerationResult, SamplingParams
-from adapterswap.errors import StaleMixture
+from adapterswap.errors import GenerationFailed, StaleMixture
 from adapterswap.models.embedder import load_embedder
 from adapterswap.store.registry import AdapterRegistry
 from adapterswap.types import AdapterRef

@@ -10,16 +10,18 @@ from ray.exceptions import RayTaskError
 
 from adapterswap.api.errors import error_reply, from_exception
 from adapterswap.api.schemas import CompletionRequest
-from adapterswap.compose.adapter_files import InvalidAdapter
-from adapterswap.compose.bank import InvalidMixture, SlotsExhausted
-from adapterswap.engine.replica import AdapterLoadFailed, GenerationFailed
 from adapterswap.errors import (
+    AdapterLoadFailed,
     Forbidden,
+    GenerationFailed,
+    InvalidAdapter,
     InvalidDocument,
+    InvalidMixture,
     NotFound,
     Overloaded,
     PayloadTooLarge,
     ServerFault,
+    SlotsExhausted,
     StaleMixture,
     StoreUnavailable,
     Unauthorized,

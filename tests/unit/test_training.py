@@ -9,10 +9,11 @@ from peft.utils import get_peft_model_state_dict
 from support import private_copy, untrained_manifest
 
 from adapterswap.config import LoraSettings, TrainingSettings
+from adapterswap.errors import BaseModelMismatch
 from adapterswap.models.base import LoadedModel
 from adapterswap.storage.artifacts import download_version, write_adapter_version
 from adapterswap.storage.layout import StorageLayout
-from adapterswap.storage.manifest import BaseModelId, BaseModelMismatch, read_manifest
+from adapterswap.storage.manifest import BaseModelId, read_manifest
 from adapterswap.storage.purge import sweep_orphans
 from adapterswap.train.loop import IGNORE_INDEX, ShardTrainer, pack_documents, shard_seed
 from adapterswap.types import AdapterRef
