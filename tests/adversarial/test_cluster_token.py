@@ -172,7 +172,7 @@ def head() -> Iterator[Head]:
     if destination is not None:  # a node has the token only if cluster.yaml mounts it
         token_file = home / destination.removeprefix("~/")
         token_file.parent.mkdir(parents=True, exist_ok=True)
-        token_file.write_text(f"{token}\n")  # as the README's command writes it
+        token_file.write_text(f"{token}\n")  # as docs/operations.md's command writes it
         token_file.chmod(0o600)
 
     gcs, dash, client, agent_http, agent_grpc, env_agent, metrics, node, objects = ports(9)
@@ -244,7 +244,7 @@ def test_a_job_needs_the_token(head: Head):
     assert refused.returncode != 0
     assert "Authentication failed" in refused.stdout + refused.stderr
 
-    # The operator's way (README): the token file named by RAY_AUTH_TOKEN_PATH.
+    # The operator's way (docs/operations.md): the token file named by RAY_AUTH_TOKEN_PATH.
     token_file = head.root / "operator-token"
     token_file.write_text(f"{head.token}\n")
     operator = clean_env(nobody, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
@@ -345,7 +345,7 @@ serve.run(Echo.bind(), route_prefix="/")
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key (what `openssl req -x509` in the README makes)."""
+    """A certificate for 127.0.0.1 and its key (what `openssl req -x509` in docs/operations.md makes)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
