@@ -8,7 +8,7 @@ job's row. One long-lived process per kind, not one per job: a burst of deletes 
 cheap tasks instead of starting processes. The runners live on the head node, where the
 home (its locks, the store's SQLite file) is. A runner that dies leaves its jobs pending or
 running: :meth:`RayJobs.get` fails them once their runner is gone, and the next job of the
-kind fails a running one too (see ``adapterswap.jobs``).
+kind fails a running one too (see ``adapterswap.store.jobs``).
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ from adapterswap.catalog.readers import RawRecord
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.delete.job import DeleteRequest, request_delete, wait_for_replicas
 from adapterswap.errors import NotFound
-from adapterswap.jobs import Jobs
 from adapterswap.route.active_set import ActiveSet
+from adapterswap.store.jobs import Jobs
 from adapterswap.store.protocol import Store
 from adapterswap.store.records import DeletionState, covers_row
 from adapterswap.types import Embed, Principal

@@ -23,6 +23,7 @@ from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.ingest import ingest_lock
 from adapterswap.catalog.readers import read_inputs
 from adapterswap.cli.common import UsageError, forwarded_flags, open_registry
+from adapterswap.cli.progress import ShardProgressBars
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.delete.job import (
     DeletionReport,
@@ -32,8 +33,7 @@ from adapterswap.delete.job import (
 )
 from adapterswap.delete.verify_forget import http_scorer, verify_forget
 from adapterswap.errors import DeletionFailed, ForgetCheckFailed
-from adapterswap.jobs import process_runner
-from adapterswap.progress import ShardProgressBars
+from adapterswap.store.jobs import process_runner
 from adapterswap.store.registry import AdapterRegistry
 
 

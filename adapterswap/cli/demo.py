@@ -39,11 +39,11 @@ from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.ingest import ingest_files
 from adapterswap.cli.demo_probes import Probe, Recall, ask, load_probes, read_jsonl
 from adapterswap.cli.demo_report import write_report
+from adapterswap.cli.progress import ShardProgressBars
 from adapterswap.config import AdapterSwapConfig, load_config
 from adapterswap.delete.verify_forget import http_scorer, verify_forget
 from adapterswap.errors import DemoFailed
 from adapterswap.models.embedder import load_embedder
-from adapterswap.progress import ShardProgressBars
 from adapterswap.storage.privacy import private_home
 from adapterswap.store.registry import AdapterRegistry
 from adapterswap.train.job import run_training

@@ -8,9 +8,9 @@ from typing import Any
 
 from adapterswap.catalog.ingest import ingest_files
 from adapterswap.cli.common import open_registry
+from adapterswap.cli.progress import embed_with_progress
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.models.embedder import load_embedder
-from adapterswap.progress import embed_with_progress
 
 
 def ingest_command(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:

@@ -15,9 +15,9 @@ from typing import Any
 from actors.job_submission import submit_ray_job
 from actors.train_launcher import train_shards_with_ray
 from adapterswap.cli.common import forwarded_flags
+from adapterswap.cli.progress import ShardProgressBars
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import TrainingFailed
-from adapterswap.progress import ShardProgressBars
 from adapterswap.store.registry import AdapterRegistry
 from adapterswap.train.job import TrainReport, run_training
 

@@ -47,9 +47,9 @@ from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.ingest import ingest_lock
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import NotFound, RevocationTimeout, StoreError
-from adapterswap.jobs import running_job
 from adapterswap.storage.layout import StorageLayout
 from adapterswap.storage.purge import purge_version
+from adapterswap.store.jobs import running_job
 from adapterswap.store.records import DeletionRecord, DeletionState, JobRecord, covers_row
 from adapterswap.store.registry import AdapterRegistry
 from adapterswap.train.job import TrainReport, train_changed_shards

@@ -24,12 +24,12 @@ from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.documents import content_hash
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import IllegalTransition
-from adapterswap.jobs import running_job
 from adapterswap.models.base import hash_base_model
 from adapterswap.storage.fs import delete_dir
 from adapterswap.storage.layout import StorageLayout
 from adapterswap.storage.manifest import read_manifest
 from adapterswap.storage.purge import purge_version, sweep_orphans
+from adapterswap.store.jobs import running_job
 from adapterswap.store.registry import AdapterRegistry
 from adapterswap.train.launcher import ShardLauncher
 from adapterswap.train.plan import ShardWork, shards_to_train
