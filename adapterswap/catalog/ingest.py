@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.documents import Document, validate_records
@@ -26,6 +26,7 @@ from adapterswap.catalog.planner import ShardPlan, assignments, plan_shards
 from adapterswap.catalog.readers import RawRecord, read_inputs
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.store.locks import exclusive
+from adapterswap.store.protocol import Store
 from adapterswap.store.records import DeletionRecord, covers_row
 from adapterswap.store.registry import AdapterRegistry
 from adapterswap.types import Embed
@@ -52,7 +53,7 @@ class IngestResult:
     replaced: list[str]
 
 
-def ingest_lock(store: Any) -> AbstractContextManager[str]:
+def ingest_lock(store: Store) -> AbstractContextManager[str]:
     """The lock that serialises catalog changes: ingests, replacements, the delete request's
     catalog read and the delete job's removal. Every one of them takes it here: the store's
     ``ingest`` lease, so it holds whichever node each of them runs on."""

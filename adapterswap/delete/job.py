@@ -50,6 +50,7 @@ from adapterswap.errors import NotFound, RevocationTimeout, StoreError
 from adapterswap.storage.layout import StorageLayout
 from adapterswap.storage.purge import purge_version
 from adapterswap.store.jobs import running_job
+from adapterswap.store.protocol import Store
 from adapterswap.store.records import DeletionRecord, DeletionState, JobRecord, covers_row
 from adapterswap.store.registry import AdapterRegistry
 from adapterswap.train.job import TrainReport, train_changed_shards
@@ -116,7 +117,7 @@ def _uncovered(
 
 
 def request_delete(
-    store: Any,
+    store: Store,
     catalog: Catalog,
     doc_ids: Sequence[str],
     runner: str,
@@ -172,7 +173,7 @@ def request_delete(
 
 
 def wait_for_replicas(
-    store: Any,
+    store: Store,
     epoch: int,
     *,
     timeout_s: float,

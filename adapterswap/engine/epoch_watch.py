@@ -21,7 +21,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+
+from adapterswap.store.protocol import Store
 
 logger = logging.getLogger("adapterswap.epoch")
 
@@ -40,7 +41,7 @@ class EpochWatcher:
     def __init__(
         self,
         sync: Callable[[], int],
-        store: Any,
+        store: Store,
         *,
         replica_id: str,
         poll_s: float,

@@ -19,9 +19,9 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 from adapterswap.errors import LeaseLost
+from adapterswap.store.protocol import Store
 
 logger = logging.getLogger("adapterswap.locks")
 
@@ -29,7 +29,7 @@ LEASE_TTL_S = 30.0
 
 
 @contextlib.contextmanager
-def exclusive(store: Any, name: str, *, ttl_s: float = LEASE_TTL_S) -> Iterator[str]:
+def exclusive(store: Store, name: str, *, ttl_s: float = LEASE_TTL_S) -> Iterator[str]:
     """Hold lease ``name`` for the block; yields the owner name. ``store`` answers
     ``acquire_lease``, ``renew_lease`` and ``release_lease`` synchronously."""
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
