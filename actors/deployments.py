@@ -35,12 +35,12 @@ from adapterswap.api.gateway import build_gateway
 from adapterswap.api.model_client import LocalModelClient
 from adapterswap.api.schemas import ChatRequest, CompletionRequest
 from adapterswap.config import AdapterSwapConfig, ModelSettings
+from adapterswap.engine.adapter_source import StorageAdapterSource
 from adapterswap.engine.epoch_watch import EpochWatcher
 from adapterswap.engine.replica import InferenceJob, ModelReplica
 from adapterswap.engine.requests import GenerationResult, PromptScores
 from adapterswap.errors import AdapterSwapError
 from adapterswap.models.base import LoadedModel, hash_base_model, load_base_model
-from adapterswap.storage.adapter_source import StorageAdapterSource
 from adapterswap.storage.layout import StorageLayout
 from adapterswap.storage.privacy import private_process
 from adapterswap.store.protocol import Store

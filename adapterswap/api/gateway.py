@@ -17,10 +17,10 @@ from adapterswap.api.auth import Authenticator
 from adapterswap.api.inference import InferenceEndpoints
 from adapterswap.api.model_client import ModelClient
 from adapterswap.config import AdapterSwapConfig
+from adapterswap.engine.adapter_source import StorageAdapterSource
 from adapterswap.models.embedder import load_embedder
 from adapterswap.route.active_set import ActiveSet
 from adapterswap.route.stats import ShardStats
-from adapterswap.storage.adapter_source import StorageAdapterSource
 from adapterswap.store.jobs import Jobs
 from adapterswap.store.protocol import Store
 from adapterswap.types import Embed

@@ -40,6 +40,7 @@ from typing import Any
 
 from adapterswap.compose.bank import AdapterBank
 from adapterswap.config import AdapterSwapConfig
+from adapterswap.engine.adapter_source import StorageAdapterSource
 from adapterswap.engine.generation import StepGuard, TokenCallback, generate_batch
 from adapterswap.engine.requests import (
     GenerationRequest,
@@ -62,7 +63,6 @@ from adapterswap.errors import (
 )
 from adapterswap.models.base import LoadedModel, hash_base_model, load_base_model
 from adapterswap.route.active_set import ActiveSet, Snapshot
-from adapterswap.storage.adapter_source import StorageAdapterSource
 from adapterswap.storage.layout import StorageLayout
 from adapterswap.types import AdapterRef, Mixture
 

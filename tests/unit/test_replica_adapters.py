@@ -11,10 +11,10 @@ from peft import LoraConfig, get_peft_model
 from support import private_copy, untrained_manifest
 
 from adapterswap.compose.bank import AdapterBank
+from adapterswap.engine.adapter_source import StorageAdapterSource
 from adapterswap.errors import BaseModelMismatch, NotFound, StaleMixture
 from adapterswap.route.active_set import ActiveSet
 from adapterswap.route.stats import compute_shard_stats, save_shard_stats
-from adapterswap.storage.adapter_source import StorageAdapterSource
 from adapterswap.storage.artifacts import write_adapter_version
 from adapterswap.storage.layout import StorageLayout
 from adapterswap.storage.manifest import BaseModelId

@@ -30,10 +30,10 @@ from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.ingest import ingest_files
 from adapterswap.config import load_config
 from adapterswap.delete.job import request_delete, run_deletion
+from adapterswap.engine.adapter_source import StorageAdapterSource
 from adapterswap.models.base import hash_base_model
 from adapterswap.route.stats import compute_shard_stats
 from adapterswap.storage import artifacts
-from adapterswap.storage.adapter_source import StorageAdapterSource
 from adapterswap.storage.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ROUTER_STATS
 from adapterswap.storage.fs import read_bytes, resolve, write_atomic
 from adapterswap.storage.layout import StorageLayout
