@@ -126,6 +126,24 @@ def load_base_model(settings: ModelSettings, cache_dir: Path) -> LoadedModel:
     return LoadedModel(model, tokenizer, model_id, dtype, device)
 
 
+def load_tokenizer(settings: ModelSettings, cache_dir: Path) -> Any:
+    """The base model's tokenizer alone, as :func:`load_base_model` sets it up (the ingress
+    uses it for token-id prompts and ``/tokenize``, without loading the weights)."""
+    source, cache_dir = resolve_source(settings.spec), Path(cache_dir)
+    if source.kind in ("embedded", "tiny-random"):
+        tokenizer = _smollm2_tokenizer(cache_dir)
+    elif source.kind == "gguf":
+        from transformers import AutoTokenizer
+
+        directory = gguf_model_dir(source.path, cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    else:
+        tokenizer = _load_hf(source, None)[1]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def hash_base_model(settings: ModelSettings, cache_dir: Path) -> str:
     """A sha256 hex digest of the base model's content, for adapter manifests.
 
@@ -160,16 +178,22 @@ def _existing(path: Path) -> Path:
     return path.resolve()
 
 
-def _load_hf(source: ModelSource, dtype: torch.dtype) -> tuple[Any, Any, str]:
-    """A local Hugging Face directory, or a hub id (network or a populated HF cache)."""
+def _load_hf(source: ModelSource, dtype: torch.dtype | None) -> tuple[Any, Any, str]:
+    """A local Hugging Face directory, or a hub id (network or a populated HF cache).
+
+    ``dtype`` None loads the tokenizer alone (the model is None)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = source.path is not None
     name = str(source.path) if local else source.spec
     offline = local or _offline_requested()
+    model = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=offline)
+        if dtype is not None:
+            model = AutoModelForCausalLM.from_pretrained(
+                name, dtype=dtype, local_files_only=offline
+            )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"model.spec: base model {source.spec!r} could not be loaded ({_first_line(exc)}). "
@@ -183,7 +207,7 @@ def _build_tiny_random(cache_dir: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     """A 2-layer, width-64 Llama with fixed-seed weights and the SmolLM2 tokenizer (tests)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = _tiny_tokenizer(cache_dir)
+    tokenizer = _smollm2_tokenizer(cache_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -204,8 +228,9 @@ def _build_tiny_random(cache_dir: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return model.to(dtype), tokenizer
 
 
-def _tiny_tokenizer(cache_dir: Path) -> Any:
-    """tiny-random's tokenizer: SmolLM2's (with its chat template), from the GGUF cache."""
+def _smollm2_tokenizer(cache_dir: Path) -> Any:
+    """SmolLM2's tokenizer (with its chat template), from the GGUF cache: the embedded
+    model's, and tiny-random's."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(embedded_tokenizer_dir(cache_dir), local_files_only=True)
