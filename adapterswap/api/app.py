@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from adapterswap.api.docs_page import add_docs_page
 from adapterswap.api.errors import error_body, error_reply
 from adapterswap.api.gateway import Gateway
 from adapterswap.api.schemas import ChatRequest, CompletionRequest, DocumentsRequest
@@ -160,7 +161,11 @@ def create_app() -> FastAPI:
         title="AdapterSwap",
         version="0.1.0",
         description="OpenAI-compatible API with per-request LoRA composition.",
+        # FastAPI's pages load their assets from a CDN; add_docs_page serves ours.
+        docs_url=None,
+        redoc_url=None,
     )
+    add_docs_page(app)
 
     # Errors we raise on purpose, and pydantic's, become their status here (Starlette's
     # exception middleware, inside the one below).
