@@ -86,6 +86,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def metrics_export() -> tuple[dict[str, Any], str]:
+    """``ray.init`` options that export Ray's metrics on a free port, every 0.5 s, and the
+    URL Prometheus would scrape them from."""
+    port = free_port()
+    options = {"_metrics_export_port": port, "_system_config": {"metrics_report_interval_ms": 500}}
+    return options, f"http://127.0.0.1:{port}/metrics"
+
+
 # Log-probabilities computed two ways in float64 (a batched forward against a direct
 # log-softmax, a KV-cached decode step against a full forward). Their logsumexp adds
 # V = 49,152 terms exp(z - max) ≤ 1; any order of that sum is within V·u·Σ of the exact one

@@ -18,7 +18,7 @@ import torch
 from ray import serve
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from support import free_port, post_head, publish_random_adapter, push
+from support import metrics_export, post_head, publish_random_adapter, push
 
 from actors.adapter_store import get_store
 from actors.store_client import StoreClient
@@ -35,12 +35,9 @@ LEGAL_KEY: list[str] = []  # a key of group "legal", whose only adapter is corru
 @pytest.fixture(scope="module")
 def ray_init_options() -> dict[str, Any]:
     """The module's cluster exports Ray's metrics on a known port, every 0.5 s."""
-    metrics_port = free_port()
-    METRICS_URL.append(f"http://127.0.0.1:{metrics_port}/metrics")
-    return {
-        "_metrics_export_port": metrics_port,
-        "_system_config": {"metrics_report_interval_ms": 500},
-    }
+    options, url = metrics_export()
+    METRICS_URL.append(url)
+    return options
 
 
 @pytest.fixture(scope="module")
