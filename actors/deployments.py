@@ -32,7 +32,7 @@ from actors.replica_oracle import ServeReplicaOracle
 from actors.store_client import StoreClient
 from adapterswap.api.app import create_app
 from adapterswap.api.gateway import build_gateway
-from adapterswap.api.model_client import LocalModelClient
+from adapterswap.api.model_client import LocalModelClient, StreamItem
 from adapterswap.api.schemas import ChatRequest, CompletionRequest
 from adapterswap.config import AdapterSwapConfig, ModelSettings
 from adapterswap.engine.adapter_source import StorageAdapterSource
@@ -40,7 +40,7 @@ from adapterswap.engine.epoch_watch import EpochWatcher
 from adapterswap.engine.replica import InferenceJob, ModelReplica
 from adapterswap.engine.requests import GenerationResult, PromptScores
 from adapterswap.errors import AdapterSwapError
-from adapterswap.models.base import LoadedModel, hash_base_model, load_base_model
+from adapterswap.models.base import LoadedModel, hash_base_model, load_base_model, load_tokenizer
 from adapterswap.storage.layout import StorageLayout
 from adapterswap.storage.privacy import private_process
 from adapterswap.store.protocol import Store
@@ -116,9 +116,10 @@ class ModelDeployment:
     ) -> list[PromptScores | AdapterSwapError]:
         return await self.local.score(jobs, top_logprobs)
 
-    async def stream(self, job: InferenceJob) -> AsyncIterator[str]:
-        async for delta in self.local.stream(job):
-            yield delta
+    async def stream(self, job: InferenceJob) -> AsyncIterator[StreamItem]:
+        """The job's text deltas, then its GenerationResult (finish reason, token counts)."""
+        async for item in self.local.stream(job):
+            yield item
 
     def __del__(self) -> None:
         """Serve shuts the replica down: no delete should wait for it any more."""
@@ -152,6 +153,7 @@ class IngressDeployment:
             store=store,
             model=HandleModelClient(model),
             model_id=self.config.model.spec,
+            tokenizer=load_tokenizer(self.config.model, self.config.model_cache_dir),
             adapters=source,
             jobs=jobs,
             on_routed=ServeMetrics().record_routing,

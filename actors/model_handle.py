@@ -17,6 +17,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from adapterswap.api.model_client import StreamItem
 from adapterswap.engine.replica import InferenceJob
 from adapterswap.engine.requests import GenerationResult, PromptScores
 from adapterswap.errors import AdapterSwapError, Overloaded, unwrap_remote
@@ -79,9 +80,9 @@ class HandleModelClient:
     ) -> list[PromptScores | AdapterSwapError]:
         return await _on_a_live_replica(lambda: self.handle.score.remote(jobs, top_logprobs))
 
-    async def stream(self, job: InferenceJob) -> AsyncIterator[str]:
+    async def stream(self, job: InferenceJob) -> AsyncIterator[StreamItem]:
         try:
-            async for delta in self.handle.options(stream=True).stream.remote(job):
-                yield delta
+            async for item in self.handle.options(stream=True).stream.remote(job):
+                yield item
         except (RayTaskError, *_NO_CAPACITY, *REPLICA_GONE) as exc:
             raise _model_error(exc) from exc

@@ -226,12 +226,24 @@ def in_process_app(
         config,
         store=registry,
         model=LocalModelClient(replica),
-        model_id=replica.model_id,
+        model_id=config.model.spec,
+        tokenizer=replica.tokenizer,
         adapters=replica.source,
         jobs=jobs or RecordedJobs(registry),
         authenticator=Authenticator(registry.lookup_key, ttl),
     )
     return app, replica
+
+
+# Two groups' documents, on topics the router tells apart (the `http_world` fixture's).
+HR_TEXTS = [
+    "New parents get 23 weeks of paid parental leave.",
+    "Parental leave can be split into three blocks.",
+]
+FIN_TEXTS = [
+    "Vendor invoices are paid within 37 days.",
+    "Expense claims above 40 crowns need a receipt.",
+]
 
 
 # The tiny random Llama (built in code, never downloaded) with LoRA on two projections and a

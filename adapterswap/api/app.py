@@ -32,7 +32,13 @@ from pydantic import BaseModel, ValidationError
 from adapterswap.api.docs_page import add_docs_page
 from adapterswap.api.errors import error_body, error_reply
 from adapterswap.api.gateway import Gateway
-from adapterswap.api.schemas import ChatRequest, CompletionRequest, DocumentsRequest
+from adapterswap.api.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DocumentsRequest,
+    TokenizeRequest,
+)
 from adapterswap.errors import AdapterSwapError, InvalidArgument, PayloadTooLarge
 from adapterswap.types import Principal
 
@@ -129,7 +135,7 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     yield b"data: [DONE]\n\n"
 
 
-_BODIES = (CompletionRequest, ChatRequest, DocumentsRequest)
+_BODIES = (CompletionRequest, ChatRequest, DocumentsRequest, TokenizeRequest, DetokenizeRequest)
 
 
 def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -203,10 +209,27 @@ def create_app() -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    # The tokenizer's endpoints answer without a key, as vLLM's do (see api/tokenizer.py).
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> dict[str, Any]:
+        return _gateway(request).tokenizer_info()
+
+    @app.post("/tokenize", openapi_extra=_body_schema(TokenizeRequest))
+    async def tokenize(request: Request) -> dict[str, Any]:
+        gateway = _gateway(request)
+        body = await _body(request, TokenizeRequest, gateway.config.serve.max_body_bytes)
+        return await asyncio.to_thread(gateway.tokenize, body)
+
+    @app.post("/detokenize", openapi_extra=_body_schema(DetokenizeRequest))
+    async def detokenize(request: Request) -> dict[str, Any]:
+        gateway = _gateway(request)
+        body = await _body(request, DetokenizeRequest, gateway.config.serve.max_body_bytes)
+        return await asyncio.to_thread(gateway.detokenize, body)
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
-        await _principal(request)
-        return _gateway(request).list_models()
+        principal = await _principal(request)
+        return await asyncio.to_thread(_gateway(request).list_models, principal)
 
     @app.get("/v1/adapters")
     async def adapters(request: Request) -> dict[str, Any]:
@@ -222,9 +245,10 @@ def create_app() -> FastAPI:
             return await gateway.complete(principal, body)
         if len(body.prompts) != 1 or body.echo:
             raise InvalidArgument("stream: supported for a single prompt without echo")
-        jobs, info = await asyncio.to_thread(gateway.completion_jobs, principal, body)
+        jobs, infos = await asyncio.to_thread(gateway.completion_jobs, principal, body)
         return StreamingResponse(
-            _sse(gateway.stream_chunks(jobs[0], info, chat=False)), media_type="text/event-stream"
+            _sse(gateway.stream_chunks(jobs[0], infos[0], False, body.include_usage)),
+            media_type="text/event-stream",
         )
 
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatRequest))
@@ -236,7 +260,8 @@ def create_app() -> FastAPI:
             return await gateway.chat(principal, body)
         job, info = await asyncio.to_thread(gateway.chat_job, principal, body)
         return StreamingResponse(
-            _sse(gateway.stream_chunks(job, info, chat=True)), media_type="text/event-stream"
+            _sse(gateway.stream_chunks(job, info, True, body.include_usage)),
+            media_type="text/event-stream",
         )
 
     @app.post("/v1/documents", openapi_extra=_body_schema(DocumentsRequest))

@@ -1,8 +1,8 @@
 """The Gateway, everything the HTTP endpoints do, and :func:`build_gateway`. No Ray here.
 
 The FastAPI app (``api/app.py``) is a thin layer over a :class:`Gateway`, which joins the
-inference endpoints (``api/inference.py``) and the admin ones (``api/admin.py``) over the
-same collaborators. :func:`build_gateway` wires those collaborators from a store, a model
+inference endpoints (``api/inference.py``), the tokenizer's (``api/tokenizer.py``) and the
+admin ones (``api/admin.py``) over the same collaborators. :func:`build_gateway` wires those collaborators from a store, a model
 client and an adapter source; the Ray Serve ingress (``actors/deployments.py``) and the
 tests' in-process app (``tests/support.py``) both build their gateway with it.
 """
@@ -16,6 +16,7 @@ from adapterswap.api.admin import AdminEndpoints
 from adapterswap.api.auth import Authenticator
 from adapterswap.api.inference import InferenceEndpoints
 from adapterswap.api.model_client import ModelClient
+from adapterswap.api.tokenizer import TokenizerEndpoints
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.engine.adapter_source import StorageAdapterSource
 from adapterswap.models.embedder import load_embedder
@@ -26,7 +27,7 @@ from adapterswap.store.protocol import Store
 from adapterswap.types import Embed
 
 
-class Gateway(InferenceEndpoints, AdminEndpoints):
+class Gateway(InferenceEndpoints, TokenizerEndpoints, AdminEndpoints):
     """Everything the HTTP endpoints do, given its collaborators."""
 
     def __init__(
@@ -35,6 +36,7 @@ class Gateway(InferenceEndpoints, AdminEndpoints):
         *,
         model: ModelClient,
         model_id: str,
+        tokenizer: Any,
         authenticator: Authenticator,
         active: ActiveSet,
         stats: Callable[[Any], ShardStats],
@@ -54,6 +56,7 @@ class Gateway(InferenceEndpoints, AdminEndpoints):
         self.config = config
         self.model = model
         self.model_id = model_id
+        self.tokenizer = tokenizer  # the base model's: token-id prompts, /tokenize
         self.auth = authenticator
         self.active = active
         self._stats = stats
@@ -70,6 +73,7 @@ def build_gateway(
     store: Store,
     model: ModelClient,
     model_id: str,
+    tokenizer: Any,
     adapters: StorageAdapterSource,
     jobs: Jobs,
     embed: Embed | None = None,
@@ -79,7 +83,8 @@ def build_gateway(
 ) -> Gateway:
     """A gateway whose store reads (keys, the active set) all go through ``store``.
 
-    ``adapters`` gives the router its per-shard statistics and forgets those of versions
+    ``tokenizer`` is the base model's (``models.base.load_tokenizer``). ``adapters`` gives
+    the router its per-shard statistics and forgets those of versions
     that left the active set. ``embed`` defaults to ``config.embedding``'s embedder;
     ``authenticator`` to the server's, with ``config.serve``'s key caches and the store's
     list of key ids (see :mod:`adapterswap.api.auth`).
@@ -97,6 +102,7 @@ def build_gateway(
         config,
         model=model,
         model_id=model_id,
+        tokenizer=tokenizer,
         authenticator=authenticator,
         active=ActiveSet(
             store.active_snapshot, lambda keep: adapters.forget(keep) or [], epoch=store.epoch

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from adapterswap.api import openai_format as fmt
@@ -22,16 +23,24 @@ from adapterswap.api.schemas import ChatRequest, CompletionRequest, _InferenceBo
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.engine.replica import InferenceJob
 from adapterswap.engine.requests import PromptScores, SamplingParams
-from adapterswap.errors import InvalidArgument, PayloadTooLarge, StaleMixture, unwrap_remote
+from adapterswap.errors import (
+    InvalidArgument,
+    NotFound,
+    PayloadTooLarge,
+    StaleMixture,
+    unwrap_remote,
+)
 from adapterswap.route.active_set import ActiveSet
 from adapterswap.route.router import Candidate, RoutingDecision, route, routing_texts
 from adapterswap.route.stats import ShardStats
-from adapterswap.types import Embed, Mixture, Principal
+from adapterswap.types import AdapterVersion, Embed, Mixture, Principal
 
 logger = logging.getLogger("adapterswap.requests")
 # A request routed to a version that a delete revoked before it ran is routed again, once:
 # the second routing syncs with the store first, so it sees the new set.
 REROUTES = 1
+# The name that, besides the served base model's, lets the router decide (``model`` field).
+SERVED_NAME = "adapterswap"
 
 
 class InferenceEndpoints:
@@ -43,6 +52,7 @@ class InferenceEndpoints:
     config: AdapterSwapConfig
     model: ModelClient
     model_id: str
+    tokenizer: Any
     active: ActiveSet
     _stats: Callable[[Any], ShardStats]
     _embed: Embed
@@ -50,12 +60,45 @@ class InferenceEndpoints:
 
     # -- routing ----------------------------------------------------------------------
 
-    def _route(
-        self, principal: Principal, body: _InferenceBody, texts: list[str]
-    ) -> tuple[Mixture, dict[str, Any]]:
-        """The request's mixture and the response's ``adapterswap`` block."""
+    def _route_each(
+        self, principal: Principal, body: _InferenceBody, queries: list[list[str]]
+    ) -> list[tuple[Mixture, dict[str, Any]]]:
+        """Each job's mixture and the ``adapterswap`` block of its answer.
+
+        ``queries[i]`` is what job ``i`` is routed on: texts in order of preference. Each job
+        is routed on its own (a list of prompts may get several mixtures), and each text is
+        embedded alone, so a job's routing, and so its answer, never depends on the others.
+        """
         self.active.sync()
         groups = effective_groups(principal, body.groups)
+        named = self._named_mixture(body, groups)
+        if named is not None:
+            return [named] * len(queries)
+        routed = []
+        for texts in queries:
+            started = time.perf_counter()
+            decision = self._decide(groups, texts, body.top_k)
+            if self._on_routed is not None:
+                self._on_routed(1000 * (time.perf_counter() - started), len(decision.adapters))
+            mixture = tuple((a.ref, a.weight) for a in decision.adapters)
+            listed = [fmt.describe_adapter(a.ref, a.group, a.weight) for a in decision.adapters]
+            routed.append((mixture, {"adapters": listed, "router": decision.as_dict()}))
+        return routed
+
+    def _named_mixture(
+        self, body: _InferenceBody, groups: Sequence[str]
+    ) -> tuple[Mixture, dict[str, Any]] | None:
+        """The mixture the request names (``model`` an adapter id, or ``adapters`` "none" or
+        a list), with its ``adapterswap`` block; None when the router decides."""
+        adapter = self._model_adapter(body.model, groups)
+        if adapter is not None:
+            if body.adapters != "auto":
+                raise InvalidArgument(
+                    f"adapters: model already names adapter {body.model!r}; leave adapters out "
+                    f"(or set model to {self.model_id!r} to choose adapters with this field)"
+                )
+            listed = [fmt.describe_adapter(adapter.ref, adapter.group, 1.0)]
+            return ((adapter.ref, 1.0),), {"adapters": listed, "router": {"reason": "model"}}
         if body.adapters == "none":
             return (), {"adapters": [], "router": {"reason": "adapters: none"}}
         if isinstance(body.adapters, list):
@@ -63,13 +106,20 @@ class InferenceEndpoints:
             mixture = tuple((v.ref, w) for v, w in chosen if w > 0)
             listed = [fmt.describe_adapter(v.ref, v.group, w) for v, w in chosen]
             return mixture, {"adapters": listed, "router": {"reason": "adapters given"}}
-        started = time.perf_counter()
-        decision = self._decide(groups, texts, body.top_k)
-        if self._on_routed is not None:
-            self._on_routed(1000 * (time.perf_counter() - started), len(decision.adapters))
-        mixture = tuple((a.ref, a.weight) for a in decision.adapters)
-        listed = [fmt.describe_adapter(a.ref, a.group, a.weight) for a in decision.adapters]
-        return mixture, {"adapters": listed, "router": decision.as_dict()}
+        return None
+
+    def _model_adapter(self, model: str | None, groups: Sequence[str]) -> AdapterVersion | None:
+        """The adapter ``model`` names, as vLLM's ``model`` names a LoRA module; None for the
+        base model (its name, ``adapterswap``, or no ``model``). An adapter of another group
+        answers exactly like an id that does not exist."""
+        if model is None or model in (self.model_id, SERVED_NAME):
+            return None
+        try:
+            return self.active.resolve(model, groups)
+        except NotFound:
+            raise NotFound(
+                f"model {model!r} not found; GET /v1/models lists the models this key may use"
+            ) from None
 
     def _decide(
         self, groups: Sequence[str], texts: list[str], top_k: int | None
@@ -86,9 +136,12 @@ class InferenceEndpoints:
 
     def _params(self, body: _InferenceBody) -> SamplingParams:
         limit = self.config.serve.max_new_tokens
-        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        field, max_tokens = "max_tokens", body.max_tokens
+        if isinstance(body, ChatRequest) and body.max_completion_tokens is not None:
+            field, max_tokens = "max_completion_tokens", body.max_completion_tokens
+        max_tokens = 16 if max_tokens is None else max_tokens
         if max_tokens > limit:
-            raise PayloadTooLarge(f"max_tokens: {max_tokens} is over serve.max_new_tokens={limit}")
+            raise PayloadTooLarge(f"{field}: {max_tokens} is over serve.max_new_tokens={limit}")
         if isinstance(body, CompletionRequest):
             logprobs = body.logprobs
         else:  # chat: a flag, and how many alternatives
@@ -107,17 +160,37 @@ class InferenceEndpoints:
 
     def completion_jobs(
         self, principal: Principal, body: CompletionRequest
-    ) -> tuple[list[InferenceJob], dict[str, Any]]:
-        """One job per prompt; all prompts of a request share its routing (on the first)."""
-        mixture, info = self._route(principal, body, body.prompts[:1])
+    ) -> tuple[list[InferenceJob], list[dict[str, Any]]]:
+        """One job per prompt, each routed on its own text, with its ``adapterswap`` block."""
         params = self._params(body)
-        return [InferenceJob(prompt=p, params=params, mixture=mixture) for p in body.prompts], info
+        texts = [
+            p if isinstance(p, str) else self._prompt_text(p, i) for i, p in enumerate(body.prompts)
+        ]
+        routed = self._route_each(principal, body, [[t] for t in texts])
+        jobs = [
+            InferenceJob(prompt=p, params=params, mixture=mixture)
+            if isinstance(p, str)
+            else InferenceJob(token_ids=tuple(p), params=params, mixture=mixture)
+            for p, (mixture, _) in zip(body.prompts, routed, strict=True)
+        ]
+        return jobs, [info for _, info in routed]
+
+    def _prompt_text(self, token_ids: list[int], index: int) -> str:
+        """The text of a token-id prompt, to route on; a 400 for an id outside the vocabulary."""
+        vocab = len(self.tokenizer)
+        for position, token in enumerate(token_ids):
+            if token >= vocab:
+                raise InvalidArgument(
+                    f"prompt: item {index}, token {position}: {token} is not a token id of the "
+                    f"base model's tokenizer (0 to {vocab - 1})"
+                )
+        return self.tokenizer.decode(token_ids)
 
     def chat_job(
         self, principal: Principal, body: ChatRequest
     ) -> tuple[InferenceJob, dict[str, Any]]:
-        messages = tuple(m.model_dump(exclude_none=True, exclude={"name"}) for m in body.messages)
-        mixture, info = self._route(principal, body, routing_texts(messages))
+        messages = tuple(m.template_message() for m in body.messages)
+        ((mixture, info),) = self._route_each(principal, body, [routing_texts(messages)])
         return InferenceJob(messages=messages, params=self._params(body), mixture=mixture), info
 
     async def complete(self, principal: Principal, body: CompletionRequest) -> dict[str, Any]:
@@ -126,7 +199,7 @@ class InferenceEndpoints:
         for attempt in range(REROUTES + 1):
             # Routing reads the store and embeds the query: off the event loop, so concurrent
             # requests reach the model deployment together and share a batch.
-            jobs, info = await asyncio.to_thread(self.completion_jobs, principal, body)
+            jobs, infos = await asyncio.to_thread(self.completion_jobs, principal, body)
             try:
                 scores: list[PromptScores | None] = [None] * len(jobs)
                 if body.echo:
@@ -141,16 +214,18 @@ class InferenceEndpoints:
                 if attempt == REROUTES:
                     raise
         choices = [
-            fmt.completion_choice(i, body, s, r)
-            for i, (s, r) in enumerate(zip(scores, results, strict=True))
+            fmt.completion_choice(i, body, s, r) | {"adapterswap": info}
+            for i, (s, r, info) in enumerate(zip(scores, results, infos, strict=True))
         ]
         usage = fmt.usage(results, scores)
-        log_request("completions", principal, info, started, usage)
+        log_request("completions", principal, infos, started, usage)
+        # One prompt: its block at the top too, where it always was.
+        single = {"adapterswap": infos[0]} if len(infos) == 1 else {}
         return {
             **fmt.envelope("text_completion", self.model_id),
             "choices": choices,
             "usage": usage,
-            "adapterswap": info,
+            **single,
         }
 
     async def chat(self, principal: Principal, body: ChatRequest) -> dict[str, Any]:
@@ -165,7 +240,7 @@ class InferenceEndpoints:
                 if attempt == REROUTES:
                     raise
         usage = fmt.usage([result], [None])
-        log_request("chat", principal, info, started, usage)
+        log_request("chat", principal, [info], started, usage)
         return {
             **fmt.envelope("chat.completion", self.model_id),
             "choices": [fmt.chat_choice(result, body.logprobs)],
@@ -174,18 +249,27 @@ class InferenceEndpoints:
         }
 
     async def stream_chunks(
-        self, job: InferenceJob, info: dict[str, Any], chat: bool
+        self, job: InferenceJob, info: dict[str, Any], chat: bool, include_usage: bool
     ) -> AsyncIterator[dict[str, Any]]:
-        """Streaming chunks in OpenAI's shape; the first carries the ``adapterswap`` block."""
+        """Streaming chunks in OpenAI's shape: a chat stream's first names the role (as
+        vLLM's), the first carries the ``adapterswap`` block, the last the finish reason of
+        the answer without streaming; with ``include_usage`` every chunk has ``usage: null``
+        and one more, with no choices, the usage."""
         head = fmt.envelope("chat.completion.chunk" if chat else "text_completion", self.model_id)
-        first = True
-        async for delta in self.model.stream(job):
-            chunk = fmt.stream_chunk(head, delta, chat)
-            if first:
-                chunk["adapterswap"] = info
-                first = False
-            yield chunk
-        yield fmt.last_chunk(head, chat) | ({"adapterswap": info} if first else {})
+        usage: dict[str, Any] = {"usage": None} if include_usage else {}
+        first = {"adapterswap": info}  # on the first chunk only
+        if chat:
+            yield fmt.role_chunk(head) | usage | first
+            first = {}
+        async for item in self.model.stream(job):
+            if isinstance(item, str):
+                yield fmt.stream_chunk(head, item, chat) | usage | first
+                first = {}
+            else:
+                result = item
+        yield fmt.last_chunk(head, chat, result.finish_reason) | usage | first
+        if include_usage:
+            yield fmt.usage_chunk(head, fmt.usage([result], [None]))
 
     def list_adapters(self, principal: Principal) -> dict[str, Any]:
         """``GET /v1/adapters``: only what the caller's groups may see."""
@@ -204,12 +288,24 @@ class InferenceEndpoints:
         ]
         return {"object": "list", "data": data}
 
-    def list_models(self) -> dict[str, Any]:
-        """``GET /v1/models``: the one base model."""
+    def list_models(self, principal: Principal) -> dict[str, Any]:
+        """``GET /v1/models``: the base model, then every adapter the caller may see, as vLLM
+        lists its LoRA modules (``model`` may name any of them)."""
+        self.active.sync()
+        base = {"id": self.model_id, "root": self.model_id, "parent": None, "created": 0}
+        adapters = [
+            {
+                "id": v.adapter_id,
+                "root": v.adapter_id,
+                "parent": self.model_id,
+                "created": int(datetime.fromisoformat(v.created_at).timestamp()),
+            }
+            for v in self.active.visible(principal.groups)
+        ]
         return {
             "object": "list",
             "data": [
-                {"id": self.model_id, "object": "model", "created": 0, "owned_by": "adapterswap"}
+                {"object": "model", "owned_by": "adapterswap", **m} for m in [base, *adapters]
             ],
         }
 
@@ -227,10 +323,15 @@ def _unwrap(items: Sequence[Any]) -> list[Any]:
 
 
 def log_request(
-    endpoint: str, principal: Principal, info: dict[str, Any], started: float, usage: dict[str, int]
+    endpoint: str,
+    principal: Principal,
+    infos: Sequence[dict[str, Any]],
+    started: float,
+    usage: dict[str, int],
 ) -> None:
-    """One structured line per request: who, which adapter versions, how long. Never the text."""
-    adapters = [f"{a['id']}@v{a['version']}" for a in info["adapters"]]
+    """One structured line per request: who, which adapter versions (of all its prompts), how
+    long. Never the text."""
+    adapters = sorted({f"{a['id']}@v{a['version']}" for info in infos for a in info["adapters"]})
     line = {
         "endpoint": endpoint,
         "user": principal.user,

@@ -5,6 +5,10 @@ The local client serves tests and single-process serving; the Ray Serve ingress 
 handle-backed client (``actors.model_handle.HandleModelClient``). The replica's work is
 blocking, so it runs in a worker thread, and streamed text deltas cross back to the event
 loop through a queue.
+
+A stream yields the job's text deltas as they come, then its :class:`GenerationResult`
+(finish reason, token counts), so that a stream's last chunk and usage say what the same
+request without streaming would.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from adapterswap.engine.replica import InferenceJob, ModelReplica
 from adapterswap.engine.requests import GenerationResult, PromptScores
 from adapterswap.errors import AdapterSwapError
 
-_DONE = object()
+# What a stream yields: text deltas, then the job's result, last.
+StreamItem = str | GenerationResult
 
 
 class ModelClient(Protocol):
@@ -30,7 +35,8 @@ class ModelClient(Protocol):
         self, jobs: list[InferenceJob], top_logprobs: int
     ) -> list[PromptScores | AdapterSwapError]: ...
 
-    def stream(self, job: InferenceJob) -> AsyncIterator[str]: ...
+    def stream(self, job: InferenceJob) -> AsyncIterator[StreamItem]:
+        """The job's text deltas, then its :class:`GenerationResult`; its error is raised."""
 
 
 class LocalModelClient:
@@ -47,9 +53,9 @@ class LocalModelClient:
     ) -> list[PromptScores | AdapterSwapError]:
         return await asyncio.to_thread(self.replica.score, jobs, top_logprobs)
 
-    async def stream(self, job: InferenceJob) -> AsyncIterator[str]:
+    async def stream(self, job: InferenceJob) -> AsyncIterator[StreamItem]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
+        queue: asyncio.Queue[str | GenerationResult | Exception] = asyncio.Queue()
 
         def produce() -> None:
             try:
@@ -57,14 +63,14 @@ class LocalModelClient:
                     [job],
                     on_token=lambda _i, delta: loop.call_soon_threadsafe(queue.put_nowait, delta),
                 )
-                done = result if isinstance(result, Exception) else _DONE  # a refused job
-                loop.call_soon_threadsafe(queue.put_nowait, done)
             except Exception as exc:  # noqa: BLE001 - re-raised on the consumer side
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
+                result = exc
+            loop.call_soon_threadsafe(queue.put_nowait, result)  # a result, or why none
 
         worker = loop.run_in_executor(None, produce)
-        while (item := await queue.get()) is not _DONE:
-            if isinstance(item, Exception):
-                raise item
-            yield item  # type: ignore[misc]
+        while isinstance(item := await queue.get(), str):
+            yield item
         await worker
+        if isinstance(item, Exception):  # the job was refused, or its batch failed
+            raise item
+        yield item

@@ -104,13 +104,27 @@ def usage(
     }
 
 
+def _chunk(head: dict[str, Any], piece: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    choice = {"index": 0, **piece, "logprobs": None, "finish_reason": finish}
+    return {**head, "choices": [choice]}
+
+
+def role_chunk(head: dict[str, Any]) -> dict[str, Any]:
+    """A chat stream's first chunk: the role, with empty content, as vLLM sends it."""
+    return _chunk(head, {"delta": {"role": "assistant", "content": ""}}, None)
+
+
 def stream_chunk(head: dict[str, Any], delta: str, chat: bool) -> dict[str, Any]:
     """One streamed piece of text, under the stream's ``head`` (its :func:`envelope`)."""
-    piece = {"delta": {"content": delta}} if chat else {"text": delta}
-    return {**head, "choices": [{"index": 0, **piece, "finish_reason": None}]}
+    return _chunk(head, {"delta": {"content": delta}} if chat else {"text": delta}, None)
 
 
-def last_chunk(head: dict[str, Any], chat: bool) -> dict[str, Any]:
-    """The chunk that ends a stream (``finish_reason: stop``)."""
-    done = {"delta": {}} if chat else {"text": ""}
-    return {**head, "choices": [{"index": 0, **done, "finish_reason": "stop"}]}
+def last_chunk(head: dict[str, Any], chat: bool, finish_reason: str) -> dict[str, Any]:
+    """The chunk that ends a stream's choice, with the reason the answer without streaming
+    gives (``length``, ``stop``)."""
+    return _chunk(head, {"delta": {}} if chat else {"text": ""}, finish_reason)
+
+
+def usage_chunk(head: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
+    """``stream_options.include_usage``'s chunk, after the last: no choices, the usage."""
+    return {**head, "choices": [], "usage": counts}

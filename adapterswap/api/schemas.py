@@ -16,11 +16,21 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from adapterswap.config import GROUP_PATTERN
 
 MAX_STOP_SEQUENCES = 4
+# The most prompts one completion request may hold (each is a row of the model's batch).
+MAX_PROMPTS = 32
 # The largest weight an explicit mixture may give one adapter. The router's weights sum to 1,
 # and an adapter's delta s·BA is trained to be used at weight 1: at 100x it already swamps
 # the base weights, so larger values have no use, while 1e300 overflows the composed delta
@@ -102,10 +112,28 @@ class AdapterWeight(_Body):
 Adapters = Literal["auto", "none"] | Annotated[list[AdapterWeight], Field(max_length=16)]
 
 
+class StreamOptions(_Body):
+    """``stream_options``, as OpenAI has it; only with ``stream: true``."""
+
+    include_usage: bool = Field(
+        False,
+        description=(
+            "End the stream with a chunk holding the request's usage and no choices "
+            "(choices: []); every other chunk then has usage: null."
+        ),
+    )
+
+
 class _InferenceBody(_Body):
     """Fields shared by both inference endpoints."""
 
-    model: Text | None = Field(None, description="The served base model; any value is accepted.")
+    model: Text | None = Field(
+        None,
+        description=(
+            "The served base model's name (or 'adapterswap'): the adapters field decides; "
+            "an adapter id (GET /v1/models lists them): that adapter alone."
+        ),
+    )
     max_tokens: int | None = Field(None, ge=0, description="Tokens to generate.")
     temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
@@ -125,7 +153,7 @@ class _InferenceBody(_Body):
     presence_penalty: Literal[0, 0.0] = Field(0, description="Only 0 is supported.")
     frequency_penalty: Literal[0, 0.0] = Field(0, description="Only 0 is supported.")
     logit_bias: dict[str, float] | None = Field(None, description="Only empty is supported.")
-    stream_options: dict[str, Any] | None = Field(None, description="Accepted, ignored.")
+    stream_options: StreamOptions | None = Field(None, description="Only with stream: true.")
 
     @field_validator("stop")
     @classmethod
@@ -137,8 +165,12 @@ class _InferenceBody(_Body):
 
     @field_validator("stream_options")
     @classmethod
-    def _options_text(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        return check_json_text(value)
+    def _only_streams(
+        cls, value: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("only allowed with stream: true (as in OpenAI's API)")
+        return value
 
     @field_validator("logit_bias")
     @classmethod
@@ -147,12 +179,20 @@ class _InferenceBody(_Body):
             raise ValueError("logit_bias is not supported")
         return None
 
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return self.stream_options is not None and self.stream_options.include_usage
+
 
 class CompletionRequest(_InferenceBody):
     """``POST /v1/completions``."""
 
-    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=32)] = Field(
-        description="A string or a list of strings."
+    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
+        description=(
+            f"A string, a list of up to {MAX_PROMPTS} strings, token ids (a list of ints), or "
+            "a list of such lists. Each prompt of a list is routed on its own text."
+        )
     )
     logprobs: int | None = Field(None, ge=0, le=5, description="Top alternatives per token.")
     echo: bool = Field(
@@ -161,29 +201,178 @@ class CompletionRequest(_InferenceBody):
     suffix: None = Field(None, description="Not supported.")
     best_of: Literal[1] | None = Field(None, description="Only 1 is supported.")
 
-    @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value: Any) -> Any:
+        return check_prompt_shape(value)
 
-    @model_validator(mode="after")
-    def _non_empty(self) -> CompletionRequest:
-        if any(not p for p in self.prompts):
-            raise ValueError("prompt must not be empty")
-        return self
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: its text, or its token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and isinstance(prompt[0], int):
+            return [list(prompt)]  # type: ignore[arg-type]
+        return list(prompt)  # type: ignore[arg-type]
+
+
+def check_prompt_shape(value: Any) -> Any:
+    """``prompt``'s shape, checked before pydantic's union does (whose errors would name a
+    union branch, e.g. ``prompt.str``, instead of what is wrong): a non-empty string, token
+    ids, or a list of 1 to :data:`MAX_PROMPTS` prompts of one kind. Messages name the item;
+    the error layer prefixes the field (``prompt: ...``)."""
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+    if not isinstance(value, list):
+        raise ValueError(
+            "expected a string, a list of strings, a list of token ids (ints) or a list of "
+            f"such lists; got {type(value).__name__}"
+        )
+    if not value:
+        raise ValueError("an empty list; send at least one prompt")
+    if _is_token_ids(value):
+        _check_token_ids(value, "")
+        return value
+    if len(value) > MAX_PROMPTS:
+        raise ValueError(
+            f"{len(value)} prompts, over the limit of {MAX_PROMPTS} per request; send at most "
+            f"{MAX_PROMPTS} per request (lm-eval: --batch_size {MAX_PROMPTS} or less)"
+        )
+    if not isinstance(value[0], str | list):
+        raise ValueError(
+            f"item 0: expected a string or a list of token ids; got {type(value[0]).__name__}"
+        )
+    kind = str if isinstance(value[0], str) else list
+    for i, item in enumerate(value):
+        if not isinstance(item, kind):
+            raise ValueError(
+                f"item {i} is {type(item).__name__}, item 0 {kind.__name__}: a list of "
+                "prompts holds strings or lists of token ids, not both"
+            )
+        if kind is str and not item:
+            raise ValueError(f"item {i}: must not be empty")
+        if kind is list:
+            _check_token_ids(item, f"item {i}, ")
+    return value
+
+
+def _is_token_ids(value: list[Any]) -> bool:
+    return any(isinstance(item, int) for item in value) and not any(
+        isinstance(item, str | list) for item in value
+    )
+
+
+def _check_token_ids(ids: list[Any], where: str) -> None:
+    if not ids:
+        raise ValueError(f"{where}an empty list of token ids; a prompt needs at least one")
+    for i, token in enumerate(ids):
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ValueError(
+                f"{where}token {i}: not a token id (a non-negative integer): {token!r}"
+            )
+
+
+class TextPart(_Body):
+    """One part of a message's content, in OpenAI's shape. The served model reads text only,
+    so an ``image_url``, ``input_audio`` or ``file`` part is refused by its ``type``."""
+
+    type: str = Field(description="Only 'text'.")
+    text: Text
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":
+            raise ValueError(
+                f"only 'text' parts are supported (the served model reads text); got {value!r}"
+            )
+        return value
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant"]
-    content: Text
-    name: Text | None = None
+    role: Literal["developer", "system", "user", "assistant"] = Field(
+        description="'developer' is OpenAI's newer name for 'system', and is treated as it."
+    )
+    content: Text | list[TextPart] | None = Field(
+        None,
+        validate_default=True,
+        description=(
+            "A string, or a list of text parts (joined with newlines, as vLLM does). "
+            "Only an assistant message may leave it out or send null."
+        ),
+    )
+    name: Text | None = Field(None, description="Ignored.")
+
+    @field_validator("content")
+    @classmethod
+    def _content_given(
+        cls, value: str | list[TextPart] | None, info: ValidationInfo
+    ) -> str | list[TextPart] | None:
+        if value is None and info.data.get("role") != "assistant":
+            raise ValueError(
+                "required: only an assistant message may have no content (null); send a "
+                "string or a list of text parts"
+            )
+        return value
+
+    def template_message(self) -> dict[str, str]:
+        """The message as the chat template takes it: ``developer`` becomes ``system``, the
+        text parts one string joined with newlines (vLLM's rule), null content empty."""
+        content = self.content or ""
+        if isinstance(content, list):
+            content = "\n".join(part.text for part in content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
 class ChatRequest(_InferenceBody):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_completion_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="OpenAI's newer name for max_tokens (LangChain sends it); if both are "
+        "given they must agree.",
+    )
     logprobs: bool = Field(False, description="Return log-probabilities of the output tokens.")
     top_logprobs: int | None = Field(None, ge=0, le=5)
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _agrees_with_max_tokens(cls, value: int | None, info: ValidationInfo) -> int | None:
+        given = info.data.get("max_tokens")
+        if value is not None and given is not None and value != given:
+            raise ValueError(
+                f"{value} disagrees with max_tokens={given}; send one of the two "
+                "(max_completion_tokens is OpenAI's newer name for max_tokens)"
+            )
+        return value
+
+
+class TokenizeRequest(_Body):
+    """``POST /tokenize`` (vLLM's): a ``prompt``, or chat ``messages`` in the chat template."""
+
+    model: Text | None = Field(None, description="Ignored: every model shares one tokenizer.")
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
+    add_special_tokens: bool = Field(True, description="With prompt: add BOS etc.")
+    return_token_strs: bool = Field(False, description="Also return each token's string.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(_Body):
+    """``POST /detokenize`` (vLLM's)."""
+
+    model: Text | None = Field(None, description="Ignored: every model shares one tokenizer.")
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(description="Token ids.")
 
 
 class DocumentIn(_Body):

@@ -77,12 +77,15 @@ _LOAD_FAILED = (
 class InferenceJob:
     """One request's work for a model replica: a prompt or a chat, sampling, its mixture.
 
-    The replica tokenises (the ingress holds no tokenizer), so the prompt-length limit is
-    enforced here: over ``serve.max_prompt_tokens`` is a PayloadTooLarge (HTTP 413).
+    One of ``prompt`` (text), ``token_ids`` (a prompt already tokenised, as OpenAI's API
+    takes it) or ``messages`` (a chat). The replica tokenises and checks token ids against
+    its own vocabulary, so the prompt-length limit is enforced here: over
+    ``serve.max_prompt_tokens`` is a PayloadTooLarge (HTTP 413).
     """
 
     prompt: str | None = None
     messages: tuple[dict[str, str], ...] | None = None
+    token_ids: tuple[int, ...] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     mixture: Mixture = ()
 
@@ -183,7 +186,9 @@ class ModelReplica:
     def prompt_ids(self, job: InferenceJob) -> list[int]:
         """Tokenise a job: the chat template for messages, the plain prompt otherwise."""
         try:
-            if job.messages is not None:
+            if job.token_ids is not None:
+                ids = self._known_ids(job.token_ids)
+            elif job.messages is not None:
                 for i, message in enumerate(job.messages):
                     for key, value in message.items():
                         if isinstance(value, str):
@@ -210,6 +215,17 @@ class ModelReplica:
         if not ids:
             raise InvalidArgument("prompt: empty after tokenisation")
         return ids
+
+    def _known_ids(self, token_ids: Sequence[int]) -> list[int]:
+        """Token ids of the model's vocabulary (any other would index past its embeddings)."""
+        vocab = self.loaded.model.get_input_embeddings().num_embeddings
+        for i, token in enumerate(token_ids):
+            if not 0 <= token < vocab:
+                raise InvalidArgument(
+                    f"prompt: token id {token} (at position {i}) is not in the model's "
+                    f"vocabulary (0 to {vocab - 1})"
+                )
+        return list(token_ids)
 
     def _load(self, ref: AdapterRef) -> Any:
         """The bank's loader: a failure is the server's, reported without names (see log)."""

@@ -208,7 +208,7 @@ def served(home, serve_app):
 
 
 def _ask(port: int, key: str, timeout: float = 60) -> tuple[int, dict]:
-    body = json.dumps({"model": "m", "prompt": "Parental leave", "max_tokens": 2}).encode()
+    body = json.dumps({"prompt": "Parental leave", "max_tokens": 2}).encode()
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/completions",
         data=body,

@@ -4,6 +4,7 @@ replica id, model loader and liveness oracle given through the constructor."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 from fastapi.testclient import TestClient
 from support import private_copy
@@ -12,6 +13,10 @@ from actors.deployments import IngressDeployment, ModelDeployment
 from adapterswap.engine.replica import InferenceJob
 from adapterswap.engine.requests import GenerationResult, SamplingParams
 from adapterswap.store.registry import AdapterRegistry
+
+
+async def collect(stream: AsyncIterator[object]) -> list[object]:
+    return [item async for item in stream]
 
 
 def test_the_model_deployment_builds_and_generates_without_serve(tiny_config, tiny):
@@ -33,6 +38,10 @@ def test_the_model_deployment_builds_and_generates_without_serve(tiny_config, ti
         job = InferenceJob(prompt="Hello", params=SamplingParams(max_tokens=3, ignore_eos=True))
         (result,) = asyncio.run(deployment.generate([job]))
         assert isinstance(result, GenerationResult) and result.completion_tokens == 3
+        # a stream: the text deltas, then the result (finish reason, counts) for the last chunk
+        *deltas, last = asyncio.run(collect(deployment.stream(job)))
+        assert isinstance(last, GenerationResult) and last.finish_reason == "length"
+        assert last.completion_tokens == 3 and "".join(deltas) == last.text
     finally:
         deployment.watcher.stop()
 

@@ -7,65 +7,24 @@ import json
 import pytest
 import schemathesis
 import torch
-from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import LOGP, exact_float64, in_process_app, publish_random_adapter
+from support import HR_TEXTS, LOGP, publish_random_adapter
 
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.delete.verify_forget import http_scorer
 from adapterswap.engine.replica import InferenceJob
 from adapterswap.engine.requests import GenerationResult, SamplingParams
 from adapterswap.errors import GenerationFailed, StaleMixture
-from adapterswap.models.embedder import load_embedder
-from adapterswap.store.registry import AdapterRegistry
 from adapterswap.types import AdapterRef
-
-HR_TEXTS = [
-    "New parents get 23 weeks of paid parental leave.",
-    "Parental leave can be split into three blocks.",
-]
-FIN_TEXTS = [
-    "Vendor invoices are paid within 37 days.",
-    "Expense claims above 40 crowns need a receipt.",
-]
-
-
-@pytest.fixture(scope="module")
-def world(tiny_config):
-    config = tiny_config(
-        lora={"target_modules": ["q_proj", "v_proj", "down_proj"]},
-        serve={"max_prompt_tokens": 64, "max_new_tokens": 32, "max_body_bytes": 4000},
-    )
-    registry = AdapterRegistry(config.db_path)
-    embedder = load_embedder(config.embedding)
-    refs = {
-        "hr": publish_random_adapter(
-            config, registry, embedder.embed, "hr.b0001.000", "hr", HR_TEXTS, 1
-        ),
-        "finance": publish_random_adapter(
-            config, registry, embedder.embed, "finance.b0001.000", "finance", FIN_TEXTS, 2
-        ),
-    }
-    app, replica = in_process_app(config, registry)
-    exact_float64(replica.loaded.model)  # log-probabilities are compared to LOGP below
-    keys = {
-        "hr": registry.create_key("hana", ["hr"])[0],
-        "finance": registry.create_key("finn", ["finance"])[0],
-        "legal": registry.create_key("lee", ["legal"])[0],
-        "admin": registry.create_key("root", ["hr"], admin=True)[0],
-    }
-    for combo in (("finance", "hr"), ("hr", "legal"), ("finance", "hr", "legal")):
-        keys["+".join(combo)] = registry.create_key("multi", list(combo))[0]
-    return TestClient(app, raise_server_exceptions=False), keys, refs, replica
 
 
 def post(client, key, path, body):
     return client.post(path, headers={"Authorization": f"Bearer {key}"}, json=body)
 
 
-def test_health_needs_no_key_everything_else_does(world):
-    client, keys, _, _ = world
+def test_health_needs_no_key_everything_else_does(http_world):
+    client, keys, _, _ = http_world
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/v1/models").status_code == 401
     assert client.get("/v1/models", headers={"Authorization": "Bearer as_0_0"}).status_code == 401
@@ -73,8 +32,8 @@ def test_health_needs_no_key_everything_else_does(world):
     assert models["data"][0]["id"] == "tiny-random"
 
 
-def test_routing_uses_only_the_callers_adapters(world):
-    client, keys, refs, _ = world
+def test_routing_uses_only_the_callers_adapters(http_world):
+    client, keys, refs, _ = http_world
     body = {
         "prompt": "How many weeks of parental leave do new parents get?",
         "max_tokens": 4,
@@ -94,8 +53,8 @@ def test_routing_uses_only_the_callers_adapters(world):
     assert [a["id"] for a in listing["data"]] == ["finance.b0001.000"]
 
 
-def test_a_caller_without_adapters_gets_exactly_the_base_model(world):
-    client, keys, _, _ = world
+def test_a_caller_without_adapters_gets_exactly_the_base_model(http_world):
+    client, keys, _, _ = http_world
     body = {
         "prompt": "How many weeks of parental leave do new parents get?",
         "max_tokens": 0,
@@ -116,8 +75,8 @@ def test_a_caller_without_adapters_gets_exactly_the_base_model(world):
     )
 
 
-def test_echo_logprobs_equal_a_direct_log_softmax_under_the_mixture(world):
-    client, keys, refs, replica = world
+def test_echo_logprobs_equal_a_direct_log_softmax_under_the_mixture(http_world):
+    client, keys, refs, replica = http_world
     prompt = "Parental leave can be split"
     body = {
         "prompt": prompt,
@@ -137,8 +96,8 @@ def test_echo_logprobs_equal_a_direct_log_softmax_under_the_mixture(world):
     torch.testing.assert_close(torch.tensor(lp[1:], dtype=torch.float64), expected, **LOGP)
 
 
-def test_hidden_and_missing_adapters_answer_the_same_404(world):
-    client, keys, _, _ = world
+def test_hidden_and_missing_adapters_answer_the_same_404(http_world):
+    client, keys, _, _ = http_world
     hidden = post(
         client,
         keys["hr"],
@@ -185,8 +144,8 @@ def test_hidden_and_missing_adapters_answer_the_same_404(world):
         (json.dumps({"prompt": "hi", "max_tokens": 500}).encode(), 413, "max_new_tokens"),
     ],
 )
-def test_bad_requests_get_clear_errors_and_the_server_stays_up(world, raw, status, fragment):
-    client, keys, _, _ = world
+def test_bad_requests_get_clear_errors_and_the_server_stays_up(http_world, raw, status, fragment):
+    client, keys, _, _ = http_world
     response = client.post(
         "/v1/completions",
         headers={"Authorization": f"Bearer {keys['hr']}", "Content-Type": "application/json"},
@@ -197,8 +156,8 @@ def test_bad_requests_get_clear_errors_and_the_server_stays_up(world, raw, statu
     assert client.get("/healthz").status_code == 200
 
 
-def test_chat_and_its_stream_agree(world):
-    client, keys, _, _ = world
+def test_chat_and_its_stream_agree(http_world):
+    client, keys, _, _ = http_world
     body = {
         "messages": [{"role": "user", "content": "Tell me about parental leave."}],
         "max_tokens": 6,
@@ -242,8 +201,10 @@ QUERIES = [
         st.lists(st.sampled_from([*ADAPTER_GROUPS, "nope.b0001.000"]), min_size=1, max_size=3),
     ),
 )
-def test_no_response_ever_involves_another_groups_adapter(world, key_name, query, narrow, explicit):
-    client, keys, _, _ = world
+def test_no_response_ever_involves_another_groups_adapter(
+    http_world, key_name, query, narrow, explicit
+):
+    client, keys, _, _ = http_world
     held = set(key_name.split("+"))
     body = {"prompt": query, "max_tokens": 1, "temperature": 0}
     if narrow is not None:
@@ -267,8 +228,8 @@ def test_no_response_ever_involves_another_groups_adapter(world, key_name, query
     assert {a["group"] for a in listing} <= held
 
 
-def test_admin_endpoints_need_an_admin_and_ingest_is_all_or_nothing(world):
-    client, keys, _, _ = world
+def test_admin_endpoints_need_an_admin_and_ingest_is_all_or_nothing(http_world):
+    client, keys, _, _ = http_world
     docs = {
         "documents": [{"id": "api-1", "text": "The Skarvik office has 14 desks.", "group": "hr"}]
     }
@@ -297,8 +258,8 @@ def test_admin_endpoints_need_an_admin_and_ingest_is_all_or_nothing(world):
     )
 
 
-def test_train_jobs_are_admin_only_and_readable_by_id(world):
-    client, keys, _, _ = world
+def test_train_jobs_are_admin_only_and_readable_by_id(http_world):
+    client, keys, _, _ = http_world
     assert post(client, keys["hr"], "/v1/train", {}).status_code == 403
     submitted = post(client, keys["admin"], "/v1/train", {}).json()
     assert submitted["state"] == "pending" and submitted["job"].startswith("train-")
@@ -312,8 +273,8 @@ def test_train_jobs_are_admin_only_and_readable_by_id(world):
     assert missing.status_code == 404 and "train-000000000000" in missing.json()["error"]["message"]
 
 
-def test_one_structured_log_line_per_request_without_the_prompt(world, caplog):
-    client, keys, _, _ = world
+def test_one_structured_log_line_per_request_without_the_prompt(http_world, caplog):
+    client, keys, _, _ = http_world
     secret = "How many weeks of parental leave? zebra-secret-7"
     with caplog.at_level("INFO", logger="adapterswap.requests"):
         post(client, keys["hr"], "/v1/completions", {"prompt": secret, "max_tokens": 2})
@@ -324,9 +285,9 @@ def test_one_structured_log_line_per_request_without_the_prompt(world, caplog):
     assert "zebra-secret-7" not in record.getMessage()
 
 
-def test_fuzzing_the_openapi_schema_finds_no_5xx(world):
+def test_fuzzing_the_openapi_schema_finds_no_5xx(http_world):
     """A bounded schemathesis run over every operation: whatever the input, never a 5xx."""
-    client, keys, _, _ = world
+    client, keys, _, _ = http_world
     schema = schemathesis.openapi.from_asgi("/openapi.json", client.app)
     headers = {"Authorization": f"Bearer {keys['admin']}"}
     operations = [result.ok() for result in schema.get_all_operations()]
@@ -358,8 +319,8 @@ def test_fuzzing_the_openapi_schema_finds_no_5xx(world):
     assert client.get("/healthz").status_code == 200
 
 
-def test_query_parameters_are_validated_as_400s(world):
-    client, keys, _, _ = world
+def test_query_parameters_are_validated_as_400s(http_world):
+    client, keys, _, _ = http_world
     admin = {"Authorization": f"Bearer {keys['admin']}"}
     for query, param in (
         ("since=9223372036854775808", "since"),
@@ -372,8 +333,8 @@ def test_query_parameters_are_validated_as_400s(world):
     assert client.get("/v1/audit?since=0&limit=5", headers=admin).status_code == 200
 
 
-def test_a_job_routed_to_a_revoked_version_fails_alone_and_is_routed_again(world, monkeypatch):
-    client, keys, refs, replica = world
+def test_a_job_routed_to_a_revoked_version_fails_alone_and_is_routed_again(http_world, monkeypatch):
+    client, keys, refs, replica = http_world
     gateway = client.app.state.gateway
     fresh = publish_random_adapter(
         gateway.config, gateway.store, gateway._embed, "hr.b0009.000", "hr", HR_TEXTS[:1], 9
@@ -401,8 +362,8 @@ def test_a_job_routed_to_a_revoked_version_fails_alone_and_is_routed_again(world
     assert fresh.id not in [a["id"] for a in answer.json()["adapterswap"]["adapters"]]
 
 
-def test_the_forget_scorer_measures_what_the_model_computes(world):
-    client, keys, _, replica = world
+def test_the_forget_scorer_measures_what_the_model_computes(http_world):
+    client, keys, _, replica = http_world
 
     class Over:  # the scorer's client interface, over the in-process app
         def completions(self, prompt, **fields):
@@ -419,8 +380,8 @@ def test_the_forget_scorer_measures_what_the_model_computes(world):
     assert nll == pytest.approx(-float(logp.mean()), abs=LOGP["atol"])
 
 
-def test_output_logprobs_in_the_openai_shapes(world):
-    client, keys, _, _ = world
+def test_output_logprobs_in_the_openai_shapes(http_world):
+    client, keys, _, _ = http_world
     body = {"prompt": "Parental leave", "max_tokens": 3, "temperature": 0, "adapters": "none"}
     body["ignore_eos"] = True  # exactly 3 output tokens
     plain = post(client, keys["hr"], "/v1/completions", {**body, "logprobs": 1}).json()
@@ -455,8 +416,8 @@ def test_output_logprobs_in_the_openai_shapes(world):
     assert streamed.status_code == 400 and "logprobs" in streamed.json()["error"]["message"]
 
 
-def test_replace_is_a_delete_plus_an_ingest_and_keeps_the_new_version(world):
-    client, keys, _, _ = world
+def test_replace_is_a_delete_plus_an_ingest_and_keeps_the_new_version(http_world):
+    client, keys, _, _ = http_world
     gateway = client.app.state.gateway
     registry, catalog = gateway.store, Catalog(gateway.config.storage)
     doc = {"id": "memo-7", "text": "The canteen opens at eight.", "group": "hr"}
@@ -489,16 +450,16 @@ def test_replace_is_a_delete_plus_an_ingest_and_keeps_the_new_version(world):
     ]  # the job's removal matches the old content only: the replacement stays
 
 
-def test_a_seed_outside_int64_is_a_400_naming_it(world):
-    client, keys, _, _ = world
+def test_a_seed_outside_int64_is_a_400_naming_it(http_world):
+    client, keys, _, _ = http_world
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "seed": -(2**63) - 1}
     answer = post(client, keys["hr"], "/v1/chat/completions", body)
     assert answer.status_code == 400 and "seed" in answer.json()["error"]["message"]
 
 
-def test_the_contract_documents_the_weight_bound_and_the_503_retry(world):
+def test_the_contract_documents_the_weight_bound_and_the_503_retry(http_world):
     """/openapi.json says what a weight may be; a 503 says when to come back."""
-    client, keys, _, _ = world
+    client, keys, _, _ = http_world
     schema = client.get("/openapi.json").json()
     weight = schema["components"]["schemas"]["AdapterWeight"]["properties"]["weight"]
     assert "at most 100" in weight["description"]
@@ -513,8 +474,8 @@ def test_the_contract_documents_the_weight_bound_and_the_503_retry(world):
     assert too_big.status_code == 413 and "max_body_bytes" in too_big.json()["error"]["message"]
 
 
-def test_each_requests_adapter_counts_once_as_a_cache_hit_or_miss(world):
-    client, keys, refs, replica = world
+def test_each_requests_adapter_counts_once_as_a_cache_hit_or_miss(http_world):
+    client, keys, refs, replica = http_world
     replica.bank.evict(refs["hr"])
     before = replica.adapter_hits, replica.adapter_misses
     body = {"prompt": "Leave?", "max_tokens": 1, "adapters": [{"id": refs["hr"].id}]}
@@ -524,10 +485,10 @@ def test_each_requests_adapter_counts_once_as_a_cache_hit_or_miss(world):
     assert (replica.adapter_hits - before[0], replica.adapter_misses - before[1]) == (1, 1)
 
 
-def test_a_sampled_stream_whose_batch_failed_midway_is_not_spliced(world, monkeypatch):
+def test_a_sampled_stream_whose_batch_failed_midway_is_not_spliced(http_world, monkeypatch):
     """Rows of a failed batch rerun alone; a greedy row continues its stream where it was, an
     unseeded sampled one cannot (its rerun samples another text) and fails instead."""
-    _, _, _, replica = world
+    _, _, _, replica = http_world
     real = replica._run_batch
 
     def fails_as_a_batch(jobs, run, admitted, prompts, on_token):

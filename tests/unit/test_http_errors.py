@@ -69,7 +69,10 @@ def test_statuses_and_openai_shape(exc, status, kind):
         ({"prompt": "hi", "groups": ["Bad Group"]}, "groups.0", "should match pattern"),
         ({"prompt": "hi", "colour": "red"}, "colour", "Extra inputs are not permitted"),
         ({}, "prompt", "Field required"),
-        ({"prompt": ""}, None, "prompt must not be empty"),
+        ({"prompt": ""}, "prompt", "prompt: must not be empty"),
+        ({"prompt": ["a", ""]}, "prompt", "prompt: item 1: must not be empty"),
+        ({"prompt": ["a"] * 33}, "prompt", "prompt: 33 prompts, over the limit of 32"),
+        ({"prompt": [[1, 2], [3, "x"]]}, "prompt", "prompt: item 1, token 1: not a token id"),
         (
             {"prompt": "hi", "adapters": [{"id": "a", "weight": 1e300}]},
             "adapters.0.weight",
@@ -78,7 +81,11 @@ def test_statuses_and_openai_shape(exc, status, kind):
         ({"prompt": "hi \ud800"}, "prompt", "lone surrogate '\\ud800' at character 3"),
         ({"prompt": ["a", "\udfff"]}, "prompt.1", "lone surrogate"),
         ({"prompt": "hi", "stop": ["\ud800"]}, "stop.0", "lone surrogate"),
-        ({"prompt": "hi", "stream_options": {"a": ["\ud800"]}}, "stream_options", "a.0: "),
+        (
+            {"prompt": "hi", "stream": True, "stream_options": {"\ud800": 1}},
+            "stream_options",
+            "unable to parse raw data as a unicode string",
+        ),
     ],
 )
 def test_validation_errors_name_the_field(body, param, fragment):
