@@ -1,7 +1,7 @@
 """The metric names the shipped Grafana dashboards query, read with a real PromQL parser.
 
 Shared by tests/unit/test_dashboards.py (the names against what the code registers) and
-tests/ray/test_observability.py (the names against a live metrics endpoint).
+tests/ray/test_serve.py (the names against a live metrics endpoint).
 """
 
 from __future__ import annotations

@@ -308,6 +308,7 @@ BODY_ENDPOINTS = [
     ("/v1/completions", "hr"),
     ("/v1/chat/completions", "hr"),
     ("/v1/documents", "admin"),
+    ("/tokenize", "hr"),  # keyless: a key is sent and ignored
 ]
 
 

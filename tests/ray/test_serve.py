@@ -7,6 +7,7 @@ import json
 import re
 import time
 import urllib.request
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import openai
 import pytest
 import ray
 import torch
+from dashboard_queries import dashboard_metrics
 from ray import serve
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -30,6 +32,7 @@ from adapterswap.store.registry import AdapterRegistry
 
 METRICS_URL: list[str] = []  # Ray's Prometheus endpoint of the module's cluster
 LEGAL_KEY: list[str] = []  # a key of group "legal", whose only adapter is corrupt on disk
+SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{.*\})?\s")  # a Prometheus sample's name, labels
 
 
 @pytest.fixture(scope="module")
@@ -181,23 +184,72 @@ def test_python_handle_gives_the_same_operations(served):
     assert chat["object"] == "chat.completion"
 
 
-def test_adapterswap_metrics_reach_prometheus(served):
-    served.completions.create(
-        model="tiny-random", prompt="How long is parental leave?", max_tokens=2
-    )
-    wanted = [
-        "adapterswap_router_latency_ms",
-        "adapterswap_adapters_per_request",
-        "adapterswap_composition_setup_ms",
-    ]
+def scrape() -> dict[str, list[str]]:
+    """Each sample name on Ray's metrics endpoint, with the label sets it has."""
+    with urllib.request.urlopen(METRICS_URL[-1], timeout=5) as response:
+        text = response.read().decode()
+    samples: dict[str, list[str]] = defaultdict(list)
+    for line in text.splitlines():
+        match = SAMPLE.match(line)
+        if match:
+            samples[match.group(1)].append(match.group(2) or "")
+    return samples
+
+
+def test_every_metric_the_dashboards_query_is_exported_for_the_app(served):
+    client, auth = http(served)
+    body = {"prompt": "How long is parental leave?", "max_tokens": 2, "temperature": 0}
+    for _ in range(2):  # the adapter's first use loads it (a miss), the second is a hit
+        reply = client.post("/v1/completions", json=body, headers=auth)
+        assert reply.status_code == 200, reply.text
+    assert client.get("/v1/models").status_code == 401  # an HTTP error
+    with pytest.raises(Exception, match="malformed API key"):  # raised in the ingress replica
+        serve.get_app_handle("adapterswap").completions.remote("wrong", body).result()
+
+    # Every panel filters on application="$application": the app's samples must carry it.
+    wanted = dashboard_metrics()
     deadline = time.monotonic() + 60
     while True:
-        with urllib.request.urlopen(METRICS_URL[-1], timeout=5) as response:
-            text = response.read().decode()
-        if all(name in text for name in wanted):
+        samples = scrape()
+        missing = [
+            name
+            for name in wanted
+            if not any('application="adapterswap"' in labels for labels in samples.get(name, []))
+        ]
+        if not missing:
             break
-        assert time.monotonic() < deadline, [name for name in wanted if name not in text]
+        assert time.monotonic() < deadline, (missing, sorted(samples))
         time.sleep(1)
+
+
+def test_the_docs_page_loads_through_serve_without_a_key(served):
+    client, _ = http(served)
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert assets and all(url.startswith("/docs/assets/") for url in assets), assets
+    assert all(client.get(url).status_code == 200 for url in assets)
+
+
+def test_models_tokenizer_and_token_id_prompts_through_serve(served):
+    """The ingress replica loads the tokenizer; model names an adapter, as in vLLM."""
+    client, _ = http(served)
+    assert [m.id for m in served.models.list()] == ["tiny-random", "hr.b0001.000"]
+    ids = client.post("/tokenize", json={"prompt": "Parental leave"}).json()["tokens"]
+    assert client.post("/detokenize", json={"tokens": ids}).json() == {"prompt": "Parental leave"}
+    greedy = {"model": "hr.b0001.000", "max_tokens": 4, "temperature": 0}
+    by_ids = served.completions.create(prompt=ids, **greedy)
+    by_text = served.completions.create(prompt="Parental leave", **greedy)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert [a["id"] for a in by_ids.model_extra["adapterswap"]["adapters"]] == ["hr.b0001.000"]
+    with pytest.raises(openai.NotFoundError):  # another group's adapter
+        served.completions.create(prompt="x", **{**greedy, "model": "finance.b0001.000"})
+
+
+def http(served: openai.OpenAI) -> tuple[httpx.Client, dict[str, str]]:
+    """A plain HTTP client at the served app's root, and the key's header."""
+    root = str(served.base_url).removesuffix("/").removesuffix("/v1")
+    return httpx.Client(base_url=root, timeout=120), {"Authorization": f"Bearer {served.api_key}"}
 
 
 REQUEST_ID = re.compile(r"^internal error \(request id req-[0-9a-f]{16}\)$")

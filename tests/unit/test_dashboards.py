@@ -1,7 +1,7 @@
 """The shipped Grafana dashboards import into Grafana and query only metrics the code exports.
 
 The names are checked here against what ``actors/metrics.py`` registers and the Serve metrics
-Ray's own dashboards query; tests/ray/test_observability.py checks them on a live endpoint.
+Ray's own dashboards query; tests/ray/test_serve.py checks them on a live endpoint.
 """
 
 from __future__ import annotations
