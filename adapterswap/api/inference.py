@@ -139,7 +139,8 @@ class InferenceEndpoints:
         field, max_tokens = "max_tokens", body.max_tokens
         if isinstance(body, ChatRequest) and body.max_completion_tokens is not None:
             field, max_tokens = "max_completion_tokens", body.max_completion_tokens
-        max_tokens = 16 if max_tokens is None else max_tokens
+        if max_tokens is None:  # OpenAI's defaults: 16 for completions, none for chat
+            max_tokens = limit if isinstance(body, ChatRequest) else 16
         if max_tokens > limit:
             raise PayloadTooLarge(f"{field}: {max_tokens} is over serve.max_new_tokens={limit}")
         if isinstance(body, CompletionRequest):

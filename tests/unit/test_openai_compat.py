@@ -59,6 +59,22 @@ def test_max_completion_tokens_caps_the_answer(client):
     assert answer.choices[0].finish_reason == "length"
 
 
+def test_chat_without_max_tokens_runs_to_the_servers_cap_not_16_tokens(client):
+    """OpenAI's chat has no default cap (vLLM runs to the end of the context): a client that
+    sets none (LangChain's default) must not get answers cut at completions' 16 tokens."""
+    answer = client.chat.completions.create(
+        model="tiny-random",
+        messages=[{"role": "user", "content": QUESTION}],
+        extra_body={"ignore_eos": True},
+    )
+    assert answer.usage.completion_tokens == 32  # serve.max_new_tokens
+    assert answer.choices[0].finish_reason == "length"
+    plain = client.completions.create(
+        model="tiny-random", prompt=QUESTION, extra_body={"ignore_eos": True}
+    )
+    assert plain.usage.completion_tokens == 16  # completions keep OpenAI's legacy default
+
+
 def test_max_tokens_and_max_completion_tokens_must_agree(client):
     messages = [{"role": "user", "content": QUESTION}]
     same = client.chat.completions.create(
