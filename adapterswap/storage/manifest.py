@@ -21,12 +21,26 @@ MANIFEST = "manifest.json"
 
 
 class BaseModelId(BaseModel):
-    """The base model a version was trained on."""
+    """The base model a version was trained on, named as any machine can name it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str = Field(description="The model spec, as configured (e.g. 'embedded:smollm2-135m').")
+    id: str = Field(
+        description="The model as base_model_identity names it: 'embedded', 'tiny-random', a hub "
+        "id, or a local model's directory or .gguf file name, never its path (versions written "
+        "before adapters were portable may hold the spec as configured, a path)."
+    )
     hash: str = Field(description="sha256 of the base model's content (hash_base_model).")
+    hub_id: str | None = Field(
+        default=None,
+        description="The Hugging Face hub repository of these weights (for 'embedded', the model "
+        "its GGUF quantises), if there is one; None too in versions written before it was kept.",
+    )
+
+    @property
+    def peft_name(self) -> str:
+        """adapter_config.json's base_model_name_or_path: what AutoPeftModel loads the base from."""
+        return self.hub_id or self.id
 
 
 class RouterInfo(BaseModel):

@@ -24,10 +24,10 @@ from adapterswap.catalog.dataset import Catalog
 from adapterswap.catalog.documents import content_hash
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import IllegalTransition
-from adapterswap.models.base import hash_base_model
+from adapterswap.models.base import base_model_identity
 from adapterswap.storage.fs import delete_dir
 from adapterswap.storage.layout import StorageLayout
-from adapterswap.storage.manifest import read_manifest
+from adapterswap.storage.manifest import BaseModelId, read_manifest
 from adapterswap.storage.purge import purge_version, sweep_orphans
 from adapterswap.store.jobs import running_job
 from adapterswap.store.registry import AdapterRegistry
@@ -68,7 +68,7 @@ def _register(
     config: AdapterSwapConfig,
     layout: StorageLayout,
     registry: AdapterRegistry,
-    base_hash: str,
+    base: BaseModelId,
 ) -> ShardRun:
     expected = 1 + max((v.version for v in registry.list_versions(work.adapter_id)), default=0)
     uri = layout.uri_of(layout.version(AdapterRef(work.adapter_id, expected)))
@@ -82,7 +82,7 @@ def _register(
         # which text of each document it saw: a deletion of an older text does not block it
         content_hashes={d: content_hash(t) for d, t in zip(work.doc_ids, work.texts, strict=True)},
     )
-    return make_shard_run(work, version.version, config, config.model.spec, base_hash)
+    return make_shard_run(work, version.version, config, base)
 
 
 def _publish(run: ShardRun, layout: StorageLayout, registry: AdapterRegistry) -> dict[str, Any]:
@@ -143,8 +143,8 @@ def train_changed_shards(
     if not work:
         report.message = NOTHING_TO_TRAIN
         return
-    base_hash = hash_base_model(config.model, config.model_cache_dir)
-    runs = [_register(w, config, layout, registry, base_hash) for w in work]
+    base = base_model_identity(config.model, config.model_cache_dir)
+    runs = [_register(w, config, layout, registry, base) for w in work]
     outcomes = train_shards(runs, config, on_progress=on_progress)
     for outcome in outcomes:
         error = outcome.error

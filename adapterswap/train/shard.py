@@ -48,8 +48,7 @@ class ShardRun:
     seed: int
     storage_uri: str
     cache_dir: str
-    base_model_id: str
-    base_model_hash: str
+    base_model: BaseModelId
     model: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -65,8 +64,7 @@ def make_shard_run(
     work: ShardWork,
     version: int,
     config: AdapterSwapConfig,
-    base_model_id: str,
-    base_model_hash: str,
+    base_model: BaseModelId,
 ) -> ShardRun:
     """The run for ``work`` as version ``version``, with this configuration's settings."""
     return ShardRun(
@@ -79,8 +77,7 @@ def make_shard_run(
         seed=shard_seed(config.training.seed, work.adapter_id),
         storage_uri=config.storage,
         cache_dir=str(config.model_cache_dir),
-        base_model_id=base_model_id,
-        base_model_hash=base_model_hash,
+        base_model=base_model,
         model=config.model.model_dump(),
         lora=config.lora.model_dump(),
         training=config.training.model_dump(),
@@ -125,7 +122,7 @@ def build_manifest(run: ShardRun, trainer: ShardTrainer, embedder_id: str) -> Ad
         group=run.group,
         doc_ids=sorted(run.doc_ids),
         data_hash=run.data_hash,
-        base_model=BaseModelId(id=run.base_model_id, hash=run.base_model_hash),
+        base_model=run.base_model,
         lora=run.lora,
         training=run.training,
         seed=run.seed,

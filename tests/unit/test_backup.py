@@ -287,7 +287,7 @@ def test_round_trip_over_s3(tmp_path, s3_query, tiny_config, embed):
     finally:
         registry.close()
     original = storage_files(config.storage)
-    assert len(original) == 5 and made.files == 6  # 1 fragment, 4 adapter files, the store
+    assert len(original) == 6 and made.files == 7  # 1 fragment, 5 adapter files, the store
     assert json.loads((tmp_path / "bk" / "backup.json").read_text())["storage_uri"] == (
         "s3://bucket/backup/src"  # no endpoint or credentials from the query
     )
@@ -299,7 +299,7 @@ def test_round_trip_over_s3(tmp_path, s3_query, tiny_config, embed):
     assert storage_files(target.storage) == original
     assert catalog_rows(target.storage) == catalog_rows(config.storage)
     assert dump_store(target.db_path) == dump_store(config.db_path)
-    with pytest.raises(BackupError, match="storage s3://bucket/backup/copy already holds 5"):
+    with pytest.raises(BackupError, match="storage s3://bucket/backup/copy already holds 6"):
         restore_home(
             tiny_config(home=tmp_path / "third", storage_uri=target.storage), tmp_path / "bk"
         )

@@ -34,7 +34,12 @@ from adapterswap.engine.adapter_source import StorageAdapterSource
 from adapterswap.models.base import hash_base_model
 from adapterswap.route.stats import compute_shard_stats
 from adapterswap.storage import artifacts
-from adapterswap.storage.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ROUTER_STATS
+from adapterswap.storage.artifacts import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    MODEL_CARD,
+    ROUTER_STATS,
+)
 from adapterswap.storage.fs import read_bytes, resolve, write_atomic
 from adapterswap.storage.layout import StorageLayout
 from adapterswap.storage.manifest import MANIFEST
@@ -45,7 +50,7 @@ from adapterswap.types import AdapterRef, AdapterStatus
 
 PREFIX = "storage-s3-test"  # this module's keys in the session's shared moto bucket
 HR = "hr.b0001.000"
-FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ROUTER_STATS, MANIFEST)
+FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CARD, ROUTER_STATS, MANIFEST)
 TEXTS = ["The Kelp Room is on floor 3.", "Parental leave lasts 23 weeks."]
 EMBEDDER = "embedded:all-MiniLM-L6-v2"
 
@@ -329,7 +334,7 @@ def test_a_version_without_its_manifest_is_never_served_and_is_swept(
         write_atomic(orphan, b"orphan weights", durable=True)
 
         found = objects(any_storage)
-        assert set(version_files(found, HR, 2)) == {ADAPTER_CONFIG, ADAPTER_WEIGHTS, ROUTER_STATS}
+        assert set(version_files(found, HR, 2)) == set(FILES) - {MANIFEST}
         assert registry.get_version(HR, 2).status == AdapterStatus.TRAINING
         assert [v.ref for v in registry.active_snapshot()[1]] == [good]  # v1 keeps serving
 
@@ -425,7 +430,7 @@ def test_a_deletion_purges_only_the_versions_that_saw_the_documents(
             write_atomic(target, f"checkpoint of {ref.id}-v{ref.version}".encode(), durable=True)
 
         before = objects(s3_storage)
-        assert len(version_files(before, hr, 1)) == len(version_files(before, ops, 1)) == 4
+        assert len(version_files(before, hr, 1)) == len(version_files(before, ops, 1)) == len(FILES)
         assert all(text_anywhere(s3_storage, t) for t in hr_texts)  # the check finds them
 
         request_delete(registry, catalog, ["h0", "h1"], "test", "root")
@@ -452,7 +457,7 @@ def test_a_deletion_purges_only_the_versions_that_saw_the_documents(
         k: v for k, v in before.items() if not k.startswith(gone)
     }
     assert f"checkpoints/{hr}-v10/checkpoint_000001/lora.safetensors" in after
-    assert len(version_files(after, ops, 1)) == 4
+    assert len(version_files(after, ops, 1)) == len(FILES)
 
     # The catalog fragment was rewritten in place without the deleted rows' text.
     catalog = Catalog(s3_storage)

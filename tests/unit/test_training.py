@@ -188,7 +188,8 @@ def test_out_of_memory_names_the_shard_and_the_fix(tiny, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(trainer, "step", oom)
-    run = ShardRun("hr.b0001.000", 2, "hr", (), (), "h", 0, "/s", "/c", "tiny-random", "x")
+    base = BaseModelId(id="tiny-random", hash="x")
+    run = ShardRun("hr.b0001.000", 2, "hr", (), (), "h", 0, "/s", "/c", base)
     with pytest.raises(
         MemoryError,
         match=r"shard hr.b0001.000 v2: out of memory at batch_size=2, seq_len=16; lower training.batch_size",
