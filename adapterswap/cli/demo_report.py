@@ -1,4 +1,8 @@
-"""The demo's report: ``report.md`` and two PNG plots, from the demo's result data."""
+"""The demo's report: ``report.md`` and two PNG plots, from the demo's result data.
+
+The plots are plain ``Figure`` objects (no pyplot state, no backend to choose); every value
+they draw is labelled with its number, so a recalled fact's NLL of 0 reads as 0, not as a gap.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+
 
 def write_report(directory: Path, result: dict[str, Any]) -> Path:
     """Write ``report.md``, ``recall.png``, ``forget.png`` and ``result.json``; returns the md."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    _recall_plot(directory / "recall.png", result)
-    _forget_plot(directory / "forget.png", result)
+    recall_figure(result).savefig(directory / "recall.png", dpi=120)
+    forget_figure(result).savefig(directory / "forget.png", dpi=120)
     path = directory / "report.md"
     path.write_text(_markdown(result))
     return path
@@ -70,45 +76,62 @@ def _markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _recall_plot(path: Path, result: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def recall_figure(result: dict[str, Any]) -> Figure:
+    """Each fact's NLL for each user, every bar labelled with its value."""
     users = list(result["users"])
     facts = [r["doc_id"] for r in result["recall"][users[0]]]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig = Figure(figsize=(6, 3.4))
+    ax = fig.subplots()
     width = 0.8 / len(users)
+    top = max(r["answer_nll"] for rs in result["recall"].values() for r in rs)
     for k, user in enumerate(users):
         values = [r["answer_nll"] for r in result["recall"][user]]
-        ax.bar([i + k * width for i in range(len(facts))], values, width, label=user)
+        # The edge draws a recalled fact (NLL ~0) as a line on the baseline, not as nothing.
+        bars = ax.bar(
+            [i + k * width for i in range(len(facts))],
+            values,
+            width,
+            label=user,
+            edgecolor="black",
+            linewidth=0.8,
+        )
+        ax.bar_label(bars, fmt="%.2f", padding=2, fontsize=7)
+    # Below zero, so a zero bar's line stands clear of the axis; above, room for the labels.
+    ax.set_ylim(-0.03 * (top or 1), 1.2 * (top or 1))
     ax.set_xticks([i + width * (len(users) - 1) / 2 for i in range(len(facts))], facts)
     ax.set_ylabel("fact NLL (nats/token)")
     ax.set_title("Recall by user: lower is better known")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def _forget_plot(path: Path, result: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def forget_figure(result: dict[str, Any]) -> Figure:
+    """The deleted document's NLL, trained and after deletion, among never-ingested controls;
+    its two points labelled with their value and percentile."""
     before = result["deleted"]["verify_forget_before"]
     after = result["deleted"]["verify_forget"]
-    fig, ax = plt.subplots(figsize=(6, 2.6))
+    fig = Figure(figsize=(6, 2.6))
+    ax = fig.subplots()
     ax.scatter(after["control_nlls"], [0] * len(after["control_nlls"]), label="never ingested")
-    ax.scatter([before["deleted_nll"]], [0], marker="x", s=120, label="the document, trained")
-    ax.scatter([after["deleted_nll"]], [0], marker="X", s=120, label="after its deletion")
+    for point, marker, label in (
+        (before, "x", "the document, trained"),
+        (after, "X", "after its deletion"),
+    ):
+        nll = point["deleted_nll"]
+        ax.scatter([nll], [0], marker=marker, s=120, label=label)
+        ax.annotate(
+            f"{nll:.2f} (p{point['percentile']:.0f})",
+            (nll, 0),
+            textcoords="offset points",
+            xytext=(0, 10),
+            ha="center",
+            fontsize=7,
+        )
     ax.set_yticks([])
     ax.set_ylim(-1, 1.6)
     ax.set_xlabel("document NLL (nats/token) for a holder of its group")
     ax.set_title(f"verify-forget: {after['doc_id']} among never-ingested controls")
     ax.legend(loc="upper center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
