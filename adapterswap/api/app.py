@@ -247,7 +247,7 @@ def create_app() -> FastAPI:
             raise InvalidArgument("stream: supported for a single prompt without echo")
         jobs, infos = await asyncio.to_thread(gateway.completion_jobs, principal, body)
         return StreamingResponse(
-            _sse(gateway.stream_chunks(jobs[0], infos[0], False, body.include_usage)),
+            _sse(gateway.stream_chunks(principal, jobs[0], infos[0], False, body.include_usage)),
             media_type="text/event-stream",
         )
 
@@ -260,7 +260,7 @@ def create_app() -> FastAPI:
             return await gateway.chat(principal, body)
         job, info = await asyncio.to_thread(gateway.chat_job, principal, body)
         return StreamingResponse(
-            _sse(gateway.stream_chunks(job, info, True, body.include_usage)),
+            _sse(gateway.stream_chunks(principal, job, info, True, body.include_usage)),
             media_type="text/event-stream",
         )
 

@@ -250,12 +250,18 @@ class InferenceEndpoints:
         }
 
     async def stream_chunks(
-        self, job: InferenceJob, info: dict[str, Any], chat: bool, include_usage: bool
+        self,
+        principal: Principal,
+        job: InferenceJob,
+        info: dict[str, Any],
+        chat: bool,
+        include_usage: bool,
     ) -> AsyncIterator[dict[str, Any]]:
         """Streaming chunks in OpenAI's shape: a chat stream's first names the role (as
         vLLM's), the first carries the ``adapterswap`` block, the last the finish reason of
         the answer without streaming; with ``include_usage`` every chunk has ``usage: null``
-        and one more, with no choices, the usage."""
+        and one more, with no choices, the usage. A finished stream logs its request line."""
+        started = time.perf_counter()
         head = fmt.envelope("chat.completion.chunk" if chat else "text_completion", self.model_id)
         usage: dict[str, Any] = {"usage": None} if include_usage else {}
         first = {"adapterswap": info}  # on the first chunk only
@@ -269,8 +275,10 @@ class InferenceEndpoints:
             else:
                 result = item
         yield fmt.last_chunk(head, chat, result.finish_reason) | usage | first
+        counts = fmt.usage([result], [None])
         if include_usage:
-            yield fmt.usage_chunk(head, fmt.usage([result], [None]))
+            yield fmt.usage_chunk(head, counts)
+        log_request("chat" if chat else "completions", principal, [info], started, counts)
 
     def list_adapters(self, principal: Principal) -> dict[str, Any]:
         """``GET /v1/adapters``: only what the caller's groups may see."""

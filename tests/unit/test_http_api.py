@@ -284,6 +284,15 @@ def test_one_structured_log_line_per_request_without_the_prompt(http_world, capl
     assert all("@v" in a for a in line["adapters"])
     assert "zebra-secret-7" not in record.getMessage()
 
+    caplog.clear()
+    with caplog.at_level("INFO", logger="adapterswap.requests"):  # a stream logs its line too
+        chat = {"messages": [{"role": "user", "content": secret}], "max_tokens": 2, "stream": True}
+        assert "[DONE]" in post(client, keys["hr"], "/v1/chat/completions", chat).text
+    (record,) = [r for r in caplog.records if r.name == "adapterswap.requests"]
+    line = json.loads(record.getMessage())
+    assert line["endpoint"] == "chat" and line["completion_tokens"] == 2
+    assert "zebra-secret-7" not in record.getMessage()
+
 
 def test_fuzzing_the_openapi_schema_finds_no_5xx(http_world):
     """A bounded schemathesis run over every operation: whatever the input, never a 5xx."""
