@@ -220,39 +220,9 @@ def http_world(tiny_config: Callable[..., AdapterSwapConfig]) -> tuple[Any, dict
     responses, the keys, the two adapters' refs by group, and the model replica.
     """
     from fastapi.testclient import TestClient
-    from support import (
-        FIN_TEXTS,
-        HR_TEXTS,
-        exact_float64,
-        in_process_app,
-        publish_random_adapter,
-    )
+    from support import http_world_app
 
-    from adapterswap.models.embedder import load_embedder
-    from adapterswap.store.registry import AdapterRegistry
-
-    config = tiny_config(
-        lora={"target_modules": ["q_proj", "v_proj", "down_proj"]},
-        serve={"max_prompt_tokens": 64, "max_new_tokens": 32, "max_body_bytes": 4000},
-    )
-    registry = AdapterRegistry(config.db_path)
-    embed = load_embedder(config.embedding).embed
-    refs = {
-        "hr": publish_random_adapter(config, registry, embed, "hr.b0001.000", "hr", HR_TEXTS, 1),
-        "finance": publish_random_adapter(
-            config, registry, embed, "finance.b0001.000", "finance", FIN_TEXTS, 2
-        ),
-    }
-    app, replica = in_process_app(config, registry)
-    exact_float64(replica.loaded.model)  # log-probabilities are compared exactly
-    keys = {
-        "hr": registry.create_key("hana", ["hr"])[0],
-        "finance": registry.create_key("finn", ["finance"])[0],
-        "legal": registry.create_key("lee", ["legal"])[0],
-        "admin": registry.create_key("root", ["hr"], admin=True)[0],
-    }
-    for combo in (("finance", "hr"), ("hr", "legal"), ("finance", "hr", "legal")):
-        keys["+".join(combo)] = registry.create_key("multi", list(combo))[0]
+    app, keys, refs, replica = http_world_app(tiny_config)
     return TestClient(app, raise_server_exceptions=False), keys, refs, replica
 
 

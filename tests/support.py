@@ -1,19 +1,22 @@
 """Helpers shared by tests: a free port, a float64 model for exactness tests, real adapter
-versions without training, recorded jobs, the whole HTTP app served in one process, and the
-tiny model's settings (the fixtures built on them are in tests/conftest.py)."""
+versions without training, recorded jobs, the whole HTTP app in one process (and served on a
+loopback port), and the tiny model's settings (the fixtures built on them are in tests/conftest.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import select
 import socket
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
+import uvicorn
 from peft import LoraConfig, get_peft_model
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -84,6 +87,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def uvicorn_serving(app: Any) -> Iterator[int]:
+    """Serve ``app`` with uvicorn on a free loopback port, in a thread; yields the port."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def metrics_export() -> tuple[dict[str, Any], str]:
@@ -233,6 +256,44 @@ def in_process_app(
         authenticator=Authenticator(registry.lookup_key, ttl),
     )
     return app, replica
+
+
+def http_world_app(
+    tiny_config: Callable[..., AdapterSwapConfig],
+) -> tuple[Any, dict[str, str], dict[str, AdapterRef], ModelReplica]:
+    """The real HTTP app (:func:`in_process_app`) on the tiny model in float64, with a
+    random-LoRA adapter for each of two groups (``hr.b0001.000`` on :data:`HR_TEXTS`,
+    ``finance.b0001.000`` on :data:`FIN_TEXTS`) and keys for every mix of hr, finance and
+    legal (``keys["finance+hr"]``), plus an admin (``keys["admin"]``, hr).
+
+    Returns ``(app, keys, refs, replica)``; ``tiny_config`` is the conftest's factory. The
+    ``http_world`` fixture (tests/conftest.py) serves it in process, tests/clients/ over HTTP.
+    """
+    from adapterswap.models.embedder import load_embedder
+
+    config = tiny_config(
+        lora={"target_modules": ["q_proj", "v_proj", "down_proj"]},
+        serve={"max_prompt_tokens": 64, "max_new_tokens": 32, "max_body_bytes": 4000},
+    )
+    registry = AdapterRegistry(config.db_path)
+    embed = load_embedder(config.embedding).embed
+    refs = {
+        "hr": publish_random_adapter(config, registry, embed, "hr.b0001.000", "hr", HR_TEXTS, 1),
+        "finance": publish_random_adapter(
+            config, registry, embed, "finance.b0001.000", "finance", FIN_TEXTS, 2
+        ),
+    }
+    app, replica = in_process_app(config, registry)
+    exact_float64(replica.loaded.model)  # log-probabilities are compared exactly
+    keys = {
+        "hr": registry.create_key("hana", ["hr"])[0],
+        "finance": registry.create_key("finn", ["finance"])[0],
+        "legal": registry.create_key("lee", ["legal"])[0],
+        "admin": registry.create_key("root", ["hr"], admin=True)[0],
+    }
+    for combo in (("finance", "hr"), ("hr", "legal"), ("finance", "hr", "legal")):
+        keys["+".join(combo)] = registry.create_key("multi", list(combo))[0]
+    return app, keys, refs, replica
 
 
 # Two groups' documents, on topics the router tells apart (the `http_world` fixture's).

@@ -17,19 +17,15 @@ Each test asserts something the code before the fix did not do (noted per test).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
 import secrets
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-import uvicorn
 from fastapi.testclient import TestClient
 from ray.exceptions import RayTaskError
 from safetensors.torch import load as load_safetensors
@@ -37,11 +33,11 @@ from safetensors.torch import save as save_safetensors
 from support import (
     CHUNK,
     CHUNKED,
-    free_port,
     in_process_app,
     post_head,
     publish_random_adapter,
     push,
+    uvicorn_serving,
 )
 
 from adapterswap.api.auth import Authenticator
@@ -358,25 +354,6 @@ class CountingApp:
             return message
 
         await self.app(scope, counted, send)
-
-
-@contextlib.contextmanager
-def uvicorn_serving(app) -> Iterator[int]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")
