@@ -77,6 +77,11 @@ def on_hub(tmp_path, tiny, monkeypatch) -> str:
 
 
 @pytest.fixture
+def tiny_random() -> str:
+    return "tiny-random"
+
+
+@pytest.fixture
 def local_dir(tmp_path, tiny) -> str:
     """The tiny model as a local Hugging Face directory, deep in this machine's paths."""
     path = tmp_path / "models" / "tiny-llama-local"
@@ -118,26 +123,27 @@ def strings_in(value: object) -> list[str]:
     return [value] if isinstance(value, str) else []
 
 
-@pytest.mark.parametrize("kind", ["tiny-random", "local-dir", "hub"])
+@pytest.mark.parametrize(
+    ("spec_fixture", "recorded"),
+    [("tiny_random", "tiny-random"), ("local_dir", "tiny-llama-local"), ("on_hub", HUB_ID)],
+)
 def test_adapter_files_name_the_base_model_portably_with_its_hash(
-    kind, tiny_config, tmp_path, request
+    spec_fixture, recorded, tiny_config, tmp_path, request
 ):
-    spec = {"tiny-random": "tiny-random", "local-dir": "local_dir", "hub": "on_hub"}[kind]
-    spec = spec if kind == "tiny-random" else request.getfixturevalue(spec)
+    spec = request.getfixturevalue(spec_fixture)
     config = tiny_config(model={"spec": spec}, training={"max_steps": 1})
     _, version_dir = train_version(config)
     peft_config = json.loads((version_dir / ADAPTER_CONFIG).read_text())
     card = ModelCard.load(version_dir / MODEL_CARD)
 
-    expected = {"tiny-random": "tiny-random", "local-dir": "tiny-llama-local", "hub": HUB_ID}
-    assert peft_config["base_model_name_or_path"] == expected[kind]
+    assert peft_config["base_model_name_or_path"] == recorded
     for text in [*strings_in(peft_config), *strings_in(card.data.to_dict()), card.text]:
         assert not os.path.isabs(text), text
         assert not any(local in text for local in machine_strings(config, tmp_path)), text
     assert card.data.library_name == "peft"
-    assert card.data.base_model == (HUB_ID if kind == "hub" else None)  # hub ids only
+    assert card.data.base_model == (HUB_ID if spec == HUB_ID else None)  # hub ids only
     assert card.data.adapterswap["base_model"] == {
-        "id": expected[kind],
+        "id": recorded,
         "sha256": hash_base_model(config.model, config.model_cache_dir),
     }
 
