@@ -26,7 +26,7 @@ from adapterswap.api.gateway import build_gateway
 from adapterswap.api.model_client import LocalModelClient
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.engine.replica import ModelReplica
-from adapterswap.models.base import LoadedModel, hash_base_model, load_base_model
+from adapterswap.models.base import LoadedModel, base_model_identity, load_base_model
 from adapterswap.route.stats import compute_shard_stats, save_shard_stats
 from adapterswap.storage.artifacts import write_adapter_version
 from adapterswap.storage.layout import StorageLayout
@@ -170,10 +170,9 @@ def publish_random_adapter(
     lineage = doc_ids or [f"{adapter_id}-{i}" for i in range(len(texts))]
     version = registry.register_version(adapter_id, group, "x", lineage).version
     stats = compute_shard_stats(texts, embed, "embedded:all-MiniLM-L6-v2")
-    base_hash = hash_base_model(config.model, config.model_cache_dir)
     ref = AdapterRef(adapter_id, version)
     manifest = untrained_manifest(
-        ref, group, lineage, BaseModelId(id=config.model.spec, hash=base_hash)
+        ref, group, lineage, base_model_identity(config.model, config.model_cache_dir)
     )
     write_adapter_version(
         StorageLayout.from_config(config).version(ref),
