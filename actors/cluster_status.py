@@ -1,8 +1,9 @@
 """What the command line asks a running cluster: Ray's nodes and the Serve apps for
 ``adapterswap status --cluster``, and which model replicas are alive for ``adapterswap delete``.
 
-This module imports ray. It joins a running cluster (``ray.address``, else the one ``ray
-start`` recorded) and never starts one: with no cluster there is nothing to report on.
+This module imports ray. It joins a running cluster (the named one, see
+:mod:`actors.ray_address`, else the one ``ray start`` recorded) and never starts one: with no
+cluster there is nothing to report on.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import ray
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
+from actors.ray_address import driver_address, named_cluster, ray_errors
 from adapterswap.config import AdapterSwapConfig
-from adapterswap.errors import NoCluster
+from adapterswap.errors import ConfigError, NoCluster
 
 
 def collect_cluster(config: AdapterSwapConfig) -> dict[str, Any]:
@@ -42,9 +44,9 @@ def replica_liveness(config: AdapterSwapConfig) -> Callable[[str], bool]:
 
     On its first call it joins the running cluster and from then on asks Serve's controller
     (:class:`~actors.replica_oracle.ServeReplicaOracle`), as the ingress does. With no Ray
-    running where the store is (``ray.address`` unset), nothing can serve: every registered
-    replica is one that died without unregistering. A cluster that cannot be asked counts
-    every replica alive: the barrier fails closed.
+    running where the store is (no cluster named), nothing can serve: every registered
+    replica is one that died without unregistering. A named cluster that cannot be asked
+    counts every replica alive: the barrier fails closed.
     """
     from actors.replica_oracle import ServeReplicaOracle
 
@@ -55,25 +57,22 @@ def replica_liveness(config: AdapterSwapConfig) -> Callable[[str], bool]:
             try:
                 _join(config)
                 oracle.append(ServeReplicaOracle())
-            except NoCluster:
-                oracle.append(lambda _: bool(config.ray.address))
+            except (NoCluster, ConfigError):
+                named = named_cluster(config) is not None
+                oracle.append(lambda _: named)
         return oracle[0](replica_id)
 
     return is_alive
 
 
 def _join(config: AdapterSwapConfig) -> None:
-    """Join the running cluster unless already joined; NoCluster if there is none."""
+    """Join the running cluster unless already joined: the named one (RAY_ADDRESS, else
+    ``ray.address``), else the one ``ray start`` started here; NoCluster if there is none."""
     if ray.is_initialized():
         return
-    address = config.ray.address or "auto"
-    try:
+    address = driver_address(config) or "auto"
+    with ray_errors(address):
         ray.init(address=address, namespace=config.ray.namespace, log_to_driver=False)
-    except ConnectionError as error:
-        raise NoCluster(
-            f"ray.address {address!r}: no running Ray cluster ({error}); start one with "
-            "`ray start --head` or `adapterswap serve`, or drop --cluster"
-        ) from None
 
 
 def _serve_apps() -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import warnings
 from collections.abc import Iterator
@@ -30,9 +31,13 @@ from typing import Any
 import ray
 import ray._private.worker as ray_worker
 from ray import serve
+from ray._private.utils import read_ray_address
 
+from actors.ray_address import driver_address, ray_errors
 from actors.serve_app import build_app
 from adapterswap.config import AdapterSwapConfig
+from adapterswap.errors import ConfigError
+from adapterswap.models.base import check_model_spec
 
 RAY_PACKAGE = str(Path(ray.__file__).parent)
 
@@ -44,20 +49,24 @@ def ray_started(
     namespace: str | None = None,
     include_dashboard: bool | None = None,
     ray_log: Path | None = None,
+    metrics_export_port: int | None = None,
 ) -> Iterator[None]:
     """Ray for the block: ``ray.init(address, ...)``, then ``ray.shutdown()`` however it ends.
 
     ``ray_log``: Ray's output goes to this file (see the module docstring), not the terminal.
+    ``metrics_export_port``: where a Ray started here exports its Prometheus metrics.
     """
     with ExitStack() as stack:
         if ray_log is not None:
             stack.enter_context(_ray_output_to(ray_log))
-        ray.init(
-            address=address,
-            namespace=namespace,
-            include_dashboard=include_dashboard,
-            log_to_driver=False,
-        )
+        with ray_errors(address or "the local Ray"):
+            ray.init(
+                address=address,
+                namespace=namespace,
+                include_dashboard=include_dashboard,
+                log_to_driver=False,
+                _metrics_export_port=metrics_export_port,
+            )
         stack.callback(ray.shutdown)
         _reroute_ray_loggers()  # ray.init may have set up console handlers again
         node = ray_worker._global_node  # None when joined through a Ray client
@@ -85,19 +94,55 @@ def app_served(app_args: dict[str, Any], host: str, port: int) -> Iterator[None]
 def serve_until_stopped(config: AdapterSwapConfig, host: str, port: int) -> None:
     """Deploy the Serve application on ``host:port`` and block until SIGINT or SIGTERM.
 
-    Joins the Ray cluster at ``ray.address`` (or RAY_ADDRESS), else starts a local one. The app
-    gets the whole configuration this command resolved (file, environment, ``--set``).
+    Joins the named cluster (RAY_ADDRESS, else ``ray.address``), else Ray's default: the
+    cluster ``ray start`` started here, else a new local one, exporting its metrics on
+    ``ray.metrics_export_port``. What a user can get wrong (the model, a port in use, the
+    address) is checked before Ray starts. The app gets the whole configuration this command
+    resolved (file, environment, ``--set``). Prints the API's and the metrics' URLs.
     """
+    address = driver_address(config)
+    check_model_spec(config.model.spec)
+    metrics_port = None
+    if address is None:  # Serve's proxy binds here
+        _check_port_free(host, port, "--port")
+        if read_ray_address() is None:  # no `ray start` cluster to join: Ray starts here
+            metrics_port = config.ray.metrics_export_port
+            _check_port_free("0.0.0.0", metrics_port, "ray.metrics_export_port")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # a signal during start-up stops once it is up
         signal.signal(sig, lambda *_: stop.set())
     args = {"home": config.home, "config": config.model_dump(), "num_replicas": 1}
     with (
-        ray_started(config.ray.address, namespace=config.ray.namespace),
+        ray_started(address, namespace=config.ray.namespace, metrics_export_port=metrics_port),
         app_served(args, host, port),
     ):
         print(f"AdapterSwap serving on http://{host}:{port} (Ctrl-C to stop)", flush=True)
+        print(f"Prometheus metrics on {', '.join(metrics_urls())}", flush=True)
         stop.wait()
+
+
+def metrics_urls() -> list[str]:
+    """Where each live node of the joined cluster exports its Prometheus metrics."""
+    return [
+        f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        for node in ray.nodes()
+        if node["Alive"]
+    ]
+
+
+def _check_port_free(host: str, port: int, field: str) -> None:
+    """ConfigError naming ``field`` when something listens on ``host:port`` already."""
+    with socket.socket() as probe:
+        # As a server binds it: a port left in TIME_WAIT by a stopped server counts as free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            where = f"port {port}" if host == "0.0.0.0" else f"{host}:{port}"
+            raise ConfigError(
+                f"{field}: {where} is in use ({exc.strerror}); stop what holds it or choose "
+                f"another port with {field}"
+            ) from None
 
 
 class _RayLogFile(logging.FileHandler):

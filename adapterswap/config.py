@@ -198,7 +198,15 @@ class RayResources(_Section):
     """Ray resources per actor, replica and worker. Fractions let them share a small machine."""
 
     address: str | None = Field(
-        None, description="Ray address to join; None starts or joins a local cluster."
+        None,
+        description="The Ray cluster, as ray.init takes it (host:6379, ray://host:10001, auto); "
+        "RAY_ADDRESS overrides it. None: start or join a local cluster.",
+    )
+    metrics_export_port: int = Field(
+        8080,
+        ge=1,
+        le=65535,
+        description="Prometheus metrics port of the Ray that adapterswap serve starts locally.",
     )
     namespace: str = Field("adapterswap", description="Ray namespace of the detached actors.")
     store_num_cpus: float = Field(0.1, ge=0, description="CPUs reserved for the AdapterStore.")

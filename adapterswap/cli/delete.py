@@ -3,8 +3,8 @@
 
 ``adapterswap delete DOC_ID...`` revokes in the store (one transaction) and returns once every
 live serving replica has acknowledged it. The rest (catalog, retraining, purge) runs as a
-Ray job when a cluster's job server answers, else here, with progress bars; ``--wait`` always
-runs it here. ``adapterswap delete --finish`` finishes every deletion a crash left unfinished.
+Ray job when the user named a cluster (as for ``train``: ``--address``, ``RAY_API_SERVER_ADDRESS``,
+``RAY_ADDRESS``, ``ray.address``), else here, with progress bars; ``--wait`` always runs it here. ``adapterswap delete --finish`` finishes every deletion a crash left unfinished.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from dataclasses import asdict
 from typing import Any
 
 from actors.cluster_status import replica_liveness
-from actors.job_submission import submit_ray_job
+from actors.job_submission import submit_ray_job, where_to_submit
+from actors.ray_address import joining, ray_errors
 from actors.train_launcher import train_shards_with_ray
 from adapterswap.api.client import Client
 from adapterswap.catalog.dataset import Catalog
@@ -42,12 +43,13 @@ def delete_command(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple
     if args.finish == bool(args.doc_ids):
         raise UsageError("delete: give DOC_ID... or --finish (not both)")
     if args.finish:
-        return finish_deletions(config, open_registry(config), None, quiet=args.json)
+        return finish_deletions(joining(config), open_registry(config), None, quiet=args.json)
     return delete_documents(
         config,
         open_registry(config),
         args.doc_ids,
         wait=args.wait,
+        address=args.address,
         forward=forwarded_flags(args),
         quiet=args.json,
         is_alive=replica_liveness(config),
@@ -62,6 +64,7 @@ def delete_documents(
     wait: bool,
     forward: list[str],
     quiet: bool,
+    address: str | None = None,
     is_alive: Callable[[str], bool] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The ``delete`` command: its text and JSON payload (``is_alive``: see
@@ -88,11 +91,15 @@ def delete_documents(
     if request.job is None:
         lines.append(f"already being deleted by job {request.job_id}")
         return "\n".join(lines), payload
-    submitted = None if wait else submit_ray_job(config, [*forward, "delete", "--finish"])
-    if submitted is not None:
-        lines.append(f"retraining and purging in Ray job {submitted}: ray job logs -f {submitted}")
-        return "\n".join(lines), payload | {"ray_job": submitted}
-    text, report = finish_deletions(config, registry, request.job_id, quiet=quiet)
+    where = where_to_submit(config, address, wait=wait)
+    if where is not None:
+        job = submit_ray_job(where, [*forward, "delete", "--finish"])
+        lines.append(
+            f"retraining and purging in Ray job {job.job_id} at {job.job_server}: "
+            f"ray job logs -f {job.job_id} --address {job.job_server}"
+        )
+        return "\n".join(lines), payload | {"ray_job": job.job_id, "job_server": job.job_server}
+    text, report = finish_deletions(joining(config, address), registry, request.job_id, quiet=quiet)
     return "\n".join([*lines, text]), payload | report
 
 
@@ -102,13 +109,14 @@ def finish_deletions(
     """Run the delete job here (``--finish``, or after a request); raises DeletionFailed."""
     bars = None if quiet else ShardProgressBars()
     try:
-        report = run_deletion(
-            config,
-            registry,
-            train_shards=train_shards_with_ray,
-            job_id=job_id,
-            on_progress=bars,
-        )
+        with ray_errors(config.ray.address or "the local Ray"):
+            report = run_deletion(
+                config,
+                registry,
+                train_shards=train_shards_with_ray,
+                job_id=job_id,
+                on_progress=bars,
+            )
     finally:
         if bars is not None:
             bars.close()

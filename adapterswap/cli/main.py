@@ -4,9 +4,9 @@ Each command's work lives in its group's module (``ingest``, ``train``, ``serve`
 ``keys``, ``ops``, ``demo``); the parser names it as ``module:function``, imported only when
 the command runs, so ``--help`` stays instant although training pulls in torch and Ray.
 
-Exit codes: 0 success, 1 the operation failed, 2 wrong usage. ``--json`` prints one
-JSON document on stdout instead of the human-readable report; errors then come as
-``{"error": {"message": ..., "type": ...}}``.
+Exit codes: 0 success, 1 the operation failed, 2 wrong usage, 130 interrupted; every error is
+one line ``error: ...`` on stderr. ``--json`` prints one JSON document on stdout instead of the
+human-readable report; errors then come as ``{"error": {"message": ..., "type": ...}}``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from adapterswap.cli.common import UsageError
+from adapterswap.cli.errors import report_bug, user_error
 from adapterswap.config import AdapterSwapConfig, load_config
-from adapterswap.errors import AdapterSwapError
 from adapterswap.storage.privacy import private_process
 
 Handler = Callable[[argparse.Namespace, AdapterSwapConfig], tuple[str, Any]]
@@ -44,6 +44,18 @@ def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         **({"default": argparse.SUPPRESS} if suppress else {"default": []}),
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output", **default)
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an unexpected error", **default
+    )
+
+
+def _address_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        help="the Ray cluster to submit the job to: its job server URL (http://HOST:8265) or "
+        "its address (HOST:6379, ray://HOST:10001, auto); default RAY_API_SERVER_ADDRESS, "
+        "RAY_ADDRESS, ray.address; none: work here",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--wait",
         action="store_true",
-        help="train here and wait (default: submit a Ray job when a cluster is running)",
+        help="train here and wait (default: a Ray job when a cluster is named)",
     )
+    _address_option(train)
     train.set_defaults(handler="adapterswap.cli.train:train_command")
 
     delete = sub.add_parser(
@@ -86,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument(
         "--wait",
         action="store_true",
-        help="retrain and purge here (default: a Ray job when a cluster is running)",
+        help="retrain and purge here (default: a Ray job when a cluster is named)",
     )
+    _address_option(delete)
     delete.add_argument(
         "--finish", action="store_true", help="finish every deletion a crash left unfinished"
     )
@@ -182,20 +196,29 @@ def load_handler(name: str) -> Handler:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code."""
+    """Run the CLI; returns the exit code. An error is one line (see :mod:`adapterswap.cli.errors`);
+    with ``--debug`` an unexpected one raises, traceback and all."""
     args = build_parser().parse_args(argv)
     private_process()  # whatever the umask: the home and its files are the user's alone
     try:
         config = load_config(args.config, home=args.home, overrides=args.overrides)
         text, payload = load_handler(args.handler)(args, config)
     except UsageError as exc:
-        print(f"adapterswap: error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    except AdapterSwapError as exc:
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        message = user_error(exc)
+        if message is None:
+            if args.debug:
+                raise
+            message = report_bug(exc)
         if args.json:
-            print(json.dumps({"error": {"message": str(exc), "type": type(exc).__name__}}))
+            print(json.dumps({"error": {"message": message, "type": type(exc).__name__}}))
         else:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(payload, indent=2, default=str))

@@ -1,10 +1,12 @@
-"""``adapterswap train``: submit a Ray job to a running cluster, or train in the foreground.
+"""``adapterswap train``: submit a Ray job to a named cluster, or train in the foreground.
 
-Without ``--wait``, when a Ray cluster's job server answers (``RAY_ADDRESS``, else the local
-dashboard at 127.0.0.1:8265), the command submits ``python -m adapterswap train --wait``
-there and prints the job id. With ``--wait``, or when no cluster is running, it trains
-here: it joins or starts Ray, shows one progress bar per shard and exits 1 if any shard
-failed. ``ray job submit -- python -m adapterswap train --wait`` is the same entry point.
+When the user named a cluster (``--address``, ``RAY_API_SERVER_ADDRESS``, ``RAY_ADDRESS`` or
+``ray.address``; see :mod:`actors.ray_address`), the command submits ``python -m adapterswap
+train --wait`` to its job server and prints the job id and the job server's URL. Otherwise,
+with ``--wait``, and inside a Ray job, it trains here: it joins the named cluster, else Ray's
+default (the cluster ``ray start`` started on this machine, else a new local one), shows one
+progress bar per shard and exits 1 if any shard failed. ``ray job submit -- python -m
+adapterswap train --wait`` is the same entry point.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from actors.job_submission import submit_ray_job
+from actors.job_submission import submit_ray_job, where_to_submit
+from actors.ray_address import joining, ray_errors
 from actors.train_launcher import train_shards_with_ray
 from adapterswap.cli.common import forwarded_flags
 from adapterswap.cli.progress import ShardProgressBars
@@ -24,19 +27,26 @@ from adapterswap.train.job import TrainReport, run_training
 
 def train_command(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
     """The ``train`` command's flags, to :func:`submit_or_train`."""
-    return submit_or_train(config, wait=args.wait, forward=forwarded_flags(args), quiet=args.json)
+    return submit_or_train(
+        config,
+        wait=args.wait,
+        address=args.address,
+        forward=forwarded_flags(args),
+        quiet=args.json,
+    )
 
 
 def train_in_foreground(config: AdapterSwapConfig, *, quiet: bool) -> TrainReport:
     """Run the training job here (joining or starting Ray if there is work), with progress bars."""
     bars = None if quiet else ShardProgressBars()
     try:
-        return run_training(
-            config,
-            AdapterRegistry(config.db_path),
-            train_shards=train_shards_with_ray,
-            on_progress=bars,
-        )
+        with ray_errors(config.ray.address or "the local Ray"):
+            return run_training(
+                config,
+                AdapterRegistry(config.db_path),
+                train_shards=train_shards_with_ray,
+                on_progress=bars,
+            )
     finally:
         if bars is not None:
             bars.close()
@@ -55,16 +65,23 @@ def format_report(report: TrainReport) -> str:
 
 
 def submit_or_train(
-    config: AdapterSwapConfig, *, wait: bool, forward: list[str], quiet: bool
+    config: AdapterSwapConfig,
+    *,
+    wait: bool,
+    forward: list[str],
+    quiet: bool,
+    address: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The ``train`` command: returns its text and JSON payload; raises TrainingFailed."""
-    if not wait:
-        job_id = submit_ray_job(config, [*forward, "train", "--wait"])
-        if job_id is not None:
-            return f"submitted training job {job_id}; follow it with: ray job logs -f {job_id}", {
-                "job": job_id
-            }
-    report = train_in_foreground(config, quiet=quiet)
+    where = where_to_submit(config, address, wait=wait)
+    if where is not None:
+        job = submit_ray_job(where, [*forward, "train", "--wait"])
+        text = (
+            f"submitted training job {job.job_id} to the Ray job server at {job.job_server}; "
+            f"follow it with: ray job logs -f {job.job_id} --address {job.job_server}"
+        )
+        return text, {"job": job.job_id, "job_server": job.job_server}
+    report = train_in_foreground(joining(config, address), quiet=quiet)
     if report.failed:
         raise TrainingFailed(format_report(report))
     payload = {

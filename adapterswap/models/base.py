@@ -14,6 +14,7 @@ their base model as any machine can name it, with its content hash (``base_model
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -103,6 +104,32 @@ def resolve_source(spec: str) -> ModelSource:
     if _looks_like_path(spec):
         raise ModelLoadError(f"model.spec: model path {path} does not exist")
     return ModelSource("hub", spec)
+
+
+def check_model_spec(spec: str) -> ModelSource:
+    """Check cheaply, before anything starts, that ``spec`` names a model this machine can load:
+    ``embedded``, ``tiny-random``, an existing model directory or ``.gguf`` file, or a hub id in
+    the local cache (or, while the hub may be reached, a well-formed ``owner/name``)."""
+    close = difflib.get_close_matches(spec, ["embedded", TINY_RANDOM], n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    accepted = (
+        f"{hint}model.spec takes embedded, tiny-random, a local model directory or .gguf file, "
+        "or a hub id (owner/name)"
+    )
+    try:
+        source = resolve_source(spec)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{exc}; {accepted}") from None
+    if source.kind != "hub" or _in_hub_cache(spec):
+        return source
+    if _offline_requested():
+        raise ModelLoadError(
+            f"model.spec: {spec!r} is not in the local Hugging Face cache and the hub is off "
+            f"(HF_HUB_OFFLINE); {accepted} already in the cache"
+        )
+    if "/" not in spec or not _valid_repo_id(spec):
+        raise ModelLoadError(f"model.spec: {spec!r} is not a model; {accepted}")
+    return source
 
 
 def load_base_model(settings: ModelSettings, cache_dir: Path) -> LoadedModel:
@@ -318,6 +345,24 @@ def _hub_id_of_snapshot(path: Path) -> str | None:
     if path.parent.name != "snapshots" or not repo.startswith("models--"):
         return None
     return repo.removeprefix("models--").replace("--", "/")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        _hub_snapshot_dir(repo_id)
+    except ModelLoadError:
+        return False
+    return True
+
+
+def _valid_repo_id(repo_id: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _hash_tiny_random(cache_dir: Path) -> str:

@@ -168,7 +168,8 @@ def test_python_m_entry_point(tmp_path):
 
 
 def test_train_with_nothing_to_train_exits_0(capsys, tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")  # no job server: train here
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # no cluster named: train here
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     home = str(tmp_path / "h")
     code, out, _ = run(capsys, "--home", home, "train")
     assert code == 0 and "nothing to train" in out

@@ -28,15 +28,19 @@ def test_both_configs_exist():
     assert [p.name for p in CONFIGS] == ["gpu.yaml", "local.yaml"]
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_config_parses_and_builds(path, tmp_path):
+def _app_args(path: Path) -> dict:
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     (app,) = schema.applications
     assert app.import_path == "actors.serve_app:build_app"
     assert "overrides" not in app.args  # structured settings, not dotted strings
-    ingress, model, settings = _built({**app.args, "home": str(tmp_path)})
+    return app.args
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_parses_and_builds(path, tmp_path):
+    ingress, model, settings = _built({**_app_args(path), "home": str(tmp_path)})
     assert ingress.name == "Ingress" and model.name == "Model"
-    assert settings["model"]["spec"] == "embedded"
+    assert settings["model"]["spec"] == "embedded"  # the default: the home has no config file
     assert settings["home"] == str(tmp_path)
     options = model.ray_actor_options
     if path.name == "gpu.yaml":
@@ -81,3 +85,18 @@ def test_settings_are_laid_over_the_homes_section_by_section(tmp_path):
     assert settings["lora"]["rank"] == 8  # the home's, in another section
     assert settings["serve"]["max_prompt_tokens"] == 2048  # the default, set by neither
     assert model._deployment_config.num_replicas == 2
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_the_model_comes_from_the_deployments_configuration(path, tmp_path, monkeypatch):
+    """A Serve config never names the model: the home's config.yaml does, or the environment."""
+    (tmp_path / "config.yaml").write_text("model: {spec: tiny-random, dtype: float32}\n")
+    monkeypatch.setenv("ADAPTERSWAP_HOME", str(tmp_path))
+    _, _, settings = _built(_app_args(path))
+    assert settings["model"]["spec"] == "tiny-random"
+    if path.name == "gpu.yaml":  # its one model setting: the dtype its GPUs want
+        assert settings["model"]["dtype"] == "auto"
+    else:
+        assert settings["model"]["dtype"] == "float32"
+    monkeypatch.setenv("ADAPTERSWAP_MODEL__SPEC", "embedded")
+    assert _built(_app_args(path))[2]["model"]["spec"] == "embedded"
