@@ -45,8 +45,8 @@ def where_to_submit(
     return None if wait or inside_ray_job() else named_job_server(config, given)
 
 
-def submit_ray_job(where: NamedAddress, args: list[str]) -> SubmittedJob:
-    """Submit ``python -m adapterswap ARGS`` to the job server at ``where``.
+def connect_job_server(where: NamedAddress) -> JobSubmissionClient:
+    """A client of the job server at ``where``, which answered and took the token.
 
     NoCluster when nothing answers there; ConfigError when it refuses the token.
     """
@@ -54,13 +54,18 @@ def submit_ray_job(where: NamedAddress, args: list[str]) -> SubmittedJob:
     # address resolved here (an explicit --address among them) must win.
     with _without_env(JOB_SERVER_ENV, CLUSTER_ENV), ray_errors(where.address):
         try:
-            client = JobSubmissionClient(where.address)
+            return JobSubmissionClient(where.address)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise NoCluster(
                 f"no Ray job server answers at {where.address} (from {where.source}: "
                 f"{str(exc).splitlines()[0]}); start the cluster, correct {where.source}, or "
                 "run the command here with --wait"
             ) from None
+
+
+def submit_ray_job(client: JobSubmissionClient, args: list[str]) -> SubmittedJob:
+    """Submit ``python -m adapterswap ARGS`` through ``client``."""
+    with ray_errors(client.get_address()):
         job_id = client.submit_job(entrypoint=shlex.join(["python", "-m", "adapterswap", *args]))
     return SubmittedJob(job_id, client.get_address())
 

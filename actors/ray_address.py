@@ -104,9 +104,11 @@ def ray_errors(where: str) -> Iterator[None]:
 
 
 def token_fix(where: str, message: str) -> str:
-    """The one line for a refused token: what Ray found and what to set."""
-    if "RAY_AUTH_MODE is currently" in message or "couldn't find" in message:
+    """The one line for a refused token: what was sent and what to set."""
+    if os.environ.get("RAY_AUTH_MODE") != "token":
         problem = "requires a token and none was sent"
+    elif "couldn't find" in message:
+        problem = "requires a token and none was found"
     else:
         problem = "refused the token it was sent"
     return (

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from typing import Any
 
 from actors.cluster_status import replica_liveness
-from actors.job_submission import submit_ray_job, where_to_submit
+from actors.job_submission import connect_job_server, submit_ray_job, where_to_submit
 from actors.ray_address import joining, ray_errors
 from actors.train_launcher import train_shards_with_ray
 from adapterswap.api.client import Client
@@ -69,6 +69,9 @@ def delete_documents(
 ) -> tuple[str, dict[str, Any]]:
     """The ``delete`` command: its text and JSON payload (``is_alive``: see
     :func:`~adapterswap.delete.job.wait_for_replicas`)."""
+    # A job server that will not take the job fails the command before anything is revoked.
+    where = where_to_submit(config, address, wait=wait)
+    job_server = connect_job_server(where) if where is not None else None
     request = request_delete(
         registry,
         Catalog(config.storage),
@@ -91,9 +94,8 @@ def delete_documents(
     if request.job is None:
         lines.append(f"already being deleted by job {request.job_id}")
         return "\n".join(lines), payload
-    where = where_to_submit(config, address, wait=wait)
-    if where is not None:
-        job = submit_ray_job(where, [*forward, "delete", "--finish"])
+    if job_server is not None:
+        job = submit_ray_job(job_server, [*forward, "delete", "--finish"])
         lines.append(
             f"retraining and purging in Ray job {job.job_id} at {job.job_server}: "
             f"ray job logs -f {job.job_id} --address {job.job_server}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from actors.job_submission import submit_ray_job, where_to_submit
+from actors.job_submission import connect_job_server, submit_ray_job, where_to_submit
 from actors.ray_address import joining, ray_errors
 from actors.train_launcher import train_shards_with_ray
 from adapterswap.cli.common import forwarded_flags
@@ -75,7 +75,7 @@ def submit_or_train(
     """The ``train`` command: returns its text and JSON payload; raises TrainingFailed."""
     where = where_to_submit(config, address, wait=wait)
     if where is not None:
-        job = submit_ray_job(where, [*forward, "train", "--wait"])
+        job = submit_ray_job(connect_job_server(where), [*forward, "train", "--wait"])
         text = (
             f"submitted training job {job.job_id} to the Ray job server at {job.job_server}; "
             f"follow it with: ray job logs -f {job.job_id} --address {job.job_server}"

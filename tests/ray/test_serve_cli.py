@@ -1,4 +1,5 @@
-"""`adapterswap serve` starts Ray, serves the API on the given port, and stops on SIGINT."""
+"""`adapterswap serve` starts Ray, serves the API on the given port, prints where its
+Prometheus metrics are (on the configured port), and stops on SIGINT."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def test_serve_command_serves_and_stops(tmp_path, tiny_cache):
     home = tmp_path / "home"
     home.mkdir()
     key = AdapterRegistry(home / "store.sqlite").create_key("ann", ["hr"])[0]
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     command = [
         sys.executable,
         "-m",
@@ -40,6 +41,8 @@ def test_serve_command_serves_and_stops(tmp_path, tiny_cache):
         "model.spec=tiny-random",
         "--set",
         f"model.cache_dir={tiny_cache}",  # the run's tokenizer, converted once
+        "--set",
+        f"ray.metrics_export_port={metrics_port}",
         "serve",
         "--port",
         str(port),
@@ -55,7 +58,7 @@ def test_serve_command_serves_and_stops(tmp_path, tiny_cache):
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     try:
         deadline = time.monotonic() + 180
-        while not any("serving on" in line for line in lines):
+        while not any("Prometheus metrics on" in line for line in lines):
             assert proc.poll() is None, "".join(lines)
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.5)
@@ -63,6 +66,11 @@ def test_serve_command_serves_and_stops(tmp_path, tiny_cache):
         assert get(f"http://127.0.0.1:{port}/v1/models")[0] == 401
         status, models = get(f"http://127.0.0.1:{port}/v1/models", key)
         assert status == 200 and json.loads(models)["data"][0]["id"] == "tiny-random"
+        (printed,) = [line for line in lines if line.startswith("Prometheus metrics on ")]
+        (metrics_url,) = printed.split()[3:]
+        assert metrics_url.endswith(f":{metrics_port}/metrics")
+        status, metrics = get(metrics_url)
+        assert status == 200 and b"ray_" in metrics  # Ray's Prometheus exposition
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
