@@ -15,7 +15,7 @@ import ray
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from actors.ray_address import driver_address, named_cluster, ray_errors
+from actors.ray_address import check_gcs_answers, driver_address, named_cluster, ray_errors
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import ConfigError, NoCluster
 
@@ -71,6 +71,7 @@ def _join(config: AdapterSwapConfig) -> None:
     if ray.is_initialized():
         return
     address = driver_address(config) or "auto"
+    check_gcs_answers(address)
     with ray_errors(address):
         ray.init(address=address, namespace=config.ray.namespace, log_to_driver=False)
 

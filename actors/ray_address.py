@@ -18,6 +18,7 @@ it with the address it needs, as ``ray.init`` does.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -87,6 +88,21 @@ def joining(config: AdapterSwapConfig, given: str | None = None) -> AdapterSwapC
     return config.model_copy(update={"ray": ray})
 
 
+def check_gcs_answers(address: str | None) -> None:
+    """NoCluster at once when nothing listens at a ``host:port`` cluster address, where
+    ``ray.init`` would retry for minutes and then exit the process."""
+    if not address or "://" in address or address.count(":") != 1:
+        return  # Ray's default, auto, ray:// or a form Ray itself will judge
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise NoCluster(
+            f"no Ray cluster answers at {address} ({exc}); start it with `ray start --head` "
+            "or name the running one in RAY_ADDRESS"
+        ) from None
+
+
 @contextmanager
 def ray_errors(where: str) -> Iterator[None]:
     """Ray's token errors and failed connections to ``where`` as one-line errors with the fix."""
@@ -95,6 +111,11 @@ def ray_errors(where: str) -> Iterator[None]:
     except AuthenticationError as exc:
         raise ConfigError(token_fix(where, str(exc))) from None
     except (ConnectionError, SystemExit) as exc:  # ray.init exits when the GCS never answers
+        if where == "auto":
+            raise NoCluster(
+                "no Ray cluster is running on this machine; start one with `ray start --head` "
+                "or `adapterswap serve`, or name a running one in RAY_ADDRESS"
+            ) from None
         reason = str(exc).splitlines()[0] if str(exc) else repr(exc)
         raise NoCluster(
             f"no Ray cluster answers at {where} ({reason}); start it with `ray start --head` or "

@@ -33,7 +33,7 @@ import ray._private.worker as ray_worker
 from ray import serve
 from ray._private.utils import read_ray_address
 
-from actors.ray_address import driver_address, ray_errors
+from actors.ray_address import check_gcs_answers, driver_address, ray_errors
 from actors.serve_app import build_app
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import ConfigError
@@ -59,6 +59,7 @@ def ray_started(
     with ExitStack() as stack:
         if ray_log is not None:
             stack.enter_context(_ray_output_to(ray_log))
+        check_gcs_answers(address)
         with ray_errors(address or "the local Ray"):
             ray.init(
                 address=address,

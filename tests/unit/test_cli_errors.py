@@ -217,6 +217,16 @@ def test_status_cluster_with_a_job_server_url_says_which_address_it_needs(
     assert "RAY_API_SERVER_ADDRESS" in line and "6379" in line
 
 
+@pytest.mark.parametrize("argv", [["status", "--cluster"], ["serve"]])
+def test_a_named_cluster_that_does_not_answer(capsys, tmp_path, monkeypatch, argv):
+    """At once, where ray.init would retry for minutes and then exit the process."""
+    address = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    line = run_main(capsys, tmp_path, *argv)
+    assert line.startswith(f"error: no Ray cluster answers at {address} (")
+    assert "Connection refused" in line and "RAY_ADDRESS" in line
+
+
 def test_a_bug_shows_one_line_and_keeps_the_traceback(capsys, monkeypatch, tmp_path):
     def broken(args, config):
         return {}["missing"]
