@@ -181,6 +181,18 @@ def test_train_without_an_address_trains_here(capsys, tmp_path, monkeypatch):
     assert "nothing to train" in out and "submitted" not in out
 
 
+def test_train_inside_a_ray_job_trains_there(capsys, tmp_path, monkeypatch):
+    """`ray job submit -- adapterswap train`: Ray names its cluster in RAY_ADDRESS, and the
+    job trains where it runs instead of submitting another job."""
+    import actors.job_submission as job_submission
+
+    monkeypatch.setattr(job_submission, "JobSubmissionClient", None)  # any use would fail
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    assert cli_main.main(["--home", str(tmp_path), "train"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("where", ["--address", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"])
 def test_train_told_an_address_where_nothing_answers(capsys, tmp_path, monkeypatch, where):
     url = f"http://127.0.0.1:{free_port()}"
