@@ -29,13 +29,17 @@ ASSETS = {
 def add_docs_page(app: FastAPI) -> None:
     """Serve Swagger UI for ``app.openapi_url`` at :data:`DOCS_PATH`, assets included."""
 
+    # The endpoints reach the app through the request, never as a closure: FastAPI caches
+    # endpoint functions process-wide, and one holding ``app`` would keep every app built in
+    # the process (with its gateway and model replica) alive.
     @app.get(DOCS_PATH, include_in_schema=False)
     async def docs_page(request: Request) -> HTMLResponse:
         # Behind a proxy that mounts the app under a prefix, every URL carries the prefix.
         root = request.scope.get("root_path", "").rstrip("/")
+        served = request.app
         return get_swagger_ui_html(
-            openapi_url=f"{root}{app.openapi_url}",
-            title=f"{app.title} - API docs",
+            openapi_url=f"{root}{served.openapi_url}",
+            title=f"{served.title} - API docs",
             swagger_js_url=f"{root}{ASSETS_PATH}/swagger-ui-bundle.js",
             swagger_css_url=f"{root}{ASSETS_PATH}/swagger-ui.css",
             swagger_favicon_url=f"{root}{ASSETS_PATH}/favicon-32x32.png",

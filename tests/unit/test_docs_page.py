@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from html.parser import HTMLParser
 from urllib.parse import urlsplit
 
@@ -68,3 +70,25 @@ def test_behind_a_path_prefix_the_page_loads_everything_under_it(client):
     for url in loaded_urls(prefixed.text):
         assert url.startswith("/adapterswap/docs/assets/"), url
     assert "url: '/adapterswap/openapi.json'" in prefixed.text
+
+
+def test_an_app_dropped_after_serving_every_page_is_freed_with_its_model_replica(tiny_config):
+    """FastAPI caches endpoint functions process-wide: an endpoint closing over the app kept
+    every app built in a process alive, model replica and all (the test suite grew to 24 GB
+    and was killed)."""
+    config = tiny_config()
+    registry = AdapterRegistry(config.db_path)
+    app, replica = in_process_app(config, registry)
+    key = registry.create_key("ann", ["hr"])[0]
+    with TestClient(app) as served:
+        assert served.get("/docs").status_code == 200
+        assert served.get("/docs/assets/swagger-ui.css").status_code == 200
+        assert served.get("/tokenizer_info").status_code == 200
+        auth = {"Authorization": f"Bearer {key}"}
+        assert served.get("/v1/models", headers=auth).status_code == 200
+        body = {"prompt": "hi", "max_tokens": 1}
+        assert served.post("/v1/completions", json=body, headers=auth).status_code == 200
+    replica_ref = weakref.ref(replica)
+    del app, replica, served
+    gc.collect()
+    assert replica_ref() is None
