@@ -20,6 +20,7 @@ from adapterswap.api import openai_format as fmt
 from adapterswap.api.auth import effective_groups
 from adapterswap.api.model_client import ModelClient
 from adapterswap.api.schemas import ChatRequest, CompletionRequest, _InferenceBody
+from adapterswap.api.tokenizer import check_vocabulary
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.engine.replica import InferenceJob
 from adapterswap.engine.requests import PromptScores, SamplingParams
@@ -178,13 +179,7 @@ class InferenceEndpoints:
 
     def _prompt_text(self, token_ids: list[int], index: int) -> str:
         """The text of a token-id prompt, to route on; a 400 for an id outside the vocabulary."""
-        vocab = len(self.tokenizer)
-        for position, token in enumerate(token_ids):
-            if token >= vocab:
-                raise InvalidArgument(
-                    f"prompt: item {index}, token {position}: {token} is not a token id of the "
-                    f"base model's tokenizer (0 to {vocab - 1})"
-                )
+        check_vocabulary(self.tokenizer, token_ids, f"prompt: item {index}, token {{}}")
         return self.tokenizer.decode(token_ids)
 
     def chat_job(

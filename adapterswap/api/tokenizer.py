@@ -21,6 +21,18 @@ from adapterswap.errors import InvalidArgument
 _INFO_FIELDS = ("bos_token", "eos_token", "pad_token", "unk_token", "chat_template")
 
 
+def check_vocabulary(tokenizer: Any, token_ids: list[int], where: str) -> None:
+    """InvalidArgument for the first id past the tokenizer's vocabulary; ``where`` names the
+    field, with ``{}`` for the id's position (ids are non-negative, as the schemas check)."""
+    vocab = len(tokenizer)
+    for position, token in enumerate(token_ids):
+        if token >= vocab:
+            raise InvalidArgument(
+                f"{where.format(position)}: {token} is not a token id of the base model's "
+                f"tokenizer (0 to {vocab - 1})"
+            )
+
+
 class TokenizerEndpoints:
     """The base model's tokenizer over HTTP. A part of the Gateway, which sets these."""
 
@@ -45,13 +57,7 @@ class TokenizerEndpoints:
 
     def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
         """``POST /detokenize``: the text of token ids."""
-        vocab = len(self.tokenizer)
-        for i, token in enumerate(body.tokens):
-            if token >= vocab:
-                raise InvalidArgument(
-                    f"tokens.{i}: {token} is not a token id of the base model's tokenizer "
-                    f"(0 to {vocab - 1})"
-                )
+        check_vocabulary(self.tokenizer, body.tokens, "tokens.{}")
         return {"prompt": self.tokenizer.decode(body.tokens)}
 
     def tokenizer_info(self) -> dict[str, Any]:
