@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from adapterswap.errors import ConfigError
 
@@ -138,8 +138,21 @@ class RouterSettings(_Section):
         0.05, ge=0, lt=1, description="Candidates whose weight falls below this are dropped."
     )
     min_score: float = Field(
-        0.2, description="Best shard score (soft-max cosine) below which no adapter is used."
+        0.4, description="Best shard score (soft-max cosine) below which no adapter is used."
     )
+    full_score: float = Field(
+        0.4,
+        description="Best shard score from which the adapters get their whole weight. Between "
+        "min_score and it, their weights shrink linearly and the rest goes to the base model.",
+    )
+
+    @model_validator(mode="after")
+    def _gate_is_ordered(self) -> RouterSettings:
+        if self.full_score < self.min_score:
+            raise ValueError(
+                f"full_score ({self.full_score}) must be at least min_score ({self.min_score})"
+            )
+        return self
 
 
 class ServeSettings(_Section):

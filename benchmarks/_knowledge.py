@@ -142,14 +142,15 @@ class System:
                 self.bank.evict(ref)
         self.bank.load(adapter.ref, adapter.state, adapter.config)
 
-    def routed(self, prompt: str) -> Rows:
-        """Our router's mixture for ``prompt``, default settings."""
-        decision = route(self.embedder.embed([prompt])[0], self.candidates, RouterSettings())
+    def routed(self, prompt: str, settings: RouterSettings | None = None) -> Rows:
+        """Our router's mixture for ``prompt``, default ``settings`` unless given."""
+        query = self.embedder.embed([prompt])[0]
+        decision = route(query, self.candidates, settings or RouterSettings())
         return [(a.ref, a.weight) for a in decision.adapters]
 
     def uniform_top3(self, prompt: str) -> Rows:
         """The paper's composition: the router's three best shards, averaged uniformly."""
-        settings = RouterSettings(min_weight=0.0, min_score=-1.0)
+        settings = RouterSettings(min_weight=0.0, min_score=-1.0, full_score=-1.0)
         ranked = route(self.embedder.embed([prompt])[0], self.candidates, settings, top_k=3)
         return [(a.ref, 1.0 / len(ranked.adapters)) for a in ranked.adapters]
 
@@ -158,6 +159,23 @@ class System:
         prompt, target = halves(text)
         with self.bank.mixture([rows]):
             return conditional_nll(self.bank.model, self.loaded.tokenizer, prompt, target)
+
+    def answer_nll(self, prompt: str, answer: str, rows: Rows) -> float:
+        """Mean NLL of ``answer``'s tokens after ``prompt``, composed as ``rows``."""
+        with self.bank.mixture([rows]):
+            return conditional_nll(self.bank.model, self.loaded.tokenizer, prompt, answer)
+
+    @torch.no_grad()
+    def greedy(self, prompt: str, n_tokens: int, rows: Rows) -> str:
+        """``n_tokens`` greedy tokens after ``prompt``, composed as ``rows``, as text."""
+        ids = self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        start = len(ids)
+        with self.bank.mixture([rows]):
+            self.bank.model.eval()
+            for _ in range(n_tokens):
+                logits = self.bank.model(input_ids=torch.tensor([ids])).logits
+                ids.append(int(logits[0, -1].argmax()))
+        return self.loaded.tokenizer.decode(ids[start:])
 
     def routed_nll(self, text: str) -> float:
         """Second-half NLL through the routed mixture chosen on the first half."""

@@ -68,3 +68,26 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     plt.close(fig)
     print(f"wrote {path}")
     return path
+
+
+def scatter_chart(
+    path: Path,
+    *,
+    title: str,
+    points: Mapping[str, tuple[float, float]],
+    xlabel: str,
+    ylabel: str,
+    hline: float | None = None,
+) -> Path:
+    """One labelled point per entry of ``points`` (x, y); ``hline`` draws a dashed goal line."""
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for k, (label, (x, y)) in enumerate(points.items()):
+        ax.scatter([x], [y], color=f"C{k % 10}", label=label)
+    if hline is not None:
+        ax.axhline(hline, linestyle="--", linewidth=1, color="grey", label=f"goal: {hline:g}")
+    ax.axhline(0.0, linewidth=0.5, color="black")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

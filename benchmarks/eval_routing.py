@@ -76,7 +76,7 @@ def accuracy(
         ranked = route(
             vector,
             candidates,
-            router.model_copy(update={"min_weight": 0.0, "min_score": -1.0}),
+            router.model_copy(update={"min_weight": 0.0, "min_score": -1.0, "full_score": -1.0}),
             top_k=3,
         )
         order = [a.ref.id for a in ranked.adapters]

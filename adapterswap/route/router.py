@@ -8,11 +8,23 @@ into the choice (invariant 1). For a query embedding q and candidate shards s:
    embeddings, on cosine's scale: a soft maximum of q's cosine to them
    (``router_stats.score_shards``).
 2. **Nothing relevant, no adapters.** If no shard scores ``min_score`` or more, the request
-   runs on the base model alone. On the example corpus every question scored 0.29 or more
-   and off-topic chit-chat 0.12 or less (the cosine to a shard's centroid overlapped: 0.12
-   against 0.13). Otherwise a **sharp posterior**, ``p_s ∝ exp(score_s(q) / temperature)``.
+   runs on the base model alone. Otherwise a **sharp posterior**,
+   ``p_s ∝ exp(score_s(q) / temperature)``.
 3. **Top-k, cut, renormalise.** Keep the k most probable shards, renormalise, drop those
    under ``min_weight`` and renormalise again.
+4. **Coverage gate.** The weights are scaled by the coverage ``c``, which rises linearly
+   from 0 at ``min_score`` to 1 at ``full_score`` (the best shard's score); the remaining
+   ``1 - c`` is the base model's (the composed delta is ``c · Σ w_s ΔW_s``).
+
+Why the gate (invariant 6, do no harm): an adapter trained hard on its shard's documents
+knows them and overrides what the base model knew about anything near them. A question on
+the shard's topic that its documents do not answer scores like a paraphrase of a covered
+one on topic alone, but lower than one naming what a document names: measured by
+benchmarks/eval_harm.py on the manual pages and the installed packages' metadata, covered
+questions scored 0.43-0.72 and never-ingested ones of the same groups 0.12-0.53. The
+gate is a function of the best visible shard's score only, so it reads nothing another
+group or another shard holds, and a deleted document stops opening it once its shard's
+statistics are refit without it.
 
 Why not the paper's uniform top-k average: averaging dilutes the one adapter that knows
 the answer. Measured here on SmolLM2-135M, a memorised fact's NLL went from 0.001 with
@@ -59,6 +71,7 @@ class RoutingDecision:
     reason: str
     candidates: int
     best_similarity: float | None
+    coverage: float = 0.0  # the adapters' share of the composition; the base model has the rest
 
     def as_dict(self) -> dict[str, object]:
         """The ``adapterswap.route.router`` block of a response: names only the chosen adapters."""
@@ -66,6 +79,7 @@ class RoutingDecision:
             "reason": self.reason,
             "candidates": self.candidates,
             "best_similarity": self.best_similarity,
+            "coverage": self.coverage,
         }
 
 
@@ -94,17 +108,27 @@ def route(
         range(len(candidates)), key=lambda i: (-posterior[i], candidates[i].version.adapter_id)
     )
     chosen = _cut([(i, float(posterior[i])) for i in order[:k]], settings.min_weight)
+    coverage = _coverage(best, settings)
+    if coverage == 0.0:
+        return RoutingDecision((), "nothing relevant", len(candidates), best, 0.0)
     adapters = tuple(
         RoutedAdapter(
             ref=candidates[i].version.ref,
             group=candidates[i].version.group,
-            weight=weight,
+            weight=weight * coverage,
             probability=float(posterior[i]),
             similarity=float(scores[i]),
         )
         for i, weight in chosen
     )
-    return RoutingDecision(adapters, "routed", len(candidates), best)
+    return RoutingDecision(adapters, "routed", len(candidates), best, coverage)
+
+
+def _coverage(best: float, settings: RouterSettings) -> float:
+    """The adapters' share of the composition: 0 at ``min_score``, 1 from ``full_score``."""
+    if best >= settings.full_score:
+        return 1.0
+    return max(0.0, (best - settings.min_score) / (settings.full_score - settings.min_score))
 
 
 def _cut(ranked: list[tuple[int, float]], min_weight: float) -> list[tuple[int, float]]:

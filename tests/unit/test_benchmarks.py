@@ -13,6 +13,7 @@ import gzip
 import json
 import math
 import random
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -159,6 +160,50 @@ def test_forgetting_benchmark(corpus, tmp_path, tiny_cache):
     assert tokens["AdapterSwap"] == sorted(set(tokens["AdapterSwap"]))  # strictly increasing
     assert tokens["retrain on all so far"][-1] > tokens["AdapterSwap"][-1]
     assert (tmp_path / "forgetting.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_packages_corpus_facts_are_in_their_documents_and_asked_otherwise(tmp_path):
+    _run("packages.py", "--out", str(tmp_path), "--per-group", "3", "--controls-per-group", "2")
+    docs, controls = _jsonl(tmp_path / "documents.jsonl"), _jsonl(tmp_path / "controls.jsonl")
+    assert len(docs) == 6 and len(controls) == 4
+    assert not {d["id"] for d in docs} & {c["id"] for c in controls}
+    for row in docs + controls:
+        assert len(row["facts"]) == 2
+        for fact in row["facts"]:
+            # The continuation is the document's own words, and the answer follows them in it.
+            assert row["text"].startswith(fact["continuation"] + fact["answer"])
+            assert fact["continuation"] not in fact["question"]
+            assert row["id"] in fact["question"] and fact["answer"].strip()
+
+
+def test_harm_benchmark(corpus, tmp_path, tiny_cache):
+    _run("eval_harm.py", "--corpus", str(corpus), "--out", str(tmp_path), "--model",
+         "tiny-random", "--model-cache", str(tiny_cache), "--docs-per-shard", "3",
+         "--steps", "1")  # fmt: skip
+    result = json.loads((tmp_path / "harm.json").read_text())
+    assert set(result["corpora"]) == {"manual pages", "packages"}
+    for corpus_result in result["corpora"].values():
+        methods = corpus_result["methods"]
+        assert set(methods) == {"today", "coverage gate", "early stop", "early stop + gate"}
+        for row in methods.values():
+            assert set(row["help"]) == {"continuation", "question", "passage"}
+            assert row["harm"]["mean"] == pytest.approx(
+                statistics.mean(row["harm"][k] for k in ("continuation", "question", "passage"))
+            )
+            assert all(0 <= v <= 1 for v in row["exact_match"].values())
+            assert row["general_ppl_ratio"] > 0 and row["train_seconds_per_shard"] > 0
+            assert isinstance(row["delete"]["deleted_inside_controls"], bool)
+            assert 0 <= row["second_batch"]["first_batch_answers_unchanged"] <= 1
+        assert methods["today"]["kept"] == {"continuation": 1.0, "question": 1.0}
+        assert methods["today"]["train_time_ratio"] == 1.0
+        assert len(corpus_result["sweep"]) >= 2
+    assert (tmp_path / "harm.png").read_bytes()[:4] == b"\x89PNG"
+    # A second run reads every adapter back from the cache instead of training it again.
+    again = _run("eval_harm.py", "--corpus", str(corpus), "--out", str(tmp_path), "--model",
+                 "tiny-random", "--model-cache", str(tiny_cache), "--docs-per-shard", "3",
+                 "--steps", "1")  # fmt: skip
+    assert "trained " not in again.stdout
+    assert json.loads((tmp_path / "harm.json").read_text())["corpora"] == result["corpora"]
 
 
 def test_serving_table_from_the_committed_results(tmp_path):

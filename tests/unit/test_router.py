@@ -7,7 +7,7 @@ import pytest
 
 from adapterswap.config import RouterSettings
 from adapterswap.route.router import Candidate, route, routing_texts
-from adapterswap.route.stats import compute_shard_stats
+from adapterswap.route.stats import compute_shard_stats, fit_shard_stats
 from adapterswap.types import AdapterVersion
 
 SHARDS = {
@@ -110,3 +110,38 @@ def test_routing_texts_put_the_last_user_turn_first():
     assert texts[0] == "And can it be split?"
     assert "Tell me about parental leave." in texts[1] and "Be brief." not in texts[1]
     assert routing_texts([{"role": "user", "content": "hi"}]) == ["hi"]
+
+
+@pytest.mark.parametrize("best", [0.1, 0.25, 0.3, 0.35, 0.5, 0.9])
+def test_coverage_gate_hands_the_rest_to_the_base_model(best):
+    """Weights scale linearly from 0 at min_score to 1 at full_score; below it, no adapter."""
+    one = np.ones((1, 4)) / 2.0
+    version = AdapterVersion("hr.b1.000", 1, "hr.b1.000", "hr", "active", "/x", 1, "t", "t")
+    candidate = Candidate(version, fit_shard_stats(one, "e"))
+    angle = np.arccos(best)  # a query whose cosine to the shard's only chunk is ``best``
+    query = np.cos(angle) * one[0] + np.sin(angle) * np.array([0.5, -0.5, 0.5, -0.5])
+    decision = route(query, [candidate], RouterSettings(min_score=0.25, full_score=0.35))
+    assert decision.best_similarity == pytest.approx(best)
+    expected = min(1.0, max(0.0, (best - 0.25) / 0.1))
+    assert decision.coverage == pytest.approx(expected)
+    assert sum(a.weight for a in decision.adapters) == pytest.approx(expected)
+    assert (decision.adapters == ()) == (expected == 0.0)
+    assert decision.as_dict()["coverage"] == pytest.approx(expected)
+
+
+def test_coverage_gate_reads_only_the_visible_shards(embed, candidates):
+    """The gate opens on the best *visible* shard: an invisible one that covers the query
+    cannot lend its score, so a caller's composition says nothing of other groups' data."""
+    query = ask(embed, "How many weeks of parental leave do new parents get?")
+    settings = RouterSettings(min_score=0.2, full_score=0.9)
+    everyone = route(query, candidates, settings)
+    finance_only = route(query, [c for c in candidates if c.version.group == "finance"], settings)
+    assert everyone.coverage > finance_only.coverage
+    ramp = (finance_only.best_similarity - 0.2) / (0.9 - 0.2)
+    assert finance_only.coverage == pytest.approx(min(1.0, max(0.0, ramp)))
+    assert {a.group for a in finance_only.adapters} <= {"finance"}
+
+
+def test_gate_thresholds_must_be_ordered():
+    with pytest.raises(ValueError, match="full_score"):
+        RouterSettings(min_score=0.5, full_score=0.4)
