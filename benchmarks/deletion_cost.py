@@ -108,7 +108,8 @@ def in_flight(root: Path, deletes: int, replicas: int, load_clients: int) -> dic
     overrides = ["model.spec=tiny-random", f"model.cache_dir={root / 'models'}"]
     overrides += ["sharding.strategy=sequential", "ray.replica_num_cpus=0.2", "lora.rank=4"]
     overrides += ["lora.target_modules=[q_proj, v_proj]", "serve.revocation_timeout_s=30"]
-    overrides += ["router.min_score=-1", "router.full_score=-1"]  # the tiny model's answers are noise: always route
+    # The tiny model's answers are noise: always route, at full weight.
+    overrides += ["router.min_score=-1", "router.full_score=-1"]
     config = load_config(home=str(root / "in_flight"), environ={}, overrides=overrides)
     docs = {f"doc-{i}": f"Fact number {i} is {i * 37 % 101}." for i in range(deletes)}
     docs["keep"] = "A fact nobody deletes."

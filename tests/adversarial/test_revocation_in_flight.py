@@ -59,7 +59,8 @@ PROMPT = "Tell me everything about the vault."
 
 def make_world(tiny_config: Callable[..., AdapterSwapConfig], **serve: float) -> SimpleNamespace:
     config = tiny_config(
-        router={"min_score": -1, "full_score": -1},  # the tiny model's answers are noise: always route
+        # the tiny model's answers are noise: always route, at full weight
+        router={"min_score": -1, "full_score": -1},
         serve={
             "epoch_poll_s": 0.02,
             "replica_heartbeat_s": 0.5,

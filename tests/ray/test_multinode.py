@@ -56,7 +56,8 @@ SETTINGS = {  # over the tiny model's (tiny_config)
         "replica_resources": {SLOT: 1},
         "max_replicas_per_node": 1,
     },
-    "router": {"min_score": -1, "full_score": -1},  # the tiny model's answers are noise: always route
+    # the tiny model's answers are noise: always route, at full weight
+    "router": {"min_score": -1, "full_score": -1},
     "serve": {"max_new_tokens": 8},
 }
 DOCS = {

@@ -36,7 +36,8 @@ DOCS = [
 def app(tiny_config, serve_app):
     config = tiny_config(
         ray={"train_num_cpus_per_worker": 0.5},
-        router={"min_score": -1, "full_score": -1},  # the tiny model's answers are noise: always route
+        # the tiny model's answers are noise: always route, at full weight
+        router={"min_score": -1, "full_score": -1},
         serve={"epoch_poll_s": 0.05},
     )
     registry = AdapterRegistry(config.db_path)
