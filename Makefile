@@ -34,9 +34,10 @@ test: lint
 test-fast: lint
 	$(BIN)/python -m pytest --no-ray
 
-# The paper's experiments on Debian's manual pages (benchmarks/README.md); about 45 min on 2 cores.
+# The paper's experiments on Debian's manual pages, then help against harm on two corpora
+# (benchmarks/README.md); about 2 h on 2 cores.
 eval: setup
-	cd benchmarks && for b in eval_routing eval_knowledge eval_forgetting eval_serving; do \
+	cd benchmarks && for b in eval_routing eval_knowledge eval_forgetting eval_serving eval_harm; do \
 		../$(BIN)/python $$b.py || exit 1; done
 
 clean:

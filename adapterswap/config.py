@@ -150,7 +150,8 @@ class RouterSettings(_Section):
     def _gate_is_ordered(self) -> RouterSettings:
         if self.full_score < self.min_score:
             raise ValueError(
-                f"full_score ({self.full_score}) must be at least min_score ({self.min_score})"
+                f"full_score ({self.full_score}) must be at least min_score ({self.min_score}); "
+                f"set both, e.g. router.full_score={self.min_score} for all-or-nothing"
             )
         return self
 

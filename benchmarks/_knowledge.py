@@ -127,6 +127,7 @@ class System:
         slot *= next(iter(targets)).weight.element_size()
         self.bank = AdapterBank(self.loaded.model, lora.target_modules, lora.rank, slot * capacity)
         self.candidates: list[Candidate] = []
+        self._queries: dict[str, Any] = {}  # prompt -> embedding, as prompts recur across settings
 
     def add(self, adapter: Adapter, texts: Sequence[str]) -> None:
         """Serve ``adapter`` (replacing any version of the same id) with stats from ``texts``."""
@@ -144,8 +145,9 @@ class System:
 
     def routed(self, prompt: str, settings: RouterSettings | None = None) -> Rows:
         """Our router's mixture for ``prompt``, default ``settings`` unless given."""
-        query = self.embedder.embed([prompt])[0]
-        decision = route(query, self.candidates, settings or RouterSettings())
+        if prompt not in self._queries:
+            self._queries[prompt] = self.embedder.embed([prompt])[0]
+        decision = route(self._queries[prompt], self.candidates, settings or RouterSettings())
         return [(a.ref, a.weight) for a in decision.adapters]
 
     def uniform_top3(self, prompt: str) -> Rows:

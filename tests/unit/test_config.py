@@ -53,6 +53,10 @@ def test_home_config_file_is_read(tmp_path):
             r"sharding\.strategy: Input should be 'topical' or 'sequential'",
         ),
         (["lora.rank"], r"expected section\.field=value"),
+        (
+            ["router.min_score=0.6"],
+            r"router: .*full_score \(0\.4\) must be at least min_score \(0\.6\); set both",
+        ),
     ],
 )
 def test_bad_values_name_the_field(overrides, message):

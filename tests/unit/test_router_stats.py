@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load, save
 
+from adapterswap.config import RouterSettings
 from adapterswap.models.embedder import EMBEDDED_MODEL_ID
 from adapterswap.route.stats import (
     FORMAT,
@@ -191,10 +192,13 @@ def test_routing_accuracy_beats_threshold_and_is_reported(embed, topic_stats):
     kernel = _accuracy(scores, truth)
     print(f"\nrouting top-1 over {len(queries)} queries: {kernel:.2f}")
     assert kernel >= 0.9
-    # The relevant shard clears the router's default "nothing relevant" cut-off.
-    assert (scores[np.arange(len(truth)), truth] > 0.2).mean() >= 0.9
+    # The relevant shard scores above any chit-chat, which the coverage gate keeps off every
+    # adapter. (Heavy paraphrases score 0.26-0.63 here: the gate's price, benchmarks/eval_harm.py.)
+    relevant = scores[np.arange(len(truth)), truth]
     off_topic = embed(["What's the weather like in Paris today?", "Tell me a joke", "hello"])
-    assert (score_shards(off_topic, stats) < 0.2).all()  # ... and chit-chat does not
+    chit_chat = score_shards(off_topic, stats)
+    assert (relevant > chit_chat.max()).mean() >= 0.9
+    assert (chit_chat < RouterSettings().min_score).all()
 
 
 def test_posterior_is_sensible_at_router_temperature(embed, topic_stats):
