@@ -31,8 +31,8 @@ from adapterswap.config import GROUP_PATTERN
 MAX_STOP_SEQUENCES = 4
 # The most prompts one completion request may hold (each is a row of the model's batch).
 MAX_PROMPTS = 32
-# The largest weight an explicit mixture may give one adapter. The router's weights sum to 1,
-# and an adapter's delta s·BA is trained to be used at weight 1: at 100x it already swamps
+# The largest weight an explicit mixture may give one adapter. The router's weights sum to at
+# most 1, and an adapter's delta s·BA is trained to be used at weight 1: at 100x it already swamps
 # the base weights, so larger values have no use, while 1e300 overflows the composed delta
 # (to inf in any float dtype). 100 keeps w·|s·B| finite in float16 (max 65504) for adapters
 # whose own |s·B| is below 655, and in bfloat16 and float32 for any finite adapter.
@@ -94,8 +94,8 @@ class AdapterWeight(_Body):
         1.0,
         description=(
             f"Finite, non-negative and at most {MAX_ADAPTER_WEIGHT:g}. The router's weights sum "
-            "to 1; far above that an adapter swamps the base model, and huge values overflow "
-            "the composed delta."
+            "to at most 1; far above that an adapter swamps the base model, and huge values "
+            "overflow the composed delta."
         ),
     )
 
