@@ -1,4 +1,4 @@
-"""(e) Help and harm, side by side: what adapters add where their documents speak, and what
+"""(f) Help and harm, side by side: what adapters add where their documents speak, and what
 they cost where their documents say nothing (invariant 6, do no harm).
 
     python benchmarks/eval_harm.py [--out DIR] [--steps 40] [--docs-per-shard 8]
