@@ -99,8 +99,9 @@ def route(
     stats = [c.stats for c in candidates]
     scores = score_shards(query, stats)  # (S,)
     best = float(scores.max())
-    if best < settings.min_score:
-        return RoutingDecision((), "nothing relevant", len(candidates), best)
+    coverage = _coverage(best, settings)
+    if coverage == 0.0:
+        return RoutingDecision((), "nothing relevant", len(candidates), best, 0.0)
     logits = scores / settings.temperature
     posterior = np.exp(logits - logits.max())
     posterior /= posterior.sum()
@@ -108,9 +109,6 @@ def route(
         range(len(candidates)), key=lambda i: (-posterior[i], candidates[i].version.adapter_id)
     )
     chosen = _cut([(i, float(posterior[i])) for i in order[:k]], settings.min_weight)
-    coverage = _coverage(best, settings)
-    if coverage == 0.0:
-        return RoutingDecision((), "nothing relevant", len(candidates), best, 0.0)
     adapters = tuple(
         RoutedAdapter(
             ref=candidates[i].version.ref,
@@ -128,7 +126,9 @@ def _coverage(best: float, settings: RouterSettings) -> float:
     """The adapters' share of the composition: 0 at ``min_score``, 1 from ``full_score``."""
     if best >= settings.full_score:
         return 1.0
-    return max(0.0, (best - settings.min_score) / (settings.full_score - settings.min_score))
+    if best <= settings.min_score:
+        return 0.0
+    return (best - settings.min_score) / (settings.full_score - settings.min_score)
 
 
 def _cut(ranked: list[tuple[int, float]], min_weight: float) -> list[tuple[int, float]]:
