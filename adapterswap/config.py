@@ -100,6 +100,12 @@ class TrainingSettings(_Section):
     batch_size: int = Field(8, ge=1, description="Packed sequences per micro-batch.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     seq_len: int = Field(256, ge=16, description="Packed sequence length in tokens.")
+    kl_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of KL(base || adapter) on the shard's own tokens, added to the loss: "
+        "keeps the adapter's next-token distributions near the base model's (0 turns it off).",
+    )
     seed: int = Field(0, description="Base seed; each shard derives its own from it.")
     checkpoint_every: int = Field(10, ge=1, description="Steps between Ray Train checkpoints.")
     max_failures: int = Field(2, ge=0, description="Worker failures a shard's run recovers from.")

@@ -143,11 +143,15 @@ class System:
                 self.bank.evict(ref)
         self.bank.load(adapter.ref, adapter.state, adapter.config)
 
-    def routed(self, prompt: str, settings: RouterSettings | None = None) -> Rows:
-        """Our router's mixture for ``prompt``, default ``settings`` unless given."""
+    def query(self, prompt: str) -> Any:
+        """``prompt``'s embedding (memoised: prompts recur across settings)."""
         if prompt not in self._queries:
             self._queries[prompt] = self.embedder.embed([prompt])[0]
-        decision = route(self._queries[prompt], self.candidates, settings or RouterSettings())
+        return self._queries[prompt]
+
+    def routed(self, prompt: str, settings: RouterSettings | None = None) -> Rows:
+        """Our router's mixture for ``prompt``, default ``settings`` unless given."""
+        decision = route(self.query(prompt), self.candidates, settings or RouterSettings())
         return [(a.ref, a.weight) for a in decision.adapters]
 
     def uniform_top3(self, prompt: str) -> Rows:

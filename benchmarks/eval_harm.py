@@ -16,11 +16,18 @@ model:
 - **uncovered, same topic**: the same for never-ingested documents of the same groups;
 - **general**: Python standard-library docstrings, second half given first (perplexity).
 
-Methods, each alone and together: today's router (``min_score`` 0.2, no gate), the coverage
-gate (the default ``router.min_score``/``full_score``), and early stopping on a held-out
-split of each shard's own chunks (every 8th 64-word chunk; the held-out NLL is checked every
-5 steps and the best weights kept). A sweep of the gate's two thresholds justifies the
-defaults. Then a **second batch** (a new shard in the first group: are the first batch's
+Methods, each alone and together:
+
+- routing: today's router (``min_score`` 0.2, no gate); the coverage gate (the default
+  ``router.min_score``/``full_score``) and a ramp from 0.4 to 0.5; a **learned gate**, which
+  composes only when the best shard outscores its own held-out score, the best score one of
+  its documents reaches against the shard without it (computed from that shard's documents
+  only), alone and with the coverage gate's threshold as a floor;
+- training: early stopping on a held-out split of each shard's own chunks (every 8th 64-word
+  chunk; the held-out NLL is checked every 5 steps and the best weights kept); a KL term
+  toward the base model on the shard's own tokens (``training.kl_weight`` 0.5).
+
+A sweep of the gate's two thresholds justifies the defaults. Then a **second batch** (a new shard in the first group: are the first batch's
 greedy answers unchanged?) and a **delete** (two documents of the first shard; the shard is
 retrained without them and its statistics refit: do they sit inside the never-ingested
 controls?).
@@ -44,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from _common import write_result
 from _knowledge import (
     Adapter,
@@ -63,19 +71,30 @@ from safetensors.torch import load_file, save_file
 from adapterswap.config import EmbeddingSettings, LoraSettings, RouterSettings, TrainingSettings
 from adapterswap.delete.verify_forget import verify_forget
 from adapterswap.models.embedder import load_embedder
-from adapterswap.route.stats import chunk_text
+from adapterswap.route.stats import chunk_text, fit_shard_stats, score_shards
 from adapterswap.train.loop import ShardTrainer, mean_token_nll, pack_documents, shard_seed
 from adapterswap.types import AdapterRef
 
 MAN_GROUPS = ("formats", "syscalls")
 STDLIB = ("argparse", "json", "subprocess", "pickle", "tarfile", "doctest", "decimal", "typing")
-ROUTERS = {"today": RouterSettings(min_score=0.2, full_score=0.2), "gate": RouterSettings()}
+ROUTERS = {
+    "today": RouterSettings(min_score=0.2, full_score=0.2),
+    "gate": RouterSettings(),
+    "ramp": RouterSettings(min_score=0.4, full_score=0.5),
+}
+LEARNED = {"learned": -1.0, "learned + gate": RouterSettings().min_score}  # name: floor
 METHODS = {  # name: (training, router)
     "today": ("full", "today"),
     "coverage gate": ("full", "gate"),
+    "coverage ramp 0.4-0.5": ("full", "ramp"),
+    "learned gate": ("full", "learned"),
+    "learned + coverage gate": ("full", "learned + gate"),
     "early stop": ("early stop", "today"),
     "early stop + gate": ("early stop", "gate"),
+    "KL": ("kl", "today"),
+    "KL + gate": ("kl", "gate"),
 }
+TRAININGS = {"full": {}, "early stop": {}, "kl": {"kl_weight": 0.5}}  # extra TrainingSettings
 SWEEP = [(0.2, 0.2), (0.3, 0.3), (0.35, 0.35), (0.4, 0.4), (0.45, 0.45), (0.5, 0.5)]
 SWEEP += [(0.3, 0.5), (0.35, 0.45), (0.4, 0.5), (0.4, 0.6)]  # ramps
 GOALS = {"harm": 0.1, "general_ratio": 1.01, "kept": 0.9, "train_time_ratio": 1.5}
@@ -160,14 +179,15 @@ class Trainer:
         self, method: str, shard: str, version: int, group: str, texts: list[str]
     ) -> Adapter:
         ref, seed = AdapterRef(shard, version), shard_seed(0, shard)
-        key = json.dumps([method, self.spec, self.steps, seed, texts])
+        extra = TRAININGS[method]
+        key = json.dumps([method, self.spec, self.steps, seed, texts] + ([extra] if extra else []))
         path = self.store / hashlib.sha256(key.encode()).hexdigest()[:24]
         if path.with_suffix(".json").exists():
             meta = json.loads(path.with_suffix(".json").read_text())
             state = load_file(str(path.with_suffix(".safetensors")))
             return Adapter(ref, group, state, meta["config"], meta["seconds"], meta["tokens"])
-        training = TrainingSettings(max_steps=self.steps)
-        if method == "full":
+        training = TrainingSettings(max_steps=self.steps, **extra)
+        if method != "early stop":
             adapter = train_adapter(
                 self.spec, ref, group, texts, training, seed=seed, cache_dir=self.cache
             )
@@ -211,6 +231,38 @@ def train_early_stopped(
     return Adapter(
         ref, group, best_state or adapter.state, adapter.config, adapter.seconds, adapter.tokens
     )
+
+
+def held_out_score(texts: Sequence[str], embedder: Any) -> float:
+    """What "on topic but not covered" scores for a shard, from its own documents only: the
+    best score any of its documents' chunks reaches against the shard without that document.
+    A one-document shard has nothing to hold out against: -1, so only the floor applies."""
+    per_doc = [embedder.embed(chunk_text(t)) for t in texts]
+    best = -1.0
+    if len(per_doc) < 2:
+        return best
+    for i, held in enumerate(per_doc):
+        rest = np.concatenate([e for j, e in enumerate(per_doc) if j != i])
+        stats = fit_shard_stats(rest, embedder.model_id)
+        best = max(best, float(score_shards(held, [stats]).max()))
+    return best
+
+
+def router(system: System, name: str, held_out: dict[str, float]) -> Callable[[str], Rows]:
+    """``name``'s mixture per prompt. The learned gates compose (as the router does, without
+    a threshold) only when the best shard outscores its own ``held_out`` score (and ``floor``)."""
+    if name in ROUTERS:
+        return lambda p: system.routed(p, ROUTERS[name])
+    always, floor = RouterSettings(min_score=-1.0, full_score=-1.0), LEARNED[name]
+
+    def rows(prompt: str) -> Rows:
+        scores = score_shards(system.query(prompt), [c.stats for c in system.candidates])
+        best = int(scores.argmax())
+        if scores[best] < max(floor, held_out[system.candidates[best].version.adapter_id]):
+            return []
+        return system.routed(prompt, always)
+
+    return rows
 
 
 def measure(
@@ -327,23 +379,23 @@ def one_corpus(corpus: Corpus, spec: str, cache: Path, embedder: Any, train: Tra
             g: train(t, shards[g], 1, g, [d["text"] for d in docs])
             for g, docs in corpus.batch1.items()
         }
-        for t in ("full", "early stop")
+        for t in TRAININGS
     }
     base = measure(system, corpus, lambda p: [], exact=True)
 
+    held_out: dict[str, float] = {}  # adapter id -> its shard's held-out score
+
     def serve(t: str, extra: Sequence[tuple[Adapter, list[str]]] = ()) -> None:
         system.candidates = []
-        for g, docs in corpus.batch1.items():
-            system.add(adapters[t][g], [d["text"] for d in docs])
-        for adapter, texts in extra:
+        shards = [(adapters[t][g], [d["text"] for d in docs]) for g, docs in corpus.batch1.items()]
+        for adapter, texts in [*shards, *extra]:
             system.add(adapter, texts)
+            held_out[adapter.ref.id] = held_out_score(texts, embedder)
 
     initial: dict[str, dict] = {}
     for method, (t, r) in METHODS.items():
         serve(t)
-        initial[method] = measure(
-            system, corpus, lambda p, r=r: system.routed(p, ROUTERS[r]), exact=True
-        )
+        initial[method] = measure(system, corpus, router(system, r, held_out), exact=True)
     serve("full")
     sweep = {}
     for low, full in SWEEP:
@@ -357,7 +409,9 @@ def one_corpus(corpus: Corpus, spec: str, cache: Path, embedder: Any, train: Tra
         methods[name]["train_seconds_per_shard"] = seconds[t]
         methods[name]["train_time_ratio"] = seconds[t] / seconds["full"]
     later = {
-        name: after_batch_and_delete(system, corpus, train, serve, t, r, initial[name])
+        name: after_batch_and_delete(
+            system, corpus, train, serve, t, router(system, r, held_out), initial[name]
+        )
         for name, (t, r) in METHODS.items()
     }
     for name in METHODS:
@@ -371,11 +425,16 @@ def one_corpus(corpus: Corpus, spec: str, cache: Path, embedder: Any, train: Tra
 
 
 def after_batch_and_delete(
-    system: System, corpus: Corpus, train: Trainer, serve: Callable, t: str, r: str, before: dict
+    system: System,
+    corpus: Corpus,
+    train: Trainer,
+    serve: Callable,
+    t: str,
+    rows_for: Callable[[str], Rows],
+    before: dict,
 ) -> dict:
     """The second batch's and the delete's guarantees, for one method."""
     group = next(iter(corpus.batch1))
-    rows_for = lambda p: system.routed(p, ROUTERS[r])  # noqa: E731
     batch2_texts = [d["text"] for d in corpus.batch2]
     batch2 = train(t, f"{group}.b0002.000", 1, group, batch2_texts)
     serve(t, [(batch2, batch2_texts)])

@@ -6,7 +6,9 @@ in a plain process (benchmarks, the chronological baseline) or in a test.
 - Data: the shard's documents, each followed by EOS, concatenated and cut into blocks of
   ``training.seq_len`` tokens (packing; a document longer than a block spans several). The
   last partial block is padded and its padding is masked out of the loss.
-- Loss: causal-LM cross-entropy over every real token.
+- Loss: causal-LM cross-entropy over every real token, plus ``kl_weight`` times
+  KL(base ‖ adapter) of the next-token distributions at those tokens, the base model's
+  computed with the adapter switched off (a regulariser toward the base model; off by default).
 - Model: peft LoRA on ``lora.target_modules`` (every attention and MLP linear by default).
 - Optimiser: AdamW, linear warm-up then cosine decay, ``max_steps`` optimiser steps of
   ``grad_accum_steps`` micro-batches of ``batch_size`` blocks each.
@@ -187,7 +189,7 @@ class ShardTrainer:
                 k: getattr(self.blocks, k)[index].to(self.device)
                 for k in ("input_ids", "attention_mask", "labels")
             }
-            loss = self.module(**batch).loss
+            loss = self._loss(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"non-finite loss {loss.item()} at step {self.step_count + 1}"
@@ -206,6 +208,17 @@ class ShardTrainer:
             self.step_count, self.max_steps, total_loss, tokens, tokens / seconds, lr
         )
         return self.last
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy, plus ``kl_weight`` · KL(base ‖ adapter) when that is on."""
+        out = self.module(**batch)
+        if not self.training.kl_weight:
+            return out.loss
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        with torch.no_grad(), self.model.disable_adapter():
+            base = self.model(**inputs).logits
+        kl = base_kl(base, out.logits, batch["labels"])
+        return out.loss + self.training.kl_weight * kl
 
     def save_checkpoint(self, directory: Path) -> None:
         """Everything needed to resume exactly: LoRA weights, optimiser, schedule, data order."""
@@ -232,6 +245,16 @@ class ShardTrainer:
         self.generator.set_state(state["generator"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def base_kl(base_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean KL(base ‖ adapter) of the next-token distributions at the positions that predict a
+    label (the ones the cross-entropy counts). Logits ``(B, T, V)``, labels ``(B, T)``."""
+    mask = (labels[:, 1:] != IGNORE_INDEX).reshape(-1)
+    vocab = logits.shape[-1]
+    base = torch.log_softmax(base_logits[:, :-1].reshape(-1, vocab)[mask].float(), dim=-1)
+    ours = torch.log_softmax(logits[:, :-1].reshape(-1, vocab)[mask].float(), dim=-1)
+    return torch.nn.functional.kl_div(ours, base, log_target=True, reduction="batchmean")
 
 
 def _take_rank(blocks: PackedBlocks, rank: int, world_size: int) -> PackedBlocks:

@@ -184,7 +184,17 @@ def test_harm_benchmark(corpus, tmp_path, tiny_cache):
     assert set(result["corpora"]) == {"manual pages", "packages"}
     for corpus_result in result["corpora"].values():
         methods = corpus_result["methods"]
-        assert set(methods) == {"today", "coverage gate", "early stop", "early stop + gate"}
+        assert set(methods) == {
+            "today",
+            "coverage gate",
+            "coverage ramp 0.4-0.5",
+            "learned gate",
+            "learned + coverage gate",
+            "early stop",
+            "early stop + gate",
+            "KL",
+            "KL + gate",
+        }
         for row in methods.values():
             assert set(row["help"]) == {"continuation", "question", "passage"}
             assert row["harm"]["mean"] == pytest.approx(
@@ -198,9 +208,9 @@ def test_harm_benchmark(corpus, tmp_path, tiny_cache):
         assert methods["today"]["train_time_ratio"] == 1.0
         assert len(corpus_result["sweep"]) >= 2
     assert (tmp_path / "harm.png").read_bytes()[:4] == b"\x89PNG"
-    # Every adapter is cached by what it saw: per corpus and training method, a shard per
-    # group, the second batch's and the retrained one.
-    assert len(list((tmp_path / "harm-adapters").glob("*.safetensors"))) == 2 * 2 * (2 + 2)
+    # Every adapter is cached by what it saw: per corpus and training method (full, early
+    # stop, KL), a shard per group, the second batch's and the retrained one.
+    assert len(list((tmp_path / "harm-adapters").glob("*.safetensors"))) == 2 * 3 * (2 + 2)
 
 
 def test_serving_table_from_the_committed_results(tmp_path):
