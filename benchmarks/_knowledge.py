@@ -9,6 +9,7 @@ about adapters, routing and composition, not about the orchestration around them
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import statistics
 import time
@@ -128,6 +129,10 @@ class System:
         self.bank = AdapterBank(self.loaded.model, lora.target_modules, lora.rank, slot * capacity)
         self.candidates: list[Candidate] = []
         self._queries: dict[str, Any] = {}  # prompt -> embedding, as prompts recur across settings
+        # Measures recur too (many settings route a prompt to the same mixture): memoised by
+        # what the mixture is made of, each adapter by a hash of its weights.
+        self._weights: dict[AdapterRef, str] = {}
+        self._measured: dict[tuple, Any] = {}
 
     def add(self, adapter: Adapter, texts: Sequence[str]) -> None:
         """Serve ``adapter`` (replacing any version of the same id) with stats from ``texts``."""
@@ -142,6 +147,10 @@ class System:
             if ref.id == adapter.ref.id:
                 self.bank.evict(ref)
         self.bank.load(adapter.ref, adapter.state, adapter.config)
+        digest = hashlib.sha256()
+        for name in sorted(adapter.state):
+            digest.update(name.encode() + adapter.state[name].float().numpy().tobytes())
+        self._weights[adapter.ref] = digest.hexdigest()
 
     def query(self, prompt: str) -> Any:
         """``prompt``'s embedding (memoised: prompts recur across settings)."""
@@ -162,26 +171,40 @@ class System:
 
     def nll(self, text: str, rows: Rows) -> float:
         """Second-half NLL of ``text`` given its first half, composed as ``rows``."""
-        prompt, target = halves(text)
-        with self.bank.mixture([rows]):
-            return conditional_nll(self.bank.model, self.loaded.tokenizer, prompt, target)
+        return self.answer_nll(*halves(text), rows)
 
     def answer_nll(self, prompt: str, answer: str, rows: Rows) -> float:
         """Mean NLL of ``answer``'s tokens after ``prompt``, composed as ``rows``."""
-        with self.bank.mixture([rows]):
-            return conditional_nll(self.bank.model, self.loaded.tokenizer, prompt, answer)
+        tokenizer = self.loaded.tokenizer
+        return self._memo(
+            ("nll", prompt, answer),
+            rows,
+            lambda: conditional_nll(self.bank.model, tokenizer, prompt, answer),
+        )
 
-    @torch.no_grad()
     def greedy(self, prompt: str, n_tokens: int, rows: Rows) -> str:
         """``n_tokens`` greedy tokens after ``prompt``, composed as ``rows``, as text."""
+        return self._memo(
+            ("greedy", prompt, n_tokens), rows, lambda: self._greedy(prompt, n_tokens)
+        )
+
+    @torch.no_grad()
+    def _greedy(self, prompt: str, n_tokens: int) -> str:
         ids = self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         start = len(ids)
-        with self.bank.mixture([rows]):
-            self.bank.model.eval()
-            for _ in range(n_tokens):
-                logits = self.bank.model(input_ids=torch.tensor([ids])).logits
-                ids.append(int(logits[0, -1].argmax()))
+        self.bank.model.eval()
+        for _ in range(n_tokens):
+            logits = self.bank.model(input_ids=torch.tensor([ids])).logits
+            ids.append(int(logits[0, -1].argmax()))
         return self.loaded.tokenizer.decode(ids[start:])
+
+    def _memo(self, what: tuple, rows: Rows, compute: Callable[[], Any]) -> Any:
+        """``compute()`` under the mixture ``rows``, or its earlier result for the same mixture."""
+        key = (what, tuple(sorted((self._weights[ref], weight) for ref, weight in rows)))
+        if key not in self._measured:
+            with self.bank.mixture([rows]):
+                self._measured[key] = compute()
+        return self._measured[key]
 
     def routed_nll(self, text: str) -> float:
         """Second-half NLL through the routed mixture chosen on the first half."""
