@@ -79,15 +79,23 @@ def scatter_chart(
     ylabel: str,
     hline: float | None = None,
 ) -> Path:
-    """One labelled point per entry of ``points`` (x, y); ``hline`` draws a dashed goal line."""
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for k, (label, (x, y)) in enumerate(points.items()):
-        ax.scatter([x], [y], color=f"C{k % 10}", label=label)
+    """One labelled point per entry of ``points`` (x, y); ``hline`` draws a dashed goal line.
+
+    A label ``"name (kind)"`` takes ``name``'s colour and ``kind``'s marker, so one method
+    reads alike across corpora."""
+    fig, ax = plt.subplots(figsize=(9.5, 5))
+    names = list(dict.fromkeys(label.split(" (")[0] for label in points))
+    kinds = list(dict.fromkeys(label.partition(" (")[2] for label in points))
+    for label, (x, y) in points.items():
+        name, _, kind = label.partition(" (")
+        color, marker = f"C{names.index(name) % 10}", "o^sDv"[kinds.index(kind) % 5]
+        ax.scatter([x], [y], color=color, marker=marker, label=label)
     if hline is not None:
         ax.axhline(hline, linestyle="--", linewidth=1, color="grey", label=f"goal: {hline:g}")
     ax.axhline(0.0, linewidth=0.5, color="black")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
     return _save(fig, path)

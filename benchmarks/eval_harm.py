@@ -350,6 +350,12 @@ def run(
     for corpus in load_corpora(corpus_dir, out, docs_per_shard):
         report["corpora"][corpus.name] = one_corpus(corpus, spec, cache, embedder, train)
     write_result("harm", report, out)
+    plot(report, out)
+    return report
+
+
+def plot(report: dict, out: Path) -> None:
+    """results/harm.png: each method's help against its harm, per corpus."""
     points = {
         f"{method} ({name})": (
             statistics.mean(r["methods"][method]["help"][k] for k in ("continuation", "question")),
@@ -366,7 +372,6 @@ def run(
         ylabel="harm: uncovered NLL loss",
         hline=GOALS["harm"],
     )
-    return report
 
 
 def one_corpus(corpus: Corpus, spec: str, cache: Path, embedder: Any, train: Trainer) -> dict:
