@@ -38,6 +38,7 @@ rerun only evaluates. Writes results/harm.json and results/harm.png.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import inspect
@@ -233,7 +234,8 @@ def train_early_stopped(
     )
 
 
-def held_out_score(texts: Sequence[str], embedder: Any) -> float:
+@functools.cache  # a shard is served again for every method; its texts, and so this, do not change
+def held_out_score(texts: tuple[str, ...], embedder: Any) -> float:
     """What "on topic but not covered" scores for a shard, from its own documents only: the
     best score any of its documents' chunks reaches against the shard without that document.
     A one-document shard has nothing to hold out against: -1, so only the floor applies."""
@@ -395,7 +397,7 @@ def one_corpus(corpus: Corpus, spec: str, cache: Path, embedder: Any, train: Tra
         shards = [(adapters[t][g], [d["text"] for d in docs]) for g, docs in corpus.batch1.items()]
         for adapter, texts in [*shards, *extra]:
             system.add(adapter, texts)
-            held_out[adapter.ref.id] = held_out_score(texts, embedder)
+            held_out[adapter.ref.id] = held_out_score(tuple(texts), embedder)
 
     initial: dict[str, dict] = {}
     for method, (t, r) in METHODS.items():
