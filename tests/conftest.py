@@ -188,6 +188,18 @@ def tiny64(tiny: LoadedModel) -> Iterator[LoadedModel]:
 
 
 @pytest.fixture(scope="session")
+def lora_dirs(tiny64: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``support.LORA_SPECS``' three random adapters of ``tiny64``, saved once: {ref: dir}."""
+    from support import LORA_SPECS, save_random_lora
+
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        ref: save_random_lora(tiny64.model, root / ref.id, seed, **spec)
+        for seed, (ref, spec) in enumerate(LORA_SPECS.items())
+    }
+
+
+@pytest.fixture(scope="session")
 def tiny_config(
     tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path
 ) -> Callable[..., AdapterSwapConfig]:

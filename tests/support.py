@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +35,25 @@ from adapterswap.storage.manifest import AdapterManifest, BaseModelId, RouterInf
 from adapterswap.store.records import JobRecord
 from adapterswap.store.registry import AdapterRegistry
 from adapterswap.types import AdapterRef
+
+# Random LoRA adapters of different ranks, alphas and targets (rsLoRA on B), for composition.
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+A, B, C = AdapterRef("a", 1), AdapterRef("b", 1), AdapterRef("c", 2)
+LORA_SPECS: dict[AdapterRef, dict[str, Any]] = {
+    A: {"r": 4, "lora_alpha": 8, "target_modules": ALL},
+    B: {"r": 8, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+    C: {"r": 2, "lora_alpha": 3, "target_modules": ["k_proj", "o_proj", "gate_proj", "up_proj"]},
+}
+LORA_SPECS[B]["use_rslora"] = True
+
+
+def save_random_lora(base: torch.nn.Module, out: Path, seed: int, **spec: Any) -> Path:
+    """A peft LoRA of ``base`` with random (not zero) B, saved to ``out``."""
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **spec))
+    peft_model.save_pretrained(out)
+    return out
+
 
 # Raw HTTP, for what a client library will not send: a lying Content-Length, an endless body.
 CHUNKED = "Transfer-Encoding: chunked"

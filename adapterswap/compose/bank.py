@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +32,7 @@ from adapterswap.config import LoraSettings, ServeSettings
 from adapterswap.errors import AdapterNotLoaded, InvalidMixture, SlotsExhausted, StaleMixture
 from adapterswap.types import AdapterRef, Mixture
 
+_PREPARED = 4  # layouts kept (see AdapterBank.use)
 AdapterLoader = Callable[[AdapterRef], tuple[dict[str, torch.Tensor], dict[str, Any]]]
 
 
@@ -86,11 +87,14 @@ class AdapterBank:
         self._ranks: dict[int, int] = {}  # slot -> largest rank over its layers
         self._bounds: dict[int, float] = {}  # slot -> max |s · B| over its layers
         self._free = list(range(self.capacity - 1, -1, -1))  # pop() hands out slot 0 first
-        self._pinned: set[int] = set()
+        self._pins: Counter[int] = Counter()  # slot -> rows of in-flight mixtures using it
         self._loading: dict[AdapterRef, _Loading] = {}  # loads in progress, outside the lock
-        self._active = False
-        self._mixture_rows: list[dict[int, float]] = []  # the active mixture's rows, as slots
-        self._mixture_ranks: dict[int, int] = {}  # their ranks when it was set
+        self._active = False  # a `mixture()` block is open
+        self._mixture_rows: list[dict[int, float]] = []  # its rows, as slots
+        # Layouts of recent row sets, and each layer's A_u, B_u for them: a serving loop that
+        # alternates forwards (decode, prefill) sets each without recomputing it. Dropped
+        # whenever a slot is written or cleared, so no copy of an evicted adapter outlives it.
+        self._prepared: OrderedDict[tuple, dict[str, Any] | None] = OrderedDict()
         self._lock = threading.RLock()
 
     @classmethod
@@ -130,6 +134,7 @@ class AdapterBank:
             slot = self._take_slot()
         else:
             self._clear(slot)
+        self._prepared.clear()
         for module, (a, b, scale) in parsed.items():
             self.layers[module].write_slot(slot, a, b, scale)
         self._ranks[slot] = max(a.shape[0] for a, _, _ in parsed.values())
@@ -155,7 +160,7 @@ class AdapterBank:
                     self.hits += 1
                     self._index.move_to_end(ref)
                     if pin:
-                        self._pinned.add(slot)
+                        self._pins[slot] += 1
                     return slot
                 pending = self._loading.get(ref)
                 owner = pending is None
@@ -189,7 +194,7 @@ class AdapterBank:
                     )
                 slot = self._install(ref, parsed)
                 if pin:
-                    self._pinned.add(slot)
+                    self._pins[slot] += 1
                 return slot
         except BaseException as exc:
             pending.error = exc
@@ -212,7 +217,7 @@ class AdapterBank:
             if slot is None:
                 return False
             self._clear(slot)
-            if slot not in self._pinned:
+            if slot not in self._pins:
                 self._free.append(slot)
             return True
 
@@ -229,6 +234,7 @@ class AdapterBank:
             return dropped
 
     def _clear(self, slot: int) -> None:
+        self._prepared.clear()
         for layer in self.layers.values():
             layer.clear_slot(slot)
         self._ranks.pop(slot, None)
@@ -239,7 +245,7 @@ class AdapterBank:
         if self._free:
             return self._free.pop()
         for ref, slot in self._index.items():
-            if slot not in self._pinned:
+            if slot not in self._pins:
                 del self._index[ref]
                 self._clear(slot)
                 self.evictions += 1
@@ -265,23 +271,19 @@ class AdapterBank:
             if self._active:
                 raise RuntimeError("a mixture is already active on this bank; exit it first")
             self._active = True
+        slot_rows: list[dict[int, float]] = []
         try:
-            slot_rows = [
-                {self._resolve(ref, loader): w for ref, w in row.items()} for row in cleaned
-            ]
-            with self._lock:  # an eviction after this point zeroes a slot; it cannot move it
-                self._check_finite(slot_rows)
-                self._mixture_ranks = {s: self._ranks.get(s, 1) for row in slot_rows for s in row}
+            for i, row in enumerate(cleaned):
+                slot_rows.append(self._pin_cleaned(i, row, loader))
             self._mixture_rows = slot_rows
-            self._set_layers(self._layout(slot_rows))
+            self.use(slot_rows)
             yield
         finally:
-            for layer in self.layers.values():
-                layer.clear_mixture()
+            self.use([])
+            for row in slot_rows:
+                self.unpin(row)
             with self._lock:
-                self._free.extend(s for s in self._pinned if s not in self._index.values())
-                self._pinned.clear()
-                self._mixture_rows, self._mixture_ranks = [], {}
+                self._mixture_rows = []
                 self._active = False
 
     def keep_rows(self, rows: Sequence[int]) -> None:
@@ -294,14 +296,67 @@ class AdapterBank:
         """
         if not self._active:
             raise RuntimeError("keep_rows: no mixture is active on this bank")
-        self._set_layers(self._layout([self._mixture_rows[i] for i in rows]))
+        self.use([self._mixture_rows[i] for i in rows])
 
-    def _set_layers(self, plan: MixturePlan | None) -> None:
-        for layer in self.layers.values():
-            if plan is None:
-                layer.clear_mixture()
-            else:
-                layer.set_mixture(plan)
+    def pin(
+        self, row: Sequence[tuple[AdapterRef, float]], loader: AdapterLoader | None = None
+    ) -> dict[int, float]:
+        """One request's mixture as ``{slot: weight}``, its slots pinned until :meth:`unpin`:
+        a serving loop pins a row when it joins and unpins it when it leaves.
+
+        Loads missing adapters with ``loader`` (outside the lock). Raises what
+        :meth:`check_row` raises, and pins nothing then.
+        """
+        return self._pin_cleaned(0, _clean_row(0, row), loader)
+
+    def _pin_cleaned(
+        self, index: int, row: dict[AdapterRef, float], loader: AdapterLoader | None
+    ) -> dict[int, float]:
+        slots: dict[int, float] = {}
+        try:
+            for ref, w in row.items():
+                slots[self._resolve(ref, loader)] = w
+            with self._lock:  # an eviction after this point zeroes a slot; it cannot move it
+                self._check_finite([slots], first=index)
+        except BaseException:
+            self.unpin(slots)
+            raise
+        return slots
+
+    def unpin(self, slots: Iterable[int]) -> None:
+        """Release a row's slots (from :meth:`pin`); an evicted slot is free once unused."""
+        with self._lock:
+            for slot in slots:
+                self._pins[slot] -= 1
+                if self._pins[slot] <= 0:
+                    del self._pins[slot]
+                    if slot not in self._index.values():
+                        self._free.append(slot)
+
+    def use(self, slot_rows: Sequence[dict[int, float]]) -> None:
+        """Set the layers for a forward whose batch row b composes ``slot_rows[b]`` (pinned
+        rows from :meth:`pin`); ``[]`` or all-empty rows: the base model alone.
+
+        The layout and each layer's ``A_u``, ``B_u`` are kept for the last few row sets, so
+        alternating between the same batches costs a lookup.
+        """
+        key = tuple(tuple(sorted(row.items())) for row in slot_rows)
+        with self._lock:
+            prepared = self._prepared.get(key, False)
+            if prepared is False:
+                plan = self._layout(list(slot_rows))
+                prepared = None
+                if plan is not None:
+                    prepared = {name: layer.prepare(plan) for name, layer in self.layers.items()}
+                self._prepared[key] = prepared
+                while len(self._prepared) > _PREPARED:
+                    self._prepared.popitem(last=False)
+            self._prepared.move_to_end(key)
+            for name, layer in self.layers.items():
+                if prepared is None:
+                    layer.clear_mixture()
+                else:
+                    layer.set_mixture(prepared[name])
 
     def check_row(
         self, row: Sequence[tuple[AdapterRef, float]], loader: AdapterLoader | None = None
@@ -312,20 +367,7 @@ class AdapterBank:
         Pins nothing. Raises ``InvalidMixture``, ``SlotsExhausted``, ``StaleMixture`` (evicted
         while it loaded), ``AdapterNotLoaded``, or whatever the loader or parsing raised.
         """
-        cleaned = _clean_row(0, row)
-        slots = {}
-        for ref, w in cleaned.items():
-            if loader is not None:
-                slots[self.get_or_load(ref, loader)] = w
-            else:
-                with self._lock:
-                    if ref not in self._index:
-                        raise AdapterNotLoaded(
-                            f"{adapter_name(ref)} is not loaded; load it or pass a loader"
-                        )
-                    slots[self._index[ref]] = w
-        with self._lock:
-            self._check_finite([slots])
+        self.unpin(self.pin(row, loader))
 
     def _resolve(self, ref: AdapterRef, loader: AdapterLoader | None) -> int:
         """The slot of ``ref``, pinned, so loading the batch's next adapter cannot evict it."""
@@ -338,7 +380,7 @@ class AdapterBank:
                 )
             self._index.move_to_end(ref)
             slot = self._index[ref]
-            self._pinned.add(slot)
+            self._pins[slot] += 1
             return slot
 
     def _layout(self, slot_rows: list[dict[int, float]]) -> MixturePlan | None:
@@ -354,7 +396,7 @@ class AdapterBank:
                 weights[b, column[slot]] = w
         layer = next(iter(self.layers.values()))
         device, dtype = layer.lora_A.device, layer.lora_A.dtype
-        rank = max(self._mixture_ranks[s] for s in unique)
+        rank = max(self._ranks.get(s, 1) for s in unique)  # an evicted slot: zeros
         slots = torch.tensor(unique, device=device)
         if all(row == slot_rows[0] for row in slot_rows):
             return MixturePlan(slots, rank, weights[:1].to(device), True, None, None, None)
@@ -370,7 +412,7 @@ class AdapterBank:
             slots, rank, weights.to(device), False, lanes, index.to(device), index_weights
         )
 
-    def _check_finite(self, slot_rows: list[dict[int, float]]) -> None:
+    def _check_finite(self, slot_rows: list[dict[int, float]], first: int = 0) -> None:
         """Refuse deltas that would overflow the dtype, as peft's safe_merge does, but from
         bounds kept at load time: no tensor op, so no cost per layer per batch."""
         dtype = next(iter(self.layers.values())).lora_B.dtype
@@ -379,6 +421,6 @@ class AdapterBank:
                 # an evicted (zeroed) slot has no bound left: it adds nothing
                 if not w * self._bounds.get(slot, 0.0) < torch.finfo(dtype).max:
                     raise InvalidMixture(
-                        f"mixture row {b}: weight {w} makes the composed LoRA delta overflow "
+                        f"mixture row {first + b}: weight {w} makes the composed LoRA delta overflow "
                         f"{dtype}; lower the weight"
                     )

@@ -99,8 +99,13 @@ class LoraMixtureLinear(nn.Module):
         self.lora_B[slot].zero_()
         self.scale[slot] = 0.0
 
-    def set_mixture(self, plan: MixturePlan) -> None:
-        """Precompute this batch's ``A_u`` and ``B_u`` (once per batch, not per step)."""
+    def set_mixture(self, plan: MixturePlan | _LayerMixture) -> None:
+        """Apply a batch's mixture: a plan (its ``A_u``, ``B_u`` computed now) or what
+        :meth:`prepare` computed for one earlier."""
+        self._mix = plan if isinstance(plan, _LayerMixture) else self.prepare(plan)
+
+    def prepare(self, plan: MixturePlan) -> _LayerMixture:
+        """This batch's ``A_u`` and ``B_u`` (once per batch, not per step)."""
         r, dtype = plan.rank, self.lora_B.dtype
         a = self.lora_A[plan.slots, :r].reshape(-1, self.in_features)  # A_u (U·r, d_in)
         factor = self.scale[plan.slots]  # s_u (U,), >= fp32 so bf16 folding rounds once
@@ -109,7 +114,7 @@ class LoraMixtureLinear(nn.Module):
         b = self.lora_B[plan.slots, :, :r].to(factor.dtype) * factor[:, None, None]  # (U,d_out,r)
         b = b.to(dtype).permute(1, 0, 2).reshape(self.out_features, -1)  # B_u (d_out, U·r)
         rows = None if plan.uniform else plan.weights.shape[0]
-        self._mix = _LayerMixture(a.t(), b.t(), plan, rows)
+        return _LayerMixture(a.t(), b.t(), plan, rows)
 
     def clear_mixture(self) -> None:
         self._mix = None

@@ -38,7 +38,7 @@ StepGuard = Callable[[], AbstractContextManager[Collection[int]]]
 
 
 @dataclass
-class _Row:
+class DecodeRow:
     """Mutable decoding state of one request (one row of the batch)."""
 
     index: int  # position in the caller's request list
@@ -86,7 +86,7 @@ def generate_batch(
             raise ValueError(
                 f"requests[{i}].prompt_ids is empty: a prompt needs at least one token"
             )
-    rows = [_new_row(i, request, tokenizer) for i, request in enumerate(requests)]
+    rows = [new_row(i, request, tokenizer) for i, request in enumerate(requests)]
     for row in rows:
         if row.params.max_tokens <= 0:
             _finish(row, "length", "", on_token)
@@ -97,29 +97,35 @@ def generate_batch(
         prompts = [requests[row.index].prompt_ids for row in batch]
         with torch.inference_mode():
             _decode_loop(model, tokenizer, prompts, batch, on_token, on_rows_kept, step_guard)
-    for row in rows:
-        if row.params.logprobs is not None and row.result is not None:
-            n = len(row.result.token_ids)  # EOS is not an output token
-            top = row.top[:n] if row.params.logprobs > 0 else None
-            scores = build_scores(tokenizer, row.result.token_ids, row.logprobs[:n], top)
-            row.result = dataclasses.replace(row.result, scores=scores)
-    return [row.result for row in rows]  # type: ignore[misc]  # every row finished
+    return [attach_scores(row, tokenizer) for row in rows]
 
 
-def _new_row(index: int, request: GenerationRequest, tokenizer: Any) -> _Row:
+def attach_scores(row: DecodeRow, tokenizer: Any) -> GenerationResult:
+    """A finished row's result, with its output tokens' log-probabilities if it asked."""
+    result = row.result
+    assert result is not None, "attach_scores: the row has not finished"
+    if row.params.logprobs is None:
+        return result
+    n = len(result.token_ids)  # EOS is not an output token
+    top = row.top[:n] if row.params.logprobs > 0 else None
+    scores = build_scores(tokenizer, result.token_ids, row.logprobs[:n], top)
+    return dataclasses.replace(result, scores=scores)
+
+
+def new_row(index: int, request: GenerationRequest, tokenizer: Any) -> DecodeRow:
     params = request.params
     # An empty stop string would match at once; the HTTP layer rejects it, we ignore it.
     if any(not s for s in params.stop):
         params = dataclasses.replace(params, stop=tuple(s for s in params.stop if s))
     detok = Detokenizer(tokenizer, skip_special_tokens=True)
-    return _Row(index, params, len(request.prompt_ids), detok, new_generator(params))
+    return DecodeRow(index, params, len(request.prompt_ids), detok, new_generator(params))
 
 
 def _decode_loop(
     model: Any,
     tokenizer: Any,
     prompts: list[list[int]],
-    batch: list[_Row],
+    batch: list[DecodeRow],
     on_token: TokenCallback | None,
     on_rows_kept: RowsCallback | None,
     step_guard: StepGuard | None,
@@ -127,9 +133,9 @@ def _decode_loop(
     """Prefill the batch once, then sample and forward one token per step until all finish."""
     from transformers import DynamicCache
 
-    eos = _eos_ids(model, tokenizer)
-    pad_id = _pad_id(tokenizer)
-    ids, mask, pos = _left_pad(prompts, pad_id)  # (B,T) each
+    eos = eos_ids(model, tokenizer)
+    pad = pad_id(tokenizer)
+    ids, mask, pos = _left_pad(prompts, pad)  # (B,T) each
     cache = DynamicCache(config=model.config)
     logits = _forward_last(model, ids, mask, pos, cache)  # (B,V)
     next_pos = pos[:, -1:] + 1  # (B,1)
@@ -139,7 +145,7 @@ def _decode_loop(
             _abort_rows(batch, stop)
             if all(row.result is not None for row in batch):
                 return
-            step = _sample_and_advance(logits, batch, eos, pad_id, on_token)  # (B,)
+            step = _sample_and_advance(logits, batch, eos, pad, on_token)  # (B,)
         live = [k for k, row in enumerate(batch) if row.result is None]
         if not live:
             return
@@ -154,22 +160,27 @@ def _decode_loop(
         next_pos = next_pos + 1
 
 
-def _abort_rows(batch: list[_Row], indices: Collection[int]) -> None:
+def _abort_rows(batch: list[DecodeRow], indices: Collection[int]) -> None:
     """Stop the unfinished rows among request ``indices``: nothing more is sampled or streamed."""
     if not indices:
         return
     stop = set(indices)
     for row in batch:
         if row.result is None and row.index in stop:
-            text = row.detok.text[: row.emitted]  # what was streamed; the rest is dropped
-            row.result = GenerationResult(
-                list(row.detok.ids), text, "abort", row.prompt_tokens, row.produced
-            )
+            abort_row(row)
+
+
+def abort_row(row: DecodeRow) -> None:
+    """Finish a row with ``"abort"``: its text is what was streamed; the rest is dropped."""
+    text = row.detok.text[: row.emitted]
+    row.result = GenerationResult(
+        list(row.detok.ids), text, "abort", row.prompt_tokens, row.produced
+    )
 
 
 def _sample_and_advance(
     logits: torch.Tensor,
-    batch: list[_Row],
+    batch: list[DecodeRow],
     eos: frozenset[int],
     pad_id: int,
     on_token: TokenCallback | None,
@@ -183,15 +194,15 @@ def _sample_and_advance(
     live_logits = logits if len(live) == len(batch) else logits[live]  # (L,V)
     rows = [batch[k] for k in live]
     tokens = sample_next(live_logits, [r.params for r in rows], [r.generator for r in rows])
-    _record_logprobs(live_logits, rows, tokens)
+    record_logprobs(live_logits, rows, tokens)
     step = torch.full((len(batch),), pad_id, dtype=torch.long)
     step[live] = torch.tensor(tokens)
     for k, token in zip(live, tokens, strict=True):
-        _advance(batch[k], token, eos, on_token)
+        advance_row(batch[k], token, eos, on_token)
     return step
 
 
-def _record_logprobs(logits: torch.Tensor, rows: list[_Row], tokens: list[int]) -> None:
+def record_logprobs(logits: torch.Tensor, rows: list[DecodeRow], tokens: list[int]) -> None:
     """For rows that asked: log p(token) = z[token] − logsumexp z, and the top-k.  logits: (L,V)"""
     wanted = [b for b, row in enumerate(rows) if row.params.logprobs is not None]
     if not wanted:
@@ -241,12 +252,14 @@ def _forward_last(
         position_ids=pos,
         use_cache=True,
         logits_to_keep=1,
-        **{_cache_kwarg(type(model)): cache},
+        **{cache_kwarg(type(model)): cache},
     )
     return out.logits[:, -1, :]
 
 
-def _advance(row: _Row, token: int, eos: frozenset[int], on_token: TokenCallback | None) -> None:
+def advance_row(
+    row: DecodeRow, token: int, eos: frozenset[int], on_token: TokenCallback | None
+) -> None:
     """Apply one sampled token to a row: EOS, stop strings, max_tokens, then stream."""
     row.produced += 1
     if token in eos and not row.params.ignore_eos:
@@ -268,7 +281,9 @@ def _advance(row: _Row, token: int, eos: frozenset[int], on_token: TokenCallback
             row.emitted = end
 
 
-def _finish(row: _Row, reason: FinishReason, text: str, on_token: TokenCallback | None) -> None:
+def _finish(
+    row: DecodeRow, reason: FinishReason, text: str, on_token: TokenCallback | None
+) -> None:
     if on_token is not None and len(text) > row.emitted:
         on_token(row.index, text[row.emitted :])
     row.emitted = len(text)
@@ -298,7 +313,7 @@ def _stop_prefix_len(text: str, stops: tuple[str, ...], start: int) -> int:
     return longest
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     """Every id that ends a completion: the tokenizer's EOS and the generation config's."""
     ids: set[int] = set()
     config = getattr(model, "generation_config", None)
@@ -310,7 +325,7 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
     """Padding is masked out, so any id works; prefer the tokenizer's own."""
     for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if value is not None:
@@ -319,7 +334,7 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 @functools.cache
-def _cache_kwarg(model_cls: type) -> str:
+def cache_kwarg(model_cls: type) -> str:
     """The forward() keyword for the KV cache: transformers renamed ``past_key_values`` to
     ``cache`` during 5.x; wrappers that take ``**kwargs`` follow the installed convention."""
     import transformers

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors.torch import load_file
+from support import ALL, A, B, C, save_random_lora
 
 from adapterswap.compose import layer as mixture_layer
 from adapterswap.compose.adapter_files import load_adapter_dir
@@ -32,15 +33,6 @@ from adapterswap.errors import AdapterNotLoaded, InvalidAdapter, InvalidMixture,
 from adapterswap.models.base import LoadedModel
 from adapterswap.types import AdapterRef
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-A, B, C = AdapterRef("a", 1), AdapterRef("b", 1), AdapterRef("c", 2)
-# Different ranks, alphas, targets, and rsLoRA on one of them.
-SPECS = {
-    A: {"r": 4, "lora_alpha": 8, "target_modules": ALL},
-    B: {"r": 8, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]},
-    C: {"r": 2, "lora_alpha": 3, "target_modules": ["k_proj", "o_proj", "gate_proj", "up_proj"]},
-}
-SPECS[B]["use_rslora"] = True
 R_MAX = 8
 BIG = 1 << 20  # 8 slots of the float64 tiny model at r_max=8
 # Both sides are float64 computations of one value that add the same products in different
@@ -63,20 +55,9 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _save_adapter(base: torch.nn.Module, out: Path, seed: int, **spec) -> Path:
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **spec))
-    peft_model.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
-def dirs(tiny64: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> dict[AdapterRef, Path]:
-    root = tmp_path_factory.mktemp("adapters")
-    return {
-        ref: _save_adapter(tiny64.model, root / ref.id, seed, **spec)
-        for seed, (ref, spec) in enumerate(SPECS.items())
-    }
+def dirs(lora_dirs: dict[AdapterRef, Path]) -> dict[AdapterRef, Path]:
+    return lora_dirs
 
 
 @pytest.fixture
@@ -151,7 +132,7 @@ def test_one_adapter_matches_peft(tiny64, dirs, ids, ref):
 def test_rank_and_alpha_patterns_match_peft(tiny64, ids, tmp_path):
     spec = {"r": 4, "lora_alpha": 8, "target_modules": ALL}
     patterns = {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"down_proj": 32}}
-    path = _save_adapter(tiny64.model, tmp_path / "p", 7, **spec, **patterns)
+    path = save_random_lora(tiny64.model, tmp_path / "p", 7, **spec, **patterns)
     expected = hidden(PeftModel.from_pretrained(copy.deepcopy(tiny64.model), path), ids)
     bank = make_bank(tiny64)
     bank.load(A, *load_adapter_dir(path))
@@ -332,7 +313,7 @@ def test_mixture_is_cleared_on_exception_and_not_nested(tiny64, dirs):
             pass
         raise KeyError("boom")
     assert all(layer._mix is None for layer in bank.layers.values())
-    assert not bank._pinned
+    assert not bank._pins
 
 
 def test_from_settings_uses_the_cache_budget(tiny64):
@@ -389,7 +370,7 @@ def test_bad_mixture_weights_are_refused(tiny64, dirs, weight):
     bank = loaded_bank(tiny64, dirs)
     with pytest.raises(InvalidMixture, match="weights must be finite and >= 0"):
         bank.mixture([[(A, 1.0)], [(B, weight)]]).__enter__()
-    assert not bank._pinned
+    assert not bank._pins
 
 
 def test_overflowing_weight_is_refused(tiny64, dirs):
@@ -398,7 +379,7 @@ def test_overflowing_weight_is_refused(tiny64, dirs):
         bank.load(ref, *load_adapter_dir(path))
     with pytest.raises(InvalidMixture, match="mixture row 1: weight 1e\\+39 .* overflow"):
         bank.mixture([[(A, 1.0)], [(B, 1e39)]]).__enter__()
-    assert not bank._pinned
+    assert not bank._pins
 
 
 def test_batch_size_must_match_the_mixture(tiny64, dirs, ids):
@@ -412,3 +393,25 @@ def test_only_safetensors_are_loaded(tmp_path, dirs):
     (tmp_path / "adapter_model.bin").write_bytes(b"not loaded")
     with pytest.raises(InvalidAdapter, match="adapter_model.bin, a pickle file, which is never"):
         load_adapter_dir(tmp_path)
+
+
+def test_a_pinned_row_composes_until_unpinned_and_no_prepared_copy_outlives_an_eviction(
+    tiny64, dirs, ids
+):
+    bank = loaded_bank(tiny64, dirs)
+    bank.use([])
+    base = hidden(bank.model, ids[:1])
+    row = bank.pin([(A, 1.0)])
+    bank.use([row])
+    composed = hidden(bank.model, ids[:1])
+    assert differs(composed, base)
+    bank.use([{}])  # another row set, then the same one again: prepared, not recomputed
+    bank.use([row])
+    torch.testing.assert_close(hidden(bank.model, ids[:1]), composed, **EXACT)
+    bank.evict(A)  # revoked while a row still pins it: its slot is zeroed, not reused
+    bank.use([row])
+    torch.testing.assert_close(hidden(bank.model, ids[:1]), base, **EXACT)
+    (slot,) = row
+    assert bank._pins == {slot: 1} and slot not in bank._free
+    bank.unpin(row)
+    assert not bank._pins and slot in bank._free  # free once no row uses it

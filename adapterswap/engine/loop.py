@@ -1,0 +1,435 @@
+"""The serving engine: one loop per model replica that schedules every iteration. No Ray here.
+
+Requests (generations, streams, prompt scoring) are submitted from any thread and queue
+(bounded: a full queue raises ``Overloaded``). Each :meth:`Engine.step`:
+
+1. **Leaves.** Cancelled rows (a client that went away) leave at once, wherever they are.
+2. **Joins.** Waiting requests join while the batch has room (``max_rows``) and their whole
+   KV reservation (prompt + ``max_tokens``) fits ``kv_tokens``, so a running row is never
+   preempted. Joining pins the request's adapters in the bank (loading them if needed); a
+   request whose mixture cannot be composed ends alone with that error.
+3. **Decode.** One forward of every decoding row (one token each) under the per-row mixture
+   plan of exactly those rows.
+4. **Prefill.** Up to ``prefill_tokens`` prompt tokens, oldest request first, one forward
+   per prefilling row: a long prompt takes several steps, so it delays the running rows'
+   decode by at most one chunk's time per step. A scoring row (``echo``) keeps every
+   position's logits and leaves when its prompt is done.
+5. **Sample** every row that has logits, under ``step_lock``, after checking the epoch:
+   when it moved (one integer compare otherwise), rows whose mixture holds a revoked version
+   stop at once (``finish_reason="abort"``). Streams get their text here. Rows that
+   finished leave; rows whose prompt is done join the decode region.
+
+Each row keeps its own KV cache row (``kv_slots``), positions and sampling generator, so its
+output is the one it gets alone (exactly, in float64). A forward that raises is rerun row by
+row: the row that fails ends alone with its error and the others continue.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from adapterswap.compose.bank import AdapterBank, AdapterLoader
+from adapterswap.engine.generation import (
+    DecodeRow,
+    abort_row,
+    advance_row,
+    attach_scores,
+    cache_kwarg,
+    eos_ids,
+    new_row,
+    record_logprobs,
+)
+from adapterswap.engine.kv_slots import SlotKVCache
+from adapterswap.engine.requests import GenerationRequest, PromptScores
+from adapterswap.engine.sampling import sample_next
+from adapterswap.engine.scoring import at_least_fp32, build_scores
+from adapterswap.errors import Overloaded, PayloadTooLarge, StaleMixture
+from adapterswap.types import Mixture
+
+logger = logging.getLogger("adapterswap.engine")
+
+# (mixtures of the running rows) -> indices of those holding a version no longer servable
+_REVOKED = "a version of this request's mixture was revoked while it ran"
+Revoked = Callable[[Sequence[Mixture]], Collection[int]]
+
+
+@dataclass(eq=False)
+class Work:
+    """One request as the engine runs it; the caller keeps it to :meth:`cancel` it.
+
+    ``on_token(delta)`` gets a generation's text as it becomes final; ``on_done(outcome)``
+    is called once, from the engine's thread, with a :class:`GenerationResult` (generation),
+    a :class:`PromptScores` (``score``), or the exception that ended the request alone.
+    """
+
+    prompt_ids: list[int]
+    request: GenerationRequest | None  # None: score the prompt (``top_logprobs`` per token)
+    mixture: Mixture
+    on_done: Callable[[Any], None]
+    on_token: Callable[[str], None] | None = None
+    top_logprobs: int = 0
+    queued_at: float = field(default_factory=time.perf_counter)
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    cancelled: bool = False
+    # Engine state, once admitted:
+    slots: dict[int, float] = field(default_factory=dict)
+    prefilled: int = 0  # prompt tokens in the KV cache
+    row: DecodeRow | None = None  # generation state
+    pending: int | None = None  # the sampled token the next decode forward feeds
+    logprobs: list[float | None] = field(default_factory=list)  # scoring: per prompt token
+    top: list[tuple[list[int], list[float]] | None] = field(default_factory=list)
+    carry: tuple[torch.Tensor, torch.Tensor] | None = None  # scoring: last chunk's last z, lse
+
+    @property
+    def reserve(self) -> int:
+        """KV tokens this request may need: its prompt and every token it may sample."""
+        return len(self.prompt_ids) + (self.request.params.max_tokens if self.request else 0)
+
+    def cancel(self) -> None:
+        """Stop it: it leaves the engine at the next step (its ``on_done`` is not called)."""
+        self.cancelled = True
+
+
+@dataclass
+class EngineStats:
+    """What the engine did so far (counters) and holds now (gauges), for metrics."""
+
+    queued: int = 0
+    running: int = 0
+    kv_tokens_reserved: int = 0
+    steps: int = 0
+    tokens_sampled: int = 0
+    prompt_tokens: int = 0
+    cancelled: int = 0
+    revoked: int = 0
+    failed: int = 0
+
+
+class Engine:
+    """Continuous batching over one model, with per-row adapter mixtures from ``bank``."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        bank: AdapterBank | None = None,
+        loader: AdapterLoader | None = None,
+        max_rows: int = 8,
+        max_queue: int = 64,
+        prefill_tokens: int = 256,
+        kv_tokens: int = 8 * 2560,
+        max_context: int = 2560,
+        step_lock: threading.Lock | None = None,
+        epoch: Callable[[], int] | None = None,
+        revoked: Revoked | None = None,
+    ) -> None:
+        """``epoch`` and ``revoked`` read the active set: the engine calls ``revoked`` with
+        every running row's mixture whenever ``epoch()`` differs from the last value it
+        checked, under ``step_lock`` (the replica's sync takes it to wait for a step)."""
+        param = next(model.parameters())
+        self.model, self.tokenizer, self.bank, self.loader = model, tokenizer, bank, loader
+        self.max_rows, self.max_queue, self.prefill_tokens = max_rows, max_queue, prefill_tokens
+        self.kv_tokens, self.max_context = kv_tokens, max_context
+        self.kv = SlotKVCache(
+            model.config,
+            dtype=param.dtype,
+            device=param.device,
+            max_rows=max_rows,
+            max_width=max_context,
+        )
+        self.stats = EngineStats()
+        self._eos = eos_ids(model, tokenizer)
+        self._cache_kwarg = cache_kwarg(type(model))
+        self._step_lock = step_lock or threading.Lock()
+        self._epoch, self._revoked = epoch, revoked
+        self._checked = epoch() if epoch else 0
+        self._queue: deque[Work] = deque()
+        self._wake = threading.Condition()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- the caller's side ----------------------------------------------------------------
+
+    def submit(self, work: Work) -> Work:
+        """Queue ``work`` for the next step. Raises ``PayloadTooLarge`` for a request that can
+        never fit, ``Overloaded`` (HTTP 503) when the queue is full."""
+        if not work.prompt_ids:
+            raise ValueError("prompt_ids is empty: a prompt needs at least one token")
+        if work.reserve > self.max_context:
+            what = "prompt" if work.request is None else "prompt + max_tokens"
+            raise PayloadTooLarge(
+                f"{what} is {work.reserve} tokens, over the model's context of "
+                f"{self.max_context} on this server; shorten the prompt or lower max_tokens"
+            )
+        if work.reserve > self.kv_tokens:
+            raise PayloadTooLarge(
+                f"prompt + max_tokens is {work.reserve} tokens, over serve.kv_cache_tokens="
+                f"{self.kv_tokens}; shorten the prompt or lower max_tokens"
+            )
+        with self._wake:
+            if len(self._queue) >= self.max_queue:
+                raise Overloaded(
+                    f"the model replica's queue is full ({self.max_queue} requests); retry shortly"
+                )
+            self._queue.append(work)
+            self.stats.queued = len(self._queue)
+            self._wake.notify()
+        return work
+
+    def start(self) -> None:
+        """Run the loop on a thread of its own (a daemon) until :meth:`stop`."""
+        self._thread = threading.Thread(target=self._run, name="adapterswap-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def wake(self) -> None:
+        """Make an idle loop look again (a cancellation)."""
+        with self._wake:
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._queue and not self.kv.count:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - a bug: fail what runs, keep serving
+                logger.exception("the engine step failed; failing the rows it ran")
+                for work in list(self.kv.owners):
+                    self._fail(work, RuntimeError("engine step failed"))
+
+    # -- one iteration --------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One iteration: leaves, joins, decode, prefill, sample (see the module docstring)."""
+        self.stats.steps += 1
+        for work in [w for w in self.kv.owners if w.cancelled]:
+            self._leave(work)
+            self.stats.cancelled += 1
+        self._admit()
+        logits: dict[int, torch.Tensor] = {}  # id(work) -> next-token logits (V,)
+        with torch.inference_mode():
+            self._decode(logits)
+            self._prefill(logits)
+        self._sample(logits)
+        self.stats.running = self.kv.count
+        self.stats.kv_tokens_reserved = sum(w.reserve for w in self.kv.owners)
+
+    def _admit(self) -> None:
+        reserved = sum(w.reserve for w in self.kv.owners)
+        while True:
+            with self._wake:
+                while self._queue and self._queue[0].cancelled:
+                    self._queue.popleft()
+                    self.stats.cancelled += 1
+                if not self._queue or self.kv.count >= self.max_rows:
+                    break
+                work = self._queue[0]
+                if reserved + work.reserve > self.kv_tokens:
+                    break
+                self._queue.popleft()
+                self.stats.queued = len(self._queue)
+            try:
+                if self._revoked is not None and self._revoked([work.mixture]):
+                    raise StaleMixture("a version of this request's mixture is not active")
+                if work.mixture and self.bank is not None:
+                    work.slots = self.bank.pin(work.mixture, self.loader)
+            except Exception as exc:  # noqa: BLE001 - this request fails, alone
+                work.on_done(exc)
+                continue
+            work.admitted_at = time.perf_counter()
+            if work.request is not None:
+                work.row = new_row(next(self._ids), work.request, self.tokenizer)
+            self.kv.add(work)
+            reserved += work.reserve
+
+    def _use(self, works: Sequence[Work]) -> None:
+        if self.bank is not None:
+            self.bank.use([w.slots for w in works])
+
+    def _forward(self, works: Sequence[Work], tokens: Sequence[Sequence[int]], keep: int) -> Any:
+        """One forward of ``works``' new ``tokens`` (right-padded); logits of the last ``keep``
+        positions (0: all)."""
+        rows = [self.kv.index(w) for w in works]
+        q = max(len(t) for t in tokens)
+        ids = torch.zeros((len(works), q), dtype=torch.long)
+        for b, t in enumerate(tokens):
+            ids[b, : len(t)] = torch.tensor(t)
+        positions, mask = self.kv.view(rows, q)
+        self._use(works)
+        out = self.model(
+            input_ids=ids.to(positions.device),
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=keep,
+            **{self._cache_kwarg: self.kv},
+        )
+        self.kv.advance(rows, [len(t) for t in tokens])
+        return out.logits
+
+    def _decode(self, logits: dict[int, torch.Tensor]) -> None:
+        works = [w for w in self.kv.owners[: self.kv.decoding] if w.pending is not None]
+        if not works:
+            return
+        try:
+            out = self._forward(works, [[w.pending] for w in works], 1)  # (B,1,V)
+            for b, w in enumerate(works):
+                logits[id(w)] = out[b, -1]
+        except Exception:  # noqa: BLE001 - find the row that failed it
+            logger.warning("a decode step of %d rows failed; running them one by one", len(works))
+            for w in works:
+                try:
+                    logits[id(w)] = self._forward([w], [[w.pending]], 1)[0, -1]
+                except Exception as exc:  # noqa: BLE001 - this row fails, alone
+                    self._fail(w, exc)
+        for w in works:
+            w.pending = None
+
+    def _prefill(self, logits: dict[int, torch.Tensor]) -> None:
+        budget = self.prefill_tokens
+        prefilling = self.kv.owners[self.kv.decoding :]
+        for w in sorted(prefilling, key=lambda w: w.admitted_at or 0.0):
+            if budget <= 0:
+                break
+            n = min(len(w.prompt_ids) - w.prefilled, budget)
+            chunk = w.prompt_ids[w.prefilled : w.prefilled + n]
+            try:
+                out = self._forward([w], [chunk], 0 if w.request is None else 1)
+            except Exception as exc:  # noqa: BLE001 - this row fails, alone
+                self._fail(w, exc)
+                continue
+            budget -= n
+            self.stats.prompt_tokens += n
+            if w.request is None:
+                self._score_chunk(w, chunk, out[0])
+            w.prefilled += n
+            if w.prefilled == len(w.prompt_ids) and w.request is not None:
+                logits[id(w)] = out[0, -1]
+
+    def _score_chunk(self, work: Work, chunk: list[int], out: torch.Tensor) -> None:
+        """Log p of each prompt token from the positions before it.  out: (n,V)"""
+        z = at_least_fp32(out)
+        lse = torch.logsumexp(z, dim=-1)  # (n,)
+        start = work.prefilled
+        if start == 0:
+            work.logprobs.append(None)
+            work.top.append(None)
+        else:  # the previous chunk's last position predicted this chunk's first token
+            assert work.carry is not None
+            self._score_targets(work, work.carry, [chunk[0]])
+        self._score_targets(work, (z[:-1], lse[:-1]), chunk[1:])
+        work.carry = (z[-1:], lse[-1:])
+
+    def _score_targets(
+        self, work: Work, zl: tuple[torch.Tensor, torch.Tensor], targets: list[int]
+    ) -> None:
+        z, lse = zl
+        if not targets:
+            return
+        lp = z.gather(-1, torch.tensor(targets, device=z.device)[:, None]).squeeze(-1) - lse
+        work.logprobs.extend(lp.tolist())
+        if work.top_logprobs:
+            values, indices = z.topk(min(work.top_logprobs, z.shape[-1]), dim=-1)
+            values = values - lse[:, None]
+            work.top.extend(zip(indices.tolist(), values.tolist(), strict=True))
+        else:
+            work.top.extend([None] * len(targets))
+
+    def _sample(self, logits: dict[int, torch.Tensor]) -> None:
+        done: list[tuple[Work, Any]] = []
+        with self._step_lock:
+            stopped = self._stale()
+            live = []
+            for w in list(self.kv.owners):
+                if w in stopped:
+                    if w.row is not None:
+                        abort_row(w.row)
+                    done.append((w, "abort"))
+                elif w.request is None and w.prefilled == len(w.prompt_ids):
+                    top = w.top if w.top_logprobs else None
+                    done.append((w, build_scores(self.tokenizer, w.prompt_ids, w.logprobs, top)))
+                elif id(w) in logits and not w.cancelled:
+                    live.append(w)
+            if live:
+                rows = [w.row for w in live]
+                z = torch.stack([logits[id(w)] for w in live])  # (L,V)
+                tokens = sample_next(z, [r.params for r in rows], [r.generator for r in rows])
+                record_logprobs(z, rows, tokens)
+                for w, token in zip(live, tokens, strict=True):
+                    self._advance(w, token)
+                    if w.row.result is not None:
+                        done.append((w, w.row.result))
+                    else:
+                        w.pending = token
+        for w, outcome in done:
+            self._leave(w)
+            if outcome == "abort":
+                self.stats.revoked += 1
+                w.on_done(attach_scores(w.row, self.tokenizer) if w.row else StaleMixture(_REVOKED))
+            elif isinstance(outcome, PromptScores):
+                w.on_done(outcome)
+            else:
+                w.on_done(attach_scores(w.row, self.tokenizer))
+        for w in live if logits else []:
+            if w.row.result is None and self.kv.index(w) >= self.kv.decoding:
+                self.kv.promote(self.kv.index(w))
+
+    def _advance(self, work: Work, token: int) -> None:
+        row = work.row
+        if work.first_token_at is None:
+            work.first_token_at = time.perf_counter()
+        self.stats.tokens_sampled += 1
+        on_token = None
+        if work.on_token is not None:
+            on_token = lambda _, delta: work.on_token(delta)  # noqa: E731
+        try:
+            advance_row(row, token, self._eos, on_token)
+        except Exception:  # noqa: BLE001 - the caller's callback: its client went away
+            logger.info("a stream's consumer failed; cancelling the row", exc_info=True)
+            work.cancel()
+
+    def _stale(self) -> set[Work]:
+        """The rows to stop: those whose mixture holds a revoked version, when the epoch moved."""
+        if self._epoch is None or self._revoked is None:
+            return set()
+        epoch = self._epoch()
+        if epoch == self._checked:
+            return set()
+        works = list(self.kv.owners)
+        gone = self._revoked([w.mixture for w in works])
+        self._checked = epoch
+        return {works[i] for i in gone}
+
+    def _leave(self, work: Work) -> None:
+        self.kv.remove(self.kv.index(work))
+        if self.bank is not None and work.slots:
+            self.bank.unpin(work.slots)
+            work.slots = {}
+
+    def _fail(self, work: Work, exc: BaseException) -> None:
+        self.stats.failed += 1
+        if work in self.kv.owners:
+            self._leave(work)
+        work.on_done(exc)
