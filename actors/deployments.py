@@ -1,8 +1,9 @@
 """The two Serve deployments, as ordinary classes: the model and the ingress.
 
 - :class:`ModelDeployment` pins one base model per replica (``num_gpus: 1`` in the GPU
-  config, a CPU share locally) and batches concurrent requests with ``@serve.batch``: each
-  request is one row of the batch, with its own adapter mixture.
+  config, a CPU share locally); its engine (``adapterswap.engine.loop``) batches concurrent
+  requests continuously: each request is one row, with its own adapter mixture, joining
+  and leaving the batch at any step.
 - :class:`IngressDeployment` serves the FastAPI app: authentication against the store,
   routing, and calls to the model deployment through its handle.
 
@@ -88,28 +89,32 @@ class ModelDeployment:
             poll_s=self.config.serve.epoch_poll_s,
             heartbeat_s=self.config.serve.replica_heartbeat_s,
         )
-        self.generate_one.set_max_batch_size(self.config.serve.max_batch_size)
-        self.generate_one.set_batch_wait_timeout_s(self.config.serve.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate_one(
-        self, jobs: list[InferenceJob]
-    ) -> list[GenerationResult | AdapterSwapError]:
-        """One job per call; Serve gathers concurrent calls into one :meth:`generate`."""
-        return await self.generate(jobs)
+    async def generate_one(self, job: InferenceJob) -> GenerationResult | AdapterSwapError:
+        """One job per call; the engine batches concurrent calls step by step."""
+        (result,) = await self.generate([job])
+        return result
 
     async def generate(self, jobs: list[InferenceJob]) -> list[GenerationResult | AdapterSwapError]:
-        """One batch. A job that cannot run comes back as its error, in its place: it fails
-        alone."""
+        """The jobs' results. A job that cannot run comes back as its error, in its place:
+        it fails alone."""
         replica = self.replica
         hits, misses = replica.adapter_hits, replica.adapter_misses
+        self.metrics.record_engine(replica.engine.stats)
         results = await self.local.generate(jobs)
         self.metrics.record_batch(
             replica.adapter_hits - hits,
             replica.adapter_misses - misses,
-            replica.last_composition_ms,
+            replica.engine.stats.compose_ms,
         )
+        self._record(results)
         return results
+
+    def _record(self, results: list[Any]) -> None:
+        for result in results:
+            if isinstance(result, GenerationResult):
+                self.metrics.record_generation(result)
+        self.metrics.record_engine(self.replica.engine.stats)
 
     async def score(
         self, jobs: list[InferenceJob], top_logprobs: int
@@ -118,12 +123,16 @@ class ModelDeployment:
 
     async def stream(self, job: InferenceJob) -> AsyncIterator[StreamItem]:
         """The job's text deltas, then its GenerationResult (finish reason, token counts)."""
+        self.metrics.record_engine(self.replica.engine.stats)
         async for item in self.local.stream(job):
+            if isinstance(item, GenerationResult):
+                self._record([item])
             yield item
 
     def __del__(self) -> None:
         """Serve shuts the replica down: no delete should wait for it any more."""
         self.watcher.stop()
+        self.replica.close()
 
 
 class IngressDeployment:

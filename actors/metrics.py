@@ -7,14 +7,27 @@ add what is specific to AdapterSwap. Names below appear with Ray's ``ray_`` pref
   bank served from memory / had to load from storage;
 - ``adapterswap_adapters_per_request``: how many adapters a request composed;
 - ``adapterswap_router_latency_ms``: embedding the query and scoring the visible shards;
-- ``adapterswap_composition_setup_ms``: resolving and pinning a batch's mixture before it runs.
+- ``adapterswap_engine_queued_requests`` / ``..._running_rows``: a model replica's engine
+  queue and batch, set whenever a request arrives or completes;
+- ``adapterswap_queue_time_ms``, ``adapterswap_time_to_first_token_ms``,
+  ``adapterswap_inter_token_latency_ms``: per completed generation, from its arrival at the
+  engine (the inter-token latency is its decode time over its tokens after the first);
+- ``adapterswap_generated_tokens``: tokens sampled (its rate is tokens/s). The engine reserves
+  a row's whole KV cache when the row joins, so it never preempts a row: there is no
+  preemption count;
+- ``adapterswap_composition_setup_ms``: setting the per-row mixture plans of an engine step
+  (observed when a generation request completes; near zero while the rows do not change).
 """
 
 from __future__ import annotations
 
-from ray.serve.metrics import Counter, Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+from adapterswap.engine.loop import EngineStats
+from adapterswap.engine.requests import GenerationResult
 
 _MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 250, 1000]
+_LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 
 
 class ServeMetrics:
@@ -36,8 +49,20 @@ class ServeMetrics:
             "adapterswap_router_latency_ms", "Routing time per request.", _MS
         )
         self.composition_ms = Histogram(
-            "adapterswap_composition_setup_ms", "Mixture setup per batch.", _MS
+            "adapterswap_composition_setup_ms", "Mixture setup per engine step.", _MS
         )
+        self.queued = Gauge("adapterswap_engine_queued_requests", "Requests waiting to join.")
+        self.running = Gauge("adapterswap_engine_running_rows", "Rows in the engine's batch.")
+        self.queue_ms = Histogram(
+            "adapterswap_queue_time_ms", "Arrival to a place in the batch.", _LATENCY_MS
+        )
+        self.ttft_ms = Histogram(
+            "adapterswap_time_to_first_token_ms", "Arrival to the first token.", _LATENCY_MS
+        )
+        self.itl_ms = Histogram(
+            "adapterswap_inter_token_latency_ms", "Decode time per token after the first.", _MS
+        )
+        self.tokens = Counter("adapterswap_generated_tokens", "Tokens sampled.")
 
     def record_routing(self, milliseconds: float, adapters: int) -> None:
         self.router_ms.observe(milliseconds)
@@ -49,3 +74,20 @@ class ServeMetrics:
         if misses:
             self.cache_misses.inc(misses)
         self.composition_ms.observe(composition_ms)
+
+    def record_engine(self, stats: EngineStats) -> None:
+        self.queued.set(stats.queued)
+        self.running.set(stats.running)
+
+    def record_generation(self, result: GenerationResult) -> None:
+        """A completed generation's timings and tokens (a failed one has none)."""
+        if result.completion_tokens:
+            self.tokens.inc(result.completion_tokens)
+        if result.queue_s is not None:
+            self.queue_ms.observe(1000 * result.queue_s)
+        if result.first_token_s is None:
+            return
+        self.ttft_ms.observe(1000 * result.first_token_s)
+        if result.completion_tokens > 1 and result.finish_s is not None:
+            decode = result.finish_s - result.first_token_s
+            self.itl_ms.observe(1000 * decode / (result.completion_tokens - 1))

@@ -83,13 +83,15 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         resources["resources"] = dict(config.ray.replica_resources)
     if config.ray.max_replicas_per_node:
         scaling["max_replicas_per_node"] = config.ray.max_replicas_per_node
-    # Enough requests in flight per model replica to fill two batches (one running, one forming).
-    ongoing = 2 * config.serve.max_batch_size
+    # A model replica takes what its engine runs and queues; each caller (the ingress
+    # replicas' handles) queues no more than that before answering 503 (BackPressureError).
+    serve_settings = config.serve
     model = serve.deployment(
         ModelDeployment,
         name="Model",
         ray_actor_options=resources,
-        max_ongoing_requests=ongoing,
+        max_ongoing_requests=serve_settings.max_batch_size + serve_settings.max_queued_requests,
+        max_queued_requests=serve_settings.max_queued_requests,
         **scaling,
     )
     ingress = serve.deployment(

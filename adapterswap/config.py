@@ -170,9 +170,27 @@ class ServeSettings(_Section):
     max_body_bytes: int = Field(1_000_000, ge=1, description="Largest accepted request body.")
     max_prompt_tokens: int = Field(2048, ge=1, description="Longest accepted prompt.")
     max_new_tokens: int = Field(512, ge=0, description="Largest accepted max_tokens.")
-    max_batch_size: int = Field(8, ge=1, description="Requests batched per forward pass.")
-    batch_wait_timeout_s: float = Field(
-        0.05, ge=0, description="How long a batch waits to fill once its first request is in."
+    max_batch_size: int = Field(
+        8, ge=1, description="Rows a model replica runs at once; waiting requests join each step."
+    )
+    max_queued_requests: int = Field(
+        64,
+        ge=1,
+        description="Requests a model replica queues beyond its running rows; past it, and at "
+        "each caller of the model deployment, a request is a 503 with Retry-After.",
+    )
+    prefill_chunk_tokens: int = Field(
+        256,
+        ge=1,
+        description="Prompt tokens prefilled per engine step: a long prompt delays the running "
+        "rows' next token by at most one chunk.",
+    )
+    kv_cache_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="KV cache tokens a model replica reserves across its rows (each row "
+        "reserves prompt + max_tokens when it joins); default max_batch_size × "
+        "(max_prompt_tokens + max_new_tokens).",
     )
     key_cache_ttl_s: float = Field(
         5.0, ge=0, description="Bound on how long a revoked key may still be accepted."

@@ -43,7 +43,7 @@ from compose_overhead import PROMPTS, arithmetic_floor, load_model
 from fastapi import FastAPI
 from ray import serve
 
-from adapterswap.config import ServeSettings, load_config
+from adapterswap.config import load_config
 from adapterswap.models.embedder import load_embedder
 from adapterswap.storage.layout import StorageLayout
 from adapterswap.store.registry import AdapterRegistry
@@ -107,8 +107,8 @@ class PeftServer:
         return {"choices": [{"text": self.tokenizer.decode(new)}], "usage": {"n": len(new)}}
 
 
-def overrides(model_cache: Path, batch_wait_s: float) -> list[str]:
-    return [f"model.cache_dir={model_cache}", f"serve.batch_wait_timeout_s={batch_wait_s}"]
+def overrides(model_cache: Path) -> list[str]:
+    return [f"model.cache_dir={model_cache}"]
 
 
 def setup_home(root: Path, settings: list[str]) -> tuple[Any, str, dict[str, str]]:
@@ -148,17 +148,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument(
-        "--batch-wait-s",
-        type=float,
-        default=ServeSettings().batch_wait_timeout_s,
-        help="serve.batch_wait_timeout_s",
-    )
     args = parser.parse_args()
     threads = os.cpu_count() or 1
     model_cache = Path("~/.adapterswap/models").expanduser()
     with tempfile.TemporaryDirectory() as tmp:
-        settings = overrides(model_cache, args.batch_wait_s)
+        settings = overrides(model_cache)
         config, key, dirs = setup_home(Path(tmp), settings)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
@@ -230,7 +224,6 @@ def report(median: dict[str, float], tokens: dict[str, int], args: argparse.Name
             "clients": args.clients,
             "rounds": args.rounds,
             "new_tokens": args.new_tokens,
-            "batch_wait_timeout_s": args.batch_wait_s,
             "torch_threads": os.cpu_count(),
             "load_average": os.getloadavg(),
             "seconds_per_round": median,

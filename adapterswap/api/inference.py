@@ -23,7 +23,7 @@ from adapterswap.api.schemas import ChatRequest, CompletionRequest, _InferenceBo
 from adapterswap.api.tokenizer import check_vocabulary
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.engine.replica import InferenceJob
-from adapterswap.engine.requests import PromptScores, SamplingParams
+from adapterswap.engine.requests import GenerationResult, PromptScores, SamplingParams
 from adapterswap.errors import (
     InvalidArgument,
     NotFound,
@@ -214,7 +214,7 @@ class InferenceEndpoints:
             for i, (s, r, info) in enumerate(zip(scores, results, infos, strict=True))
         ]
         usage = fmt.usage(results, scores)
-        log_request("completions", principal, infos, started, usage)
+        log_request("completions", principal, infos, started, usage, results)
         # One prompt: its block at the top too, where it always was.
         single = {"adapterswap": infos[0]} if len(infos) == 1 else {}
         return {
@@ -236,7 +236,7 @@ class InferenceEndpoints:
                 if attempt == REROUTES:
                     raise
         usage = fmt.usage([result], [None])
-        log_request("chat", principal, [info], started, usage)
+        log_request("chat", principal, [info], started, usage, [result])
         return {
             **fmt.envelope("chat.completion", self.model_id),
             "choices": [fmt.chat_choice(result, body.logprobs)],
@@ -273,7 +273,7 @@ class InferenceEndpoints:
         counts = fmt.usage([result], [None])
         if include_usage:
             yield fmt.usage_chunk(head, counts)
-        log_request("chat" if chat else "completions", principal, [info], started, counts)
+        log_request("chat" if chat else "completions", principal, [info], started, counts, [result])
 
     def list_adapters(self, principal: Principal) -> dict[str, Any]:
         """``GET /v1/adapters``: only what the caller's groups may see."""
@@ -332,9 +332,11 @@ def log_request(
     infos: Sequence[dict[str, Any]],
     started: float,
     usage: dict[str, int],
+    results: Sequence[GenerationResult | None] = (),
 ) -> None:
     """One structured line per request: who, which adapter versions (of all its prompts), how
-    long. Never the text."""
+    long, and how much of it waited in the model replica's queue and before the first token
+    (the slowest of its prompts). Never the text."""
     adapters = sorted({f"{a['id']}@v{a['version']}" for info in infos for a in info["adapters"]})
     line = {
         "endpoint": endpoint,
@@ -343,4 +345,8 @@ def log_request(
         "ms": round(1000 * (time.perf_counter() - started), 1),
         **usage,
     }
+    timed = [r for r in results if r is not None and r.queue_s is not None]
+    if timed:
+        line["queue_ms"] = round(1000 * max(r.queue_s or 0.0 for r in timed), 1)
+        line["ttft_ms"] = round(1000 * max(r.first_token_s or 0.0 for r in timed), 1)
     logger.info(json.dumps(line))

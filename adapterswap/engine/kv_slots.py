@@ -161,14 +161,21 @@ class SlotKVCache:
 
     # -- one forward ----------------------------------------------------------------------
 
-    def view(self, rows: Sequence[int], q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def view(
+        self, rows: Sequence[int], q: int, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Set up a forward of ``q`` query positions over ``rows``; returns its position ids
-        (B,q) and 4-D additive mask (B,1,q,W).
+        (B,q) and 4-D additive mask (B,1,q,W). ``dtype``: the model's, if it was cast since
+        (the cached keys and values are cast with it).
 
         A row with fewer than ``q`` new tokens is padded on the right: its padding queries
         write past the row's length (``advance`` does not count them), where nothing reads
         them before the row's next real tokens overwrite them.
         """
+        if dtype is not None and dtype != self.dtype:
+            self.dtype = dtype
+            for tensors in (self.keys, self.values):
+                tensors[:] = [t.to(dtype) for t in tensors]
         lengths = torch.tensor([self.lengths[r] for r in rows])  # (B,)
         self.reserve(int(lengths.max()) + q)
         positions = lengths[:, None] + torch.arange(q)  # (B,q)

@@ -26,6 +26,7 @@ row: the row that fails ends alone with its error and the others continue.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -49,16 +50,17 @@ from adapterswap.engine.generation import (
     record_logprobs,
 )
 from adapterswap.engine.kv_slots import SlotKVCache
-from adapterswap.engine.requests import GenerationRequest, PromptScores
+from adapterswap.engine.requests import GenerationRequest, GenerationResult, PromptScores
 from adapterswap.engine.sampling import sample_next
 from adapterswap.engine.scoring import at_least_fp32, build_scores
-from adapterswap.errors import Overloaded, PayloadTooLarge, StaleMixture
+from adapterswap.errors import InvalidArgument, Overloaded, StaleMixture
 from adapterswap.types import Mixture
 
 logger = logging.getLogger("adapterswap.engine")
 
 # (mixtures of the running rows) -> indices of those holding a version no longer servable
 _REVOKED = "a version of this request's mixture was revoked while it ran"
+_IDLE_S = 1.0  # a background loop thread exits after this long without work
 Revoked = Callable[[Sequence[Mixture]], Collection[int]]
 
 
@@ -113,6 +115,7 @@ class EngineStats:
     cancelled: int = 0
     revoked: int = 0
     failed: int = 0
+    compose_ms: float = 0.0  # setting the mixture plans of the latest step's forwards
 
 
 class Engine:
@@ -133,21 +136,17 @@ class Engine:
         step_lock: threading.Lock | None = None,
         epoch: Callable[[], int] | None = None,
         revoked: Revoked | None = None,
+        background: bool = False,
     ) -> None:
         """``epoch`` and ``revoked`` read the active set: the engine calls ``revoked`` with
         every running row's mixture whenever ``epoch()`` differs from the last value it
-        checked, under ``step_lock`` (the replica's sync takes it to wait for a step)."""
-        param = next(model.parameters())
+        checked, under ``step_lock`` (the replica's sync takes it to wait for a step).
+        ``background``: steps run on a thread of the engine's own while there is work;
+        otherwise the caller calls :meth:`step`."""
         self.model, self.tokenizer, self.bank, self.loader = model, tokenizer, bank, loader
         self.max_rows, self.max_queue, self.prefill_tokens = max_rows, max_queue, prefill_tokens
         self.kv_tokens, self.max_context = kv_tokens, max_context
-        self.kv = SlotKVCache(
-            model.config,
-            dtype=param.dtype,
-            device=param.device,
-            max_rows=max_rows,
-            max_width=max_context,
-        )
+        self.kv = self._new_kv()
         self.stats = EngineStats()
         self._eos = eos_ids(model, tokenizer)
         self._cache_kwarg = cache_kwarg(type(model))
@@ -159,25 +158,41 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.background = background
+
+    def _new_kv(self) -> SlotKVCache:
+        param = next(self.model.parameters())
+        with torch.inference_mode():
+            return SlotKVCache(
+                self.model.config,
+                dtype=param.dtype,
+                device=param.device,
+                max_rows=self.max_rows,
+                max_width=self.max_context,
+            )
 
     # -- the caller's side ----------------------------------------------------------------
 
     def submit(self, work: Work) -> Work:
-        """Queue ``work`` for the next step. Raises ``PayloadTooLarge`` for a request that can
-        never fit, ``Overloaded`` (HTTP 503) when the queue is full."""
+        """Queue ``work`` for the next step. Raises ``InvalidArgument`` (HTTP 400) for a request
+        that can never fit, ``Overloaded`` (HTTP 503) when the queue is full."""
         if not work.prompt_ids:
             raise ValueError("prompt_ids is empty: a prompt needs at least one token")
         if work.reserve > self.max_context:
             what = "prompt" if work.request is None else "prompt + max_tokens"
-            raise PayloadTooLarge(
+            raise InvalidArgument(
                 f"{what} is {work.reserve} tokens, over the model's context of "
                 f"{self.max_context} on this server; shorten the prompt or lower max_tokens"
             )
         if work.reserve > self.kv_tokens:
-            raise PayloadTooLarge(
+            raise InvalidArgument(
                 f"prompt + max_tokens is {work.reserve} tokens, over serve.kv_cache_tokens="
                 f"{self.kv_tokens}; shorten the prompt or lower max_tokens"
             )
+        if work.request is not None and work.request.params.max_tokens <= 0:
+            prompt = len(work.prompt_ids)  # nothing to generate: no forward at all
+            work.on_done(GenerationResult([], "", "length", prompt, 0, queue_s=0.0))
+            return work
         with self._wake:
             if len(self._queue) >= self.max_queue:
                 raise Overloaded(
@@ -185,20 +200,28 @@ class Engine:
                 )
             self._queue.append(work)
             self.stats.queued = len(self._queue)
+            self._ensure_thread()
             self._wake.notify()
         return work
 
-    def start(self) -> None:
-        """Run the loop on a thread of its own (a daemon) until :meth:`stop`."""
-        self._thread = threading.Thread(target=self._run, name="adapterswap-engine", daemon=True)
-        self._thread.start()
+    def _ensure_thread(self) -> None:
+        """With ``background``: a loop thread runs while there is work (the caller holds
+        ``_wake``). It exits after ``_IDLE_S`` idle, so an engine nobody uses any more holds
+        no thread and can be collected."""
+        if self.background and not self._stopping and self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="adapterswap-engine", daemon=True
+            )
+            self._thread.start()
 
     def stop(self) -> None:
+        """Stop the loop thread for good (what is queued or running is dropped)."""
         with self._wake:
             self._stopping = True
+            thread = self._thread
             self._wake.notify()
-        if self._thread is not None:
-            self._thread.join()
+        if thread is not None:
+            thread.join()
 
     def wake(self) -> None:
         """Make an idle loop look again (a cancellation)."""
@@ -208,32 +231,45 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._stopping and not self._queue and not self.kv.count:
-                    self._wake.wait()
-                if self._stopping:
+                if not self._stopping and not self._queue and not self.kv.count:
+                    self._wake.wait(_IDLE_S)
+                if self._stopping or (not self._queue and not self.kv.count):
+                    self._thread = None
                     return
             try:
                 self.step()
-            except Exception:  # noqa: BLE001 - a bug: fail what runs, keep serving
+            except Exception:  # noqa: BLE001 - a bug: fail what runs, start afresh, keep serving
                 logger.exception("the engine step failed; failing the rows it ran")
-                for work in list(self.kv.owners):
-                    self._fail(work, RuntimeError("engine step failed"))
+                self._reset()
+
+    def _reset(self) -> None:
+        """Fail every running row and start from an empty KV cache (after a bug in a step)."""
+        works, self.kv = list(self.kv.owners), self._new_kv()
+        for work in works:
+            self.stats.failed += 1
+            if self.bank is not None and work.slots:
+                self.bank.unpin(work.slots)
+                work.slots = {}
+            work.on_done(RuntimeError("the engine step failed"))
 
     # -- one iteration --------------------------------------------------------------------
 
     def step(self) -> None:
         """One iteration: leaves, joins, decode, prefill, sample (see the module docstring)."""
         self.stats.steps += 1
-        for work in [w for w in self.kv.owners if w.cancelled]:
-            self._leave(work)
-            self.stats.cancelled += 1
-        self._admit()
-        logits: dict[int, torch.Tensor] = {}  # id(work) -> next-token logits (V,)
+        self.stats.compose_ms = 0.0
+        # The KV cache's tensors are made and changed in inference mode only.
         with torch.inference_mode():
+            for work in [w for w in self.kv.owners if w.cancelled]:
+                self._leave(work)
+                self.stats.cancelled += 1
+            self._admit()
+            logits: dict[int, torch.Tensor] = {}  # id(work) -> next-token logits (V,)
             self._decode(logits)
             self._prefill(logits)
-        self._sample(logits)
+            self._sample(logits)
         self.stats.running = self.kv.count
+        self.stats.queued = len(self._queue)
         self.stats.kv_tokens_reserved = sum(w.reserve for w in self.kv.owners)
 
     def _admit(self) -> None:
@@ -266,7 +302,9 @@ class Engine:
 
     def _use(self, works: Sequence[Work]) -> None:
         if self.bank is not None:
+            started = time.perf_counter()
             self.bank.use([w.slots for w in works])
+            self.stats.compose_ms += 1000 * (time.perf_counter() - started)
 
     def _forward(self, works: Sequence[Work], tokens: Sequence[Sequence[int]], keep: int) -> Any:
         """One forward of ``works``' new ``tokens`` (right-padded); logits of the last ``keep``
@@ -276,7 +314,7 @@ class Engine:
         ids = torch.zeros((len(works), q), dtype=torch.long)
         for b, t in enumerate(tokens):
             ids[b, : len(t)] = torch.tensor(t)
-        positions, mask = self.kv.view(rows, q)
+        positions, mask = self.kv.view(rows, q, next(self.model.parameters()).dtype)
         self._use(works)
         out = self.model(
             input_ids=ids.to(positions.device),
@@ -387,14 +425,25 @@ class Engine:
             self._leave(w)
             if outcome == "abort":
                 self.stats.revoked += 1
-                w.on_done(attach_scores(w.row, self.tokenizer) if w.row else StaleMixture(_REVOKED))
+                w.on_done(self._result(w) if w.row else StaleMixture(_REVOKED))
             elif isinstance(outcome, PromptScores):
                 w.on_done(outcome)
             else:
-                w.on_done(attach_scores(w.row, self.tokenizer))
+                w.on_done(self._result(w))
         for w in live if logits else []:
             if w.row.result is None and self.kv.index(w) >= self.kv.decoding:
                 self.kv.promote(self.kv.index(w))
+
+    def _result(self, work: Work) -> GenerationResult:
+        """A finished row's result, with its scores (if asked) and its timings."""
+        assert work.row is not None and work.admitted_at is not None
+        first = work.first_token_at
+        return dataclasses.replace(
+            attach_scores(work.row, self.tokenizer),
+            queue_s=work.admitted_at - work.queued_at,
+            first_token_s=None if first is None else first - work.queued_at,
+            finish_s=time.perf_counter() - work.queued_at,
+        )
 
     def _advance(self, work: Work, token: int) -> None:
         row = work.row

@@ -1,54 +1,52 @@
-"""A model replica: one frozen base model, an adapter bank, generation and scoring. No Ray here.
+"""A model replica: one frozen base model, an adapter bank, and the serving engine that runs
+every request on them. No Ray here.
 
-The Ray Serve model deployment wraps this class; tests drive it directly. A replica serves a
-batch of jobs, each with its own adapter mixture, in one forward per step:
-``with bank.mixture(rows): generate_batch(...)``.
+The Ray Serve model deployment wraps this class; tests drive it directly. Requests are
+checked here, in the caller's thread (mixture refs, the active set, tokenisation and the
+prompt limits), then queue for the replica's :class:`~adapterswap.engine.loop.Engine`, which
+schedules every step: rows join and leave each iteration, each with its own adapter mixture.
 
 Removal: no token is produced with a revoked version after the acknowledgement.
 
-- Before every batch the replica syncs with the store's epoch (a cheap read when nothing
-  changed) and refuses a job naming a version its view no longer holds (``StaleMixture``:
-  the gateway routes it again).
-- While a batch runs, every step's sampling and streaming run under the replica's step lock,
-  after comparing the active set's epoch with the one the batch last checked (one integer).
-  When it moved, every row whose mixture holds a version that left the set stops at once
-  and gets a ``StaleMixture``: a stream ends with an ``adapter_revoked`` error event, a
-  non-streaming request is routed again and rerun from the start. A scoring job is checked
-  the same way after its forward.
+- Before a request with adapters is queued the replica syncs with the store's epoch (a
+  cheap read when nothing changed) and refuses a job naming a version its view no longer
+  holds (``StaleMixture``: the gateway routes it again).
+- Every step's sampling and streaming run under the replica's step lock, after the engine
+  compares the active set's epoch with the one it last checked (one integer). When it
+  moved, every row whose mixture holds a version that left the set stops at once and gets
+  a ``StaleMixture``: a stream ends with an ``adapter_revoked`` error event, a
+  non-streaming request is routed again and rerun from the start. A scoring row is checked
+  the same way before its result is returned.
 - :meth:`ModelReplica.sync`, whose epoch the watcher acknowledges, applies the new set and
   then takes the step lock once: a step that was sampling finishes first, and every later
   step sees the new epoch. So the acknowledgement never waits for a forward or an adapter
   load, and no token is sampled with a revoked version after it.
 
-Failures are per row. Each job is tokenised, its mixture validated and its adapters loaded
-before it joins a batch; if the batch still fails, its rows run again one at a time, so the
-culprit fails alone and the others get what they would have got without it. A row's error
-is one of: ``StaleMixture``, ``PayloadTooLarge``, ``InvalidArgument``, ``InvalidMixture``,
-``SlotsExhausted``, :class:`AdapterLoadFailed`, :class:`GenerationFailed`.
+Failures are per row: a job that cannot run gets its error in its place, and the others
+are answered as if it had not been there. A row's error is one of: ``StaleMixture``,
+``PayloadTooLarge``, ``InvalidArgument``, ``InvalidMixture``, ``SlotsExhausted``,
+``Overloaded`` (the queue is full), :class:`AdapterLoadFailed`, :class:`GenerationFailed`.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections import defaultdict
-from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from adapterswap.compose.bank import AdapterBank
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.engine.adapter_source import StorageAdapterSource
-from adapterswap.engine.generation import StepGuard, TokenCallback, generate_batch
+from adapterswap.engine.generation import TokenCallback
+from adapterswap.engine.loop import Engine, Work
 from adapterswap.engine.requests import (
     GenerationRequest,
     GenerationResult,
     PromptScores,
     SamplingParams,
 )
-from adapterswap.engine.scoring import score_prompts
 from adapterswap.engine.text import apply_chat_template
 from adapterswap.errors import (
     AdapterLoadFailed,
@@ -108,12 +106,30 @@ class ModelReplica:
         self.source = StorageAdapterSource(StorageLayout.from_config(config), base_hash)
         self.active = ActiveSet(snapshot, self._drop, epoch)
         self.max_prompt_tokens = config.serve.max_prompt_tokens
-        self.last_composition_ms = 0.0  # mixture setup of the latest batch (a metric)
         self.adapter_hits = self.adapter_misses = 0  # jobs' adapters found loaded, or not
-        self._lock = threading.Lock()  # the bank holds one mixture at a time
-        # Held while a step samples and streams (and while a score is checked): a sync waits
-        # for that, never for a forward.
+        # Held while a step samples and streams: a sync waits for that, never for a forward.
         self._step = threading.Lock()
+        serve = config.serve
+        context = _context(self.loaded.model.config, serve.max_prompt_tokens + serve.max_new_tokens)
+        self.engine = Engine(
+            self.loaded.model,
+            self.tokenizer,
+            bank=self.bank,
+            loader=self._load,
+            max_rows=serve.max_batch_size,
+            max_queue=serve.max_queued_requests,
+            prefill_tokens=serve.prefill_chunk_tokens,
+            kv_tokens=serve.kv_cache_tokens or serve.max_batch_size * context,
+            max_context=context,
+            step_lock=self._step,
+            epoch=lambda: self.active.epoch,
+            revoked=self._gone,
+            background=True,
+        )
+
+    def close(self) -> None:
+        """Stop the engine for good (what is queued or running is dropped)."""
+        self.engine.stop()
 
     @property
     def model_id(self) -> str:
@@ -141,28 +157,6 @@ class ModelReplica:
         """Indices of the mixtures holding a version that is not in the active set."""
         active = self.active.refs()
         return [k for k, mixture in enumerate(mixtures) if any(r not in active for r, _ in mixture)]
-
-    def _step_guard(self, mixtures: Sequence[Mixture], admitted: int) -> StepGuard:
-        """The decode loop's guard around every step's sampling: the rows to stop first.
-
-        ``admitted`` is the epoch the batch's jobs were checked at. One int compare per step
-        unless the epoch moved since the last check.
-        """
-        checked = admitted
-
-        @contextmanager
-        def guard() -> Iterator[Collection[int]]:
-            nonlocal checked
-            with self._step:
-                epoch = self.active.epoch  # read before refs(): the set seen is at least this new
-                if epoch == checked:
-                    yield ()
-                    return
-                gone = self._gone(mixtures)
-                checked = epoch
-                yield gone
-
-        return guard
 
     def _revoked(self, job: InferenceJob) -> StaleMixture:
         """The error of a row stopped because a version of its mixture was revoked."""
@@ -235,38 +229,25 @@ class ModelReplica:
             logger.exception("could not load adapter %s v%s", ref.id, ref.version)
             raise AdapterLoadFailed(_LOAD_FAILED) from None
 
-    def _admit(self, job: InferenceJob, active: set[AdapterRef]) -> list[int]:
-        """A job's prompt ids, once everything that could fail its batch was checked alone."""
+    def _admit(self, job: InferenceJob) -> list[int]:
+        """A job's prompt ids, once everything that can be checked before it queues was."""
         for ref, _ in job.mixture:
             if not isinstance(ref, AdapterRef):
                 raise InvalidMixture(f"mixture: {ref!r} is not an AdapterRef")
-        gone = sorted(ref for ref, _ in job.mixture if ref not in active)
-        if gone:
-            raise StaleMixture(f"adapter {gone[0].id!r} version {gone[0].version} is not active")
+        if job.mixture:
+            self.active.sync()
+            active = self.active.refs()
+            gone = sorted(ref for ref, _ in job.mixture if ref not in active)
+            if gone:
+                raise StaleMixture(
+                    f"adapter {gone[0].id!r} version {gone[0].version} is not active"
+                )
         ids = self.prompt_ids(job)
         if job.mixture:
-            # Hits and misses are counted here, at each job's first look at the bank: the
-            # batch then finds every adapter loaded.
             loaded = sum(ref in self.bank for ref, _ in job.mixture)
             self.adapter_hits += loaded
             self.adapter_misses += len(job.mixture) - loaded
-            self.bank.check_row(job.mixture, self._load)  # weights, loading, overflow
         return ids
-
-    def _prepare(
-        self, jobs: Sequence[InferenceJob], results: list[Any]
-    ) -> tuple[int, dict[int, list[int]]]:
-        """Admit each job alone: the epoch they were checked at, and each one's prompt ids
-        (or its error, written into ``results``)."""
-        epoch = self.active.epoch  # read before refs(): the set seen is at least this new
-        active = self.active.refs()
-        prompts = {}
-        for i, job in enumerate(jobs):
-            try:
-                prompts[i] = self._admit(job, active)
-            except Exception as exc:  # noqa: BLE001 - this job fails, alone
-                results[i] = self._row_error(exc)
-        return epoch, prompts
 
     def _row_error(self, exc: Exception) -> AdapterSwapError:
         """The error a row carries back: ours as is, anything else without internals."""
@@ -282,115 +263,76 @@ class ModelReplica:
 
     # -- work ---------------------------------------------------------------------------
 
+    def submit(
+        self,
+        job: InferenceJob,
+        on_done: Callable[[Any], None],
+        *,
+        on_token: Callable[[str], None] | None = None,
+        score: int | None = None,
+    ) -> Work | None:
+        """Queue one job for the engine; ``on_done`` gets its result or its error, once.
+
+        ``score=k`` scores the prompt (``PromptScores``, top ``k`` per token) instead of
+        generating. A job that cannot run is answered at once (and None returned); otherwise
+        the returned :class:`Work` can be cancelled (its client went away).
+        """
+
+        def done(outcome: Any) -> None:
+            if isinstance(outcome, GenerationResult) and outcome.finish_reason == "abort":
+                self._drop_inactive()
+                outcome = self._revoked(job)
+            elif isinstance(outcome, BaseException):
+                outcome = self._row_error(outcome)
+            on_done(outcome)
+
+        try:
+            ids = self._admit(job)
+            request = None if score is not None else GenerationRequest(ids, job.params)
+            work = Work(ids, request, list(job.mixture), done, on_token, top_logprobs=score or 0)
+            return self.engine.submit(work)
+        except Exception as exc:  # noqa: BLE001 - this job fails, alone
+            done(exc)
+            return None
+
     def generate(
         self, jobs: Sequence[InferenceJob], on_token: TokenCallback | None = None
     ) -> list[GenerationResult | AdapterSwapError]:
-        """Complete every job in one batch, each row with its own mixture.
+        """Complete every job (they run together), each row with its own mixture; blocks.
 
         A job that cannot run, or that fails or is revoked while it runs, gets its error in
-        its place (see the module docstring); the others are answered as if it had not been
-        there. ``on_token(i, delta)`` streams job ``i``'s text.
+        its place (see the module docstring). ``on_token(i, delta)`` streams job ``i``'s text.
         """
-        with self._lock:
-            if any(job.mixture for job in jobs):
-                self.active.sync()
-            results: list[Any] = [None] * len(jobs)
-            admitted, prompts = self._prepare(jobs, results)
-            if prompts:
-                self._generate_rows(jobs, admitted, prompts, results, on_token)
-            self._drop_inactive()
-            return results
-
-    def _generate_rows(
-        self,
-        jobs: Sequence[InferenceJob],
-        admitted: int,
-        prompts: dict[int, list[int]],
-        results: list[Any],
-        on_token: TokenCallback | None,
-    ) -> None:
-        """Run the admitted jobs as one batch; if it fails, one at a time (fails alone)."""
-        run = list(prompts)
-        stream = None if on_token is None else _Streamed(on_token)
-        try:
-            batch = self._run_batch(jobs, run, admitted, prompts, stream)
-            for i, result in zip(run, batch, strict=True):
-                results[i] = result
-            return
-        except Exception as exc:  # noqa: BLE001 - find the row that failed it
-            if len(run) == 1:
-                results[run[0]] = self._row_error(exc)
-                return
-            logger.warning("a batch of %d failed; running its rows one at a time", len(run))
-        for i in run:
-            if stream is not None:
-                params = jobs[i].params
-                if stream.sent(i) and params.temperature > 0 and params.seed is None:
-                    # a rerun samples another text: it cannot continue what was streamed
-                    results[i] = GenerationFailed(
-                        "the batch this stream ran in failed after it had started; ask again"
-                    )
-                    continue
-                stream.restart(i)
-            try:
-                (results[i],) = self._run_batch(jobs, [i], admitted, prompts, stream)
-            except Exception as exc:  # noqa: BLE001 - this row fails, alone
-                results[i] = self._row_error(exc)
-
-    def _run_batch(
-        self,
-        jobs: Sequence[InferenceJob],
-        run: list[int],
-        admitted: int,
-        prompts: dict[int, list[int]],
-        on_token: TokenCallback | None,
-    ) -> list[GenerationResult | AdapterSwapError]:
-        mixtures = [jobs[i].mixture for i in run]
-        requests = [GenerationRequest(prompts[i], jobs[i].params) for i in run]
-        callback = None if on_token is None else (lambda k, d: on_token(run[k], d))
-        started = time.perf_counter()
-        with self.bank.mixture([list(m) for m in mixtures], self._load):
-            self.last_composition_ms = 1000 * (time.perf_counter() - started)
-            done = generate_batch(
-                self.loaded.model,
-                self.tokenizer,
-                requests,
-                on_token=callback,
-                on_rows_kept=self.bank.keep_rows,  # finished and stopped rows leave the batch
-                step_guard=self._step_guard(mixtures, admitted),
-            )
-        return [
-            self._revoked(jobs[i]) if result.finish_reason == "abort" else result
-            for i, result in zip(run, done, strict=True)
-        ]
+        return self._wait(jobs, None, on_token)
 
     def score(
         self, jobs: Sequence[InferenceJob], top_logprobs: int = 0
     ) -> list[PromptScores | AdapterSwapError]:
-        """Per-token log-probabilities of each job's prompt under its mixture (OpenAI echo).
+        """Per-token log-probabilities of each job's prompt under its mixture (OpenAI echo)."""
+        return self._wait(jobs, top_logprobs, None)
 
-        One job at a time: ``score_prompts`` regroups prompts into forwards by length, which
-        would not keep a per-row mixture aligned with its row. A job whose mixture was revoked
-        during its forward gets a StaleMixture, not the scores.
-        """
-        with self._lock:
-            if any(job.mixture for job in jobs):
-                self.active.sync()
-            results: list[Any] = [None] * len(jobs)
-            admitted, prompts = self._prepare(jobs, results)
-            for i, ids in prompts.items():
-                try:
-                    with self.bank.mixture([list(jobs[i].mixture)], self._load):
-                        (scores,) = score_prompts(
-                            self.loaded.model, self.tokenizer, [ids], top_logprobs=top_logprobs
-                        )
-                    with self._step:  # like a decode step: a sync waits for this check
-                        revoked = self.active.epoch != admitted and self._gone([jobs[i].mixture])
-                        results[i] = self._revoked(jobs[i]) if revoked else scores
-                except Exception as exc:  # noqa: BLE001 - this job fails, alone
-                    results[i] = self._row_error(exc)
-            self._drop_inactive()
-            return results
+    def _wait(
+        self, jobs: Sequence[InferenceJob], score: int | None, on_token: TokenCallback | None
+    ) -> list[Any]:
+        results: list[Any] = [None] * len(jobs)
+        finished = [threading.Event() for _ in jobs]
+        for i, job in enumerate(jobs):
+
+            def done(outcome: Any, i: int = i) -> None:
+                results[i] = outcome
+                finished[i].set()
+
+            stream = None if on_token is None else (lambda delta, i=i: on_token(i, delta))
+            self.submit(job, done, on_token=stream, score=score)
+        for event in finished:
+            event.wait()
+        return results
+
+
+def _context(model_config: Any, served: int) -> int:
+    """Tokens one row may hold: prompt + max_tokens as served, within the model's positions."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    return min(served, positions) if positions else served
 
 
 def _check_text(text: str, where: str) -> None:
@@ -402,29 +344,3 @@ def _check_text(text: str, where: str) -> None:
             f"{where}: not valid Unicode text (a lone surrogate at character {exc.start}); "
             "send UTF-8 text"
         ) from None
-
-
-class _Streamed:
-    """Text streamed so far per job, so that rerunning a job (its batch failed) streams only
-    what it had not streamed yet. Only greedy and seeded requests are rerun once streaming:
-    their rerun produces the same text."""
-
-    def __init__(self, on_token: TokenCallback) -> None:
-        self._on_token = on_token
-        self._sent: dict[int, int] = defaultdict(int)  # characters streamed to the caller
-        self._seen: dict[int, int] = defaultdict(int)  # characters produced by this run
-
-    def __call__(self, index: int, delta: str) -> None:
-        start = self._seen[index]
-        self._seen[index] += len(delta)
-        new = delta[max(0, self._sent[index] - start) :]
-        if new:
-            self._sent[index] += len(new)
-            self._on_token(index, new)
-
-    def sent(self, index: int) -> bool:
-        """Whether any of job ``index``'s text reached the caller."""
-        return self._sent[index] > 0
-
-    def restart(self, index: int) -> None:
-        self._seen[index] = 0

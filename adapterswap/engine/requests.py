@@ -48,6 +48,11 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     scores: PromptScores | None = None  # the output tokens' log-probabilities, if asked
+    # Seconds from arrival at the engine: to a place in its batch, to the first token. Not
+    # part of what the request produced, so not compared.
+    queue_s: float | None = field(default=None, compare=False)
+    first_token_s: float | None = field(default=None, compare=False)
+    finish_s: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

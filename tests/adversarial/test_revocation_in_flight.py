@@ -29,7 +29,6 @@ from adapterswap.catalog.ingest import ingest_records
 from adapterswap.catalog.readers import RawRecord
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.delete.job import wait_for_replicas
-from adapterswap.engine import generation
 from adapterswap.engine.epoch_watch import EpochWatcher
 from adapterswap.engine.replica import InferenceJob
 from adapterswap.engine.requests import GenerationResult, SamplingParams
@@ -151,24 +150,18 @@ def serving(app):
 
 
 class SampledTokens:
-    """Every decode step the replica samples: when, and with which adapter versions."""
+    """Every token the replica's engine samples: when, and with which adapter versions."""
 
     def __init__(self, replica, monkeypatch) -> None:
         self.log: list[tuple[float, frozenset[AdapterRef]]] = []
-        local = threading.local()
-        generate, sample = replica.generate, generation._sample_and_advance
+        engine = replica.engine
+        advance = engine._advance  # called under the step lock, once per row's sampled token
 
-        def tagged_generate(jobs, on_token=None):
-            local.refs = frozenset(ref for job in jobs for ref, _ in job.mixture)
-            return generate(jobs, on_token)
+        def logged_advance(work, token):
+            advance(work, token)  # the token is emitted (streamed) here
+            self.log.append((time.monotonic(), frozenset(ref for ref, _ in work.mixture)))
 
-        def logged_sample(*args):
-            step = sample(*args)
-            self.log.append((time.monotonic(), local.refs))  # after the tokens were emitted
-            return step
-
-        monkeypatch.setattr(replica, "generate", tagged_generate)
-        monkeypatch.setattr(generation, "_sample_and_advance", logged_sample)
+        monkeypatch.setattr(engine, "_advance", logged_advance)
 
     def with_ref(self, ref: AdapterRef) -> list[float]:
         return [t for t, refs in self.log if ref in refs]
@@ -376,17 +369,10 @@ def corrupt(world, ref: AdapterRef) -> None:
         out.write(b"\x00garbage, not safetensors")
 
 
-@pytest.mark.parametrize(
-    ("culprit", "caught"),
-    [
-        ("weight-1e300", "before-the-batch"),
-        ("weight-1e300", "by-rerunning-rows"),
-        ("lone-surrogate", "before-the-batch"),
-        ("corrupt-adapter", "before-the-batch"),
-        ("corrupt-adapter", "by-rerunning-rows"),
-    ],
-)
-def test_a_bad_batch_mate_fails_alone(world, monkeypatch, culprit, caught):
+# Refused before it queues (the text), or when it joins the engine's batch (its mixture's
+# weights, its adapter's files); a row that fails in a forward is test_engine's.
+@pytest.mark.parametrize("culprit", ["weight-1e300", "lone-surrogate", "corrupt-adapter"])
+def test_a_bad_batch_mate_fails_alone(world, culprit):
     x, y, z = (world.refs[d] for d in ("doc-x", "doc-y", "doc-z"))
     replica = world.replica
     mates = [greedy_job(((x, 1.0),)), greedy_job(((y, 0.6), (x, 0.4)), prompt="Badges?")]
@@ -399,8 +385,6 @@ def test_a_bad_batch_mate_fails_alone(world, monkeypatch, culprit, caught):
     }[culprit]
     if culprit == "corrupt-adapter":
         corrupt(world, z)
-    if caught == "by-rerunning-rows":  # validation misses it: the batch itself fails
-        monkeypatch.setattr(replica.bank, "check_row", lambda *a, **k: None)
 
     first, failed, second = replica.generate([mates[0], bad, mates[1]])
     assert isinstance(failed, expected), failed

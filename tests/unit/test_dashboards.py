@@ -92,7 +92,7 @@ def test_a_query_that_is_not_promql_or_selects_by_regex_is_refused():
 
 def test_the_adapterswap_panels_show_every_metric_the_code_registers_and_no_other():
     metrics = [value for value in vars(ServeMetrics()).values() if isinstance(value, Metric)]
-    assert len(metrics) == 5
+    assert len(metrics) == 11
     exported = set().union(*(exported_names(metric) for metric in metrics))
     used = {name for name in dashboard_metrics() if name.startswith("ray_adapterswap_")}
     assert used <= exported, used - exported

@@ -9,7 +9,10 @@ against peft and hand-merged weights ``test_compose`` checks).
 from __future__ import annotations
 
 import copy
+import gc
 import threading
+import time
+import weakref
 from collections.abc import Callable
 
 import pytest
@@ -22,7 +25,7 @@ from adapterswap.engine.generation import generate_batch
 from adapterswap.engine.loop import Engine, Work
 from adapterswap.engine.requests import GenerationRequest, GenerationResult, SamplingParams
 from adapterswap.engine.scoring import score_prompt
-from adapterswap.errors import Overloaded, PayloadTooLarge, StaleMixture
+from adapterswap.errors import InvalidArgument, Overloaded, StaleMixture
 from adapterswap.models.base import LoadedModel
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, logprobs=2, ignore_eos=True)
@@ -185,7 +188,7 @@ def test_a_full_queue_is_overloaded_and_an_oversized_request_is_refused(tiny64, 
     with pytest.raises(Overloaded, match="queue is full"):
         engine.submit(work(prompts[2]))
     big = SamplingParams(max_tokens=9, temperature=0)
-    with pytest.raises(PayloadTooLarge, match="prompt \\+ max_tokens is 49 tokens, over"):
+    with pytest.raises(InvalidArgument, match="prompt \\+ max_tokens is 49 tokens, over"):
         engine.submit(work(prompts[3], big))
 
 
@@ -241,16 +244,19 @@ def test_a_row_that_fails_while_running_fails_alone(tiny64, prompts):
 
     model.forward = failing
     engine = Engine(model, tiny64.tokenizer, prefill_tokens=64)
+    streamed = {i: "" for i in range(len(prompts))}
     works = [work(p) for p in prompts]
+    for i, w in enumerate(works):
+        w.on_token = lambda delta, i=i: streamed.__setitem__(i, streamed[i] + delta)
     outcomes = run(engine, works)
     assert isinstance(outcomes[3], RuntimeError) and engine.stats.failed == 1
-    for i in (0, 1, 2, 4):
+    for i in (0, 1, 2, 4):  # rerun alone for the step that failed: nothing lost or repeated
         assert_same(outcomes[i], alone(tiny64.model, tiny64.tokenizer, prompts[i]))
+        assert streamed[i] == outcomes[i].text
 
 
 def test_the_thread_serves_submissions_from_other_threads(tiny64, prompts):
-    engine = Engine(tiny64.model, tiny64.tokenizer)
-    engine.start()
+    engine = Engine(tiny64.model, tiny64.tokenizer, background=True)
     try:
         results, events = {}, [threading.Event() for _ in prompts]
         for i, p in enumerate(prompts):
@@ -262,3 +268,73 @@ def test_the_thread_serves_submissions_from_other_threads(tiny64, prompts):
         engine.stop()
     for i, p in enumerate(prompts):
         assert_same(results[i], alone(tiny64.model, tiny64.tokenizer, p))
+
+
+def test_the_cache_grows_while_rows_run_and_rows_leave_after(tiny64, prompts):
+    """Six rows at once grow the cache from 4 rows to 8, a 300-token prompt its width from
+    256 columns to the context (320); rows then leave from the middle of both regions."""
+    g = torch.Generator().manual_seed(1)
+    everything = [*prompts, torch.randint(3, 1000, (300,), generator=g).tolist()]
+    engine = Engine(tiny64.model, tiny64.tokenizer, max_rows=8, max_context=320)
+    outcomes = run(engine, [work(p) for p in everything])
+    assert engine.kv.keys[0].shape[0] == 8 and engine.kv.width == 320 and engine.kv.count == 0
+    for i, prompt in enumerate(everything):
+        assert_same(outcomes[i], alone(tiny64.model, tiny64.tokenizer, prompt))
+
+
+def test_a_bug_in_a_step_fails_the_rows_it_ran_and_the_loop_keeps_serving(
+    tiny64, prompts, monkeypatch
+):
+    engine = Engine(tiny64.model, tiny64.tokenizer)
+    sample, calls = engine._sample, []
+
+    def buggy_once(logits):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a bug")
+        return sample(logits)
+
+    monkeypatch.setattr(engine, "_sample", buggy_once)
+    results, events, works = {}, [threading.Event() for _ in range(3)], []
+    for i, p in enumerate(prompts[:3]):
+        works.append(work(p))
+        works[i].on_done = lambda o, i=i: (results.__setitem__(i, o), events[i].set())
+    engine.background = True
+    with engine._wake:  # the loop waits for this: both run in its first steps
+        engine.submit(works[0])
+        engine.submit(works[1])
+    try:
+        assert all(e.wait(60) for e in events[:2])
+        engine.submit(works[2])
+        assert events[2].wait(60)
+    finally:
+        engine.stop()
+    assert all(isinstance(results[i], RuntimeError) for i in (0, 1))
+    assert_same(results[2], alone(tiny64.model, tiny64.tokenizer, prompts[2]))  # ...not this
+
+
+def test_an_idle_engine_holds_no_thread_so_one_nobody_uses_is_collected(tiny64, prompts):
+    engine = Engine(tiny64.model, tiny64.tokenizer, background=True)
+    finished = threading.Event()
+    w = work(prompts[0])
+    w.on_done = lambda _: finished.set()
+    engine.submit(w)
+    assert finished.wait(60)
+    deadline = time.monotonic() + 10
+    while engine._thread is not None:
+        assert time.monotonic() < deadline, "the loop thread did not exit when idle"
+        time.sleep(0.05)
+    dropped = weakref.ref(engine)
+    del engine, w
+    gc.collect()
+    assert dropped() is None  # a replica's model, bank and KV cache go with it
+
+
+def test_max_tokens_zero_is_answered_without_running_the_model(tiny64, prompts):
+    engine = Engine(tiny64.model, tiny64.tokenizer)
+    done: list = []
+    params = SamplingParams(max_tokens=0, temperature=0)
+    engine.submit(Work(prompts[0], GenerationRequest(prompts[0], params), [], on_done=done.append))
+    (result,) = done
+    assert (result.text, result.finish_reason, result.completion_tokens) == ("", "length", 0)
+    assert result.prompt_tokens == len(prompts[0]) and engine.stats.steps == 0
