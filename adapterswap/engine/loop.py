@@ -31,6 +31,7 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -206,11 +207,11 @@ class Engine:
 
     def _ensure_thread(self) -> None:
         """With ``background``: a loop thread runs while there is work (the caller holds
-        ``_wake``). It exits after ``_IDLE_S`` idle, so an engine nobody uses any more holds
-        no thread and can be collected."""
+        ``_wake``). It holds the engine only weakly while it waits, and exits after
+        ``_IDLE_S`` idle, so an engine nobody uses any more is collected with its model."""
         if self.background and not self._stopping and self._thread is None:
             self._thread = threading.Thread(
-                target=self._run, name="adapterswap-engine", daemon=True
+                target=_serve, args=(weakref.ref(self),), name="adapterswap-engine", daemon=True
             )
             self._thread.start()
 
@@ -220,27 +221,13 @@ class Engine:
             self._stopping = True
             thread = self._thread
             self._wake.notify()
-        if thread is not None:
+        if thread is not None and thread is not threading.current_thread():
             thread.join()
 
     def wake(self) -> None:
         """Make an idle loop look again (a cancellation)."""
         with self._wake:
             self._wake.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                if not self._stopping and not self._queue and not self.kv.count:
-                    self._wake.wait(_IDLE_S)
-                if self._stopping or (not self._queue and not self.kv.count):
-                    self._thread = None
-                    return
-            try:
-                self.step()
-            except Exception:  # noqa: BLE001 - a bug: fail what runs, start afresh, keep serving
-                logger.exception("the engine step failed; failing the rows it ran")
-                self._reset()
 
     def _reset(self) -> None:
         """Fail every running row and start from an empty KV cache (after a bug in a step)."""
@@ -482,3 +469,25 @@ class Engine:
         if work in self.kv.owners:
             self._leave(work)
         work.on_done(exc)
+
+
+def _serve(ref: weakref.ref[Engine]) -> None:
+    """A background engine's loop: step while there is work; between steps, hold the engine
+    only through ``ref``."""
+    while (engine := ref()) is not None:
+        wake = engine._wake
+        with wake:
+            if not engine._stopping and not engine._queue and not engine.kv.count:
+                del engine  # waiting must not keep it alive
+                wake.wait(_IDLE_S)
+                if (engine := ref()) is None:
+                    return
+            if engine._stopping or (not engine._queue and not engine.kv.count):
+                engine._thread = None
+                return
+        try:
+            engine.step()
+        except Exception:  # noqa: BLE001 - a bug: fail what runs, start afresh, keep serving
+            logger.exception("the engine step failed; failing the rows it ran")
+            engine._reset()
+        del engine

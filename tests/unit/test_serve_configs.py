@@ -49,7 +49,9 @@ def test_config_parses_and_builds(path, tmp_path):
             and model._deployment_config.autoscaling_config.max_replicas == 8
         )
         assert settings["serve"]["max_batch_size"] == 32
-        assert model._deployment_config.max_ongoing_requests == 64  # two batches
+        # the engine's running rows and its queue; each caller queues no more than that
+        assert model._deployment_config.max_ongoing_requests == 32 + 64
+        assert model._deployment_config.max_queued_requests == 64
     else:
         assert options["num_gpus"] == 0 and 0 < options["num_cpus"] < 1
 
