@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,19 +112,21 @@ class ModelReplica:
         self._step = threading.Lock()
         serve = config.serve
         context = _context(self.loaded.model.config, serve.max_prompt_tokens + serve.max_new_tokens)
+        # The engine's loop thread may outlive a step of this replica's life: it calls back
+        # through weak references, so a replica nobody uses is freed at once.
         self.engine = Engine(
             self.loaded.model,
             self.tokenizer,
             bank=self.bank,
-            loader=self._load,
+            loader=_weakly(self._load),
             max_rows=serve.max_batch_size,
             max_queue=serve.max_queued_requests,
             prefill_tokens=serve.prefill_chunk_tokens,
             kv_tokens=serve.kv_cache_tokens or serve.max_batch_size * context,
             max_context=context,
             step_lock=self._step,
-            epoch=lambda: self.active.epoch,
-            revoked=self._gone,
+            epoch=_weakly(self._epoch),
+            revoked=_weakly(self._gone),
             background=True,
         )
 
@@ -152,6 +155,9 @@ class ModelReplica:
         with self._step:
             pass
         return epoch
+
+    def _epoch(self) -> int:
+        return self.active.epoch
 
     def _gone(self, mixtures: Sequence[Mixture]) -> list[int]:
         """Indices of the mixtures holding a version that is not in the active set."""
@@ -327,6 +333,19 @@ class ModelReplica:
         for event in finished:
             event.wait()
         return results
+
+
+def _weakly(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method``, calling through a weak reference to its object."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> Any:
+        bound = ref()
+        if bound is None:
+            raise RuntimeError("the model replica is gone")
+        return bound(*args)
+
+    return call
 
 
 def _context(model_config: Any, served: int) -> int:
