@@ -25,7 +25,7 @@ Methods, each alone and together:
   only), alone and with the coverage gate's threshold as a floor;
 - training: early stopping on a held-out split of each shard's own chunks (every 8th 64-word
   chunk; the held-out NLL is checked every 5 steps and the best weights kept); a KL term
-  toward the base model on the shard's own tokens (``training.kl_weight`` 0.5).
+  toward the base model on the shard's own tokens (``training.kl_weight`` 0.5 and 0.2).
 
 A sweep of the gate's two thresholds justifies the defaults. Then a **second batch** (a new shard in the first group: are the first batch's
 greedy answers unchanged?) and a **delete** (two documents of the first shard; the shard is
@@ -94,8 +94,15 @@ METHODS = {  # name: (training, router)
     "early stop + gate": ("early stop", "gate"),
     "KL": ("kl", "today"),
     "KL + gate": ("kl", "gate"),
+    "KL 0.2": ("kl 0.2", "today"),
+    "KL 0.2 + gate": ("kl 0.2", "gate"),
 }
-TRAININGS = {"full": {}, "early stop": {}, "kl": {"kl_weight": 0.5}}  # extra TrainingSettings
+TRAININGS = {  # name: extra TrainingSettings
+    "full": {},
+    "early stop": {},
+    "kl": {"kl_weight": 0.5},
+    "kl 0.2": {"kl_weight": 0.2},
+}
 SWEEP = [(0.2, 0.2), (0.3, 0.3), (0.35, 0.35), (0.4, 0.4), (0.45, 0.45), (0.5, 0.5)]
 SWEEP += [(0.3, 0.5), (0.35, 0.45), (0.4, 0.5), (0.4, 0.6)]  # ramps
 GOALS = {"harm": 0.1, "general_ratio": 1.01, "kept": 0.9, "train_time_ratio": 1.5}

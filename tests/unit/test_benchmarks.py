@@ -194,6 +194,8 @@ def test_harm_benchmark(corpus, tmp_path, tiny_cache):
             "early stop + gate",
             "KL",
             "KL + gate",
+            "KL 0.2",
+            "KL 0.2 + gate",
         }
         for row in methods.values():
             assert set(row["help"]) == {"continuation", "question", "passage"}
@@ -209,8 +211,8 @@ def test_harm_benchmark(corpus, tmp_path, tiny_cache):
         assert len(corpus_result["sweep"]) >= 2
     assert (tmp_path / "harm.png").read_bytes()[:4] == b"\x89PNG"
     # Every adapter is cached by what it saw: per corpus and training method (full, early
-    # stop, KL), a shard per group, the second batch's and the retrained one.
-    assert len(list((tmp_path / "harm-adapters").glob("*.safetensors"))) == 2 * 3 * (2 + 2)
+    # stop, KL 0.5 and 0.2), a shard per group, the second batch's and the retrained one.
+    assert len(list((tmp_path / "harm-adapters").glob("*.safetensors"))) == 2 * 4 * (2 + 2)
 
 
 def test_serving_table_from_the_committed_results(tmp_path):
