@@ -304,8 +304,9 @@ class AdapterBank:
         """One request's mixture as ``{slot: weight}``, its slots pinned until :meth:`unpin`:
         a serving loop pins a row when it joins and unpins it when it leaves.
 
-        Loads missing adapters with ``loader`` (outside the lock). Raises what
-        :meth:`check_row` raises, and pins nothing then.
+        Loads missing adapters with ``loader`` (outside the lock). Raises
+        ``InvalidMixture``, ``SlotsExhausted``, ``StaleMixture`` (evicted while it loaded),
+        ``AdapterNotLoaded``, or whatever the loader or parsing raised, and pins nothing then.
         """
         return self._pin_cleaned(0, _clean_row(0, row), loader)
 
@@ -357,17 +358,6 @@ class AdapterBank:
                     layer.clear_mixture()
                 else:
                     layer.set_mixture(prepared[name])
-
-    def check_row(
-        self, row: Sequence[tuple[AdapterRef, float]], loader: AdapterLoader | None = None
-    ) -> None:
-        """Everything ``mixture([row])`` would refuse, for one row alone, before it joins a
-        batch: weights, loading each adapter (``loader`` for missing ones), and overflow.
-
-        Pins nothing. Raises ``InvalidMixture``, ``SlotsExhausted``, ``StaleMixture`` (evicted
-        while it loaded), ``AdapterNotLoaded``, or whatever the loader or parsing raised.
-        """
-        self.unpin(self.pin(row, loader))
 
     def _resolve(self, ref: AdapterRef, loader: AdapterLoader | None) -> int:
         """The slot of ``ref``, pinned, so loading the batch's next adapter cannot evict it."""

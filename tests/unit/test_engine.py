@@ -229,6 +229,11 @@ def test_a_revoked_mixture_stops_at_the_next_step_and_the_others_continue(tiny64
     engine.submit(later)
     engine.step()
     assert isinstance(outcomes[3], StaleMixture)  # refused at admission
+    while 1 not in outcomes:
+        engine.step()
+    with bank.mixture([[(B, 1.0)]]):  # the row without A ran to its end, as it does alone
+        want = alone(bank.model, tiny64.tokenizer, prompts[1], params)
+    assert outcomes[1].finish_reason == "length" and outcomes[1].token_ids == want.token_ids
 
 
 def test_a_row_that_fails_while_running_fails_alone(tiny64, prompts):
