@@ -12,7 +12,8 @@ add what is specific to AdapterSwap. Names below appear with Ray's ``ray_`` pref
 - ``adapterswap_queue_time_ms``, ``adapterswap_time_to_first_token_ms``,
   ``adapterswap_inter_token_latency_ms``: per completed generation, from its arrival at the
   engine (the inter-token latency is its decode time over its tokens after the first);
-- ``adapterswap_generated_tokens``: tokens sampled (its rate is tokens/s). The engine reserves
+- ``adapterswap_generated_tokens``: tokens the engine sampled, a cancelled row's included
+  (its rate is tokens/s), counted whenever a request arrives or completes. The engine reserves
   a row's whole KV cache when the row joins, so it never preempts a row: there is no
   preemption count;
 - ``adapterswap_composition_setup_ms``: setting the per-row mixture plans of an engine step
@@ -63,6 +64,7 @@ class ServeMetrics:
             "adapterswap_inter_token_latency_ms", "Decode time per token after the first.", _MS
         )
         self.tokens = Counter("adapterswap_generated_tokens", "Tokens sampled.")
+        self._sampled = 0  # the engine's tokens_sampled when last counted
 
     def record_routing(self, milliseconds: float, adapters: int) -> None:
         self.router_ms.observe(milliseconds)
@@ -78,11 +80,12 @@ class ServeMetrics:
     def record_engine(self, stats: EngineStats) -> None:
         self.queued.set(stats.queued)
         self.running.set(stats.running)
+        if stats.tokens_sampled > self._sampled:
+            self.tokens.inc(stats.tokens_sampled - self._sampled)
+        self._sampled = stats.tokens_sampled
 
     def record_generation(self, result: GenerationResult) -> None:
-        """A completed generation's timings and tokens (a failed one has none)."""
-        if result.completion_tokens:
-            self.tokens.inc(result.completion_tokens)
+        """A completed generation's timings (a failed one has none)."""
         if result.queue_s is not None:
             self.queue_ms.observe(1000 * result.queue_s)
         if result.first_token_s is None:

@@ -39,17 +39,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_on_loopback(home: str, overrides: list[str], replicas: int) -> str:
-    """Deploy AdapterSwap on Ray Serve (Ray already initialised) on a free loopback port, with
-    ``replicas`` model replicas and ``overrides`` (``--set`` strings) over the home's settings;
-    returns its base URL."""
+def serve_on_loopback(
+    home: str, overrides: list[str], replicas: int, port: int | None = None
+) -> str:
+    """Deploy AdapterSwap on Ray Serve (Ray already initialised) on ``port`` of the loopback
+    interface (default a free one), with ``replicas`` model replicas and ``overrides``
+    (``--set`` strings) over the home's settings; returns its base URL."""
     from ray import serve
 
     from actors.serve_app import build_app
     from adapterswap.config import load_config
 
     config = load_config(home=home, overrides=overrides)
-    port = free_port()
+    port = port or free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(
         build_app({"home": home, "config": config.model_dump(), "num_replicas": replicas}),

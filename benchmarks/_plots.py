@@ -99,3 +99,30 @@ def scatter_chart(
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     return _save(fig, path)
+
+
+def panel_lines(
+    path: Path,
+    *,
+    title: str,
+    panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
+    xlabel: str,
+    log: bool = False,
+) -> Path:
+    """Side by side, one panel per entry of ``panels``: a line per series through its own
+    (x, y) points; a series named "... p99" is dashed, in the colour of its "... p50"."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (name, series) in zip(axes[0], panels.items(), strict=True):
+        owners = list(dict.fromkeys(s.rsplit(" ", 1)[0] for s in series))
+        for label, points in series.items():
+            owner, _, q = label.rpartition(" ")
+            xs, ys = zip(*sorted(points), strict=True) if points else ((), ())
+            style = "--" if q == "p99" else "-"
+            ax.plot(xs, ys, style, marker="o", color=f"C{owners.index(owner)}", label=label)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_title(name, fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, path)

@@ -9,7 +9,13 @@ rank-16 adapters on all seven linear kinds, measured side by side in interleaved
 - batch 1: the base model; the bank with no mixture; k=3 composed; plain peft per request
   (add_weighted_adapter(..., "cat") + set_adapter, then generate);
 - batch 8: 8 base rows; 8 distinct 3-adapter mixtures drawn from a pool of 8 adapters; and
-  the worst case, 8 mixtures of 24 pairwise-distinct adapters.
+  the worst case, 8 mixtures of 24 pairwise-distinct adapters;
+- the serving engine (``adapterswap.engine.loop.Engine``, stepped here in process): batch 1
+  base and k=3, batch 8 base and the 8 distinct mixtures, each against the engine's own base;
+- the cost of a join: 7 rows with distinct mixtures decode; an 8th request (8 prompt tokens,
+  its own mixture) joins. Its step (admission, the 7 rows' decode, its prefill) and the next
+  (8 rows, a new mixture layout) against the steady steps before it, and the mixture setup
+  of each; then it is cancelled and leaves, and the next one joins.
 
 The arithmetic floor is 1 + LoRA FLOPs / base FLOPs per token, the base counting every
 Linear of the model (lm_head included: it is part of the measured time). Also printed: the
@@ -37,6 +43,8 @@ from adapterswap.compose.adapter_files import load_adapter_dir
 from adapterswap.compose.bank import AdapterBank
 from adapterswap.compose.layer import find_target_linears
 from adapterswap.config import LoraSettings, ModelSettings
+from adapterswap.engine.loop import Engine, Work
+from adapterswap.engine.requests import GenerationRequest, SamplingParams
 from adapterswap.models.base import load_base_model
 from adapterswap.types import AdapterRef
 
@@ -48,6 +56,8 @@ DISTINCT = {
     "b1_peft_cat_per_request": 3,
     "b1_peft_cat_generate_only": 3,
     "b8_composed_8_distinct_pool8": 8,
+    "b1_engine_composed_k3": 3,
+    "b8_engine_8_distinct_pool8": 8,
     "b8_composed_8_distinct_disjoint24": 24,
 }
 PROMPTS = [
@@ -115,6 +125,53 @@ def generate(model: Any, inputs: dict[str, torch.Tensor], new_tokens: int, pad: 
         )
 
 
+def on_engine(engine: Engine, prompts: list[list[int]], rows: list, new_tokens: int) -> Callable:
+    """Every prompt submitted at once to ``engine`` with its row's mixture, stepped to the end."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+
+    def run() -> None:
+        done: list[Any] = []
+        for ids, row in zip(prompts, rows, strict=True):
+            engine.submit(Work(ids, GenerationRequest(ids, params), tuple(row), done.append))
+        while len(done) < len(prompts):
+            engine.step()
+
+    return run
+
+
+def join_cost(engine: Engine, prompts: list[list[int]], rows: list, trials: int) -> dict:
+    """Median milliseconds of steady, join and after-join steps (and their mixture setup)."""
+    params = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)
+    running = [
+        engine.submit(Work(ids, GenerationRequest(ids, params), tuple(row), print))
+        for ids, row in zip(prompts[:7], rows[:7], strict=True)
+    ]
+    while any(w.pending is None for w in running):
+        engine.step()  # every prompt prefilled: the 7 rows decode
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str) -> None:
+        t = time.perf_counter()
+        engine.step()
+        times.setdefault(name, []).append(1e3 * (time.perf_counter() - t))
+        times.setdefault(f"{name}_setup", []).append(engine.stats.compose_ms)
+
+    for _ in range(trials):
+        for _step in range(3):
+            timed("steady")
+        ids = prompts[7][:8]
+        mixture = tuple(rows[7])  # adapters no running row uses
+        joiner = engine.submit(Work(ids, GenerationRequest(ids, params), mixture, print))
+        timed("join")
+        timed("after_join")
+        joiner.cancel()
+        engine.step()  # it leaves
+    for work in running:
+        work.cancel()
+    engine.step()
+    return {name: statistics.median(ms) for name, ms in times.items()}
+
+
 def mixtures(refs: list[AdapterRef], rows: int, disjoint: bool) -> list[list]:
     """``rows`` distinct k=3 mixtures with distinct weights, from ``refs``."""
     out = []
@@ -180,6 +237,8 @@ def build_cases(args: argparse.Namespace, root: Path) -> tuple[dict[str, Callabl
         peft_model.set_adapter("fixed")
         generate(peft_model, one, n, pad)
 
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    plain, composing = Engine(base.model, tok), Engine(bank.model, tok, bank=bank)
     cases = {
         "b1_base": lambda: generate(base.model, one, n, pad),
         "b1_bank_no_mixture": lambda: generate(bank.model, one, n, pad),
@@ -189,8 +248,16 @@ def build_cases(args: argparse.Namespace, root: Path) -> tuple[dict[str, Callabl
         "b8_base": lambda: generate(base.model, eight, n, pad),
         "b8_composed_8_distinct_pool8": in_mixture(by_pool, eight),
         "b8_composed_8_distinct_disjoint24": in_mixture(disjoint, eight),
+        "b1_engine_base": on_engine(plain, ids[:1], [[]], n),
+        "b1_engine_composed_k3": on_engine(composing, ids[:1], [row], n),
+        "b8_engine_base": on_engine(plain, ids, [[]] * 8, n),
+        "b8_engine_8_distinct_pool8": on_engine(composing, ids, by_pool, n),
     }
-    facts = {"cold_load_ms": cold_load_ms(bank, dirs[:5]), "slot_bytes": bank.slot_bytes}
+    facts = {
+        "cold_load_ms": cold_load_ms(bank, dirs[:5]),
+        "slot_bytes": bank.slot_bytes,
+        "join_ms": join_cost(composing, ids, disjoint, args.rounds),
+    }
     return cases, facts
 
 
@@ -224,7 +291,8 @@ def main() -> None:
         f"FLOP floor {floors['floor']:.3f}x (target layers only: {floors['floor_targets_only']:.3f}x)"
     )
     for name, seconds in median.items():
-        base = median["b8_base" if name.startswith("b8") else "b1_base"]
+        engine = "_engine" if "_engine_" in name else ""
+        base = median[f"{name[:2]}{engine}_base"]
         ratio, unique = seconds / base, DISTINCT.get(name, 0)
         memory_floor = 1 + unique * floors["adapter_over_base"]
         ratios[name] = {
@@ -238,12 +306,21 @@ def main() -> None:
             f"{name:36s} {seconds:7.3f} s  {ratio:5.3f}x base  {ratio / floors['floor']:5.3f}x "
             f"FLOP floor   memory floor (U={unique}) {memory_floor:.3f}x"
         )
+    join = facts["join_ms"]
+    print(
+        "a join, 7 rows decoding: steady / join / next step "
+        f"{join['steady']:.1f} / {join['join']:.1f} / {join['after_join']:.1f} ms, of which "
+        f"mixture setup {join['steady_setup']:.2f} / {join['join_setup']:.2f} / "
+        f"{join['after_join_setup']:.2f} ms"
+    )
     cold = facts["cold_load_ms"]
     print(f"cold load of one rank-16 adapter: median {statistics.median(cold):.1f} ms {cold}")
     goals = {
         "b1_k3_within_1.05x_floor": ratios["b1_composed_k3"]["vs_floor"] <= 1.05,
         "b8_distinct_within_1.10x_floor": ratios["b8_composed_8_distinct_pool8"]["vs_floor"]
         <= 1.10,
+        "b8_engine_distinct_within_1.15x_base": ratios["b8_engine_8_distinct_pool8"]["vs_base"]
+        <= 1.15,
         "cold_load_within_50ms": statistics.median(cold) <= 50,
     }
     print("goals:", goals)

@@ -5,7 +5,7 @@
 A temporary home gets 8 published rank-16 adapters on the embedded model (random LoRA
 weights; real files, router statistics and store records). A local Ray (2 CPUs) serves:
 
-- the AdapterSwap app (one model replica, ``@serve.batch``), and
+- the AdapterSwap app (one model replica and its continuous-batching engine), and
 - a plain-peft server: one replica of a FastAPI deployment that, per request, builds
   ``add_weighted_adapter(..., combination_type="cat")``, activates it, generates and deletes
   it, one request at a time (peft cannot put rows with different mixtures in one batch).

@@ -90,7 +90,6 @@ class AdapterBank:
         self._pins: Counter[int] = Counter()  # slot -> rows of in-flight mixtures using it
         self._loading: dict[AdapterRef, _Loading] = {}  # loads in progress, outside the lock
         self._active = False  # a `mixture()` block is open
-        self._mixture_rows: list[dict[int, float]] = []  # its rows, as slots
         # Layouts of recent row sets, and each layer's A_u, B_u for them: a serving loop that
         # alternates forwards (decode, prefill) sets each without recomputing it. Dropped
         # whenever a slot is written or cleared, so no copy of an evicted adapter outlives it.
@@ -275,7 +274,6 @@ class AdapterBank:
         try:
             for i, row in enumerate(cleaned):
                 slot_rows.append(self._pin_cleaned(i, row, loader))
-            self._mixture_rows = slot_rows
             self.use(slot_rows)
             yield
         finally:
@@ -283,20 +281,7 @@ class AdapterBank:
             for row in slot_rows:
                 self.unpin(row)
             with self._lock:
-                self._mixture_rows = []
                 self._active = False
-
-    def keep_rows(self, rows: Sequence[int]) -> None:
-        """Narrow the active mixture to ``rows`` (indices into its rows, in the new order).
-
-        The decode loop drops finished or stopped rows from its batch (``generate_batch``'s
-        ``on_rows_kept``): the layers then hold only the kept rows' adapters, so a row stopped
-        because its adapter was revoked leaves no copy of it in use. Slots stay pinned until
-        the mixture exits.
-        """
-        if not self._active:
-            raise RuntimeError("keep_rows: no mixture is active on this bank")
-        self.use([self._mixture_rows[i] for i in rows])
 
     def pin(
         self, row: Sequence[tuple[AdapterRef, float]], loader: AdapterLoader | None = None

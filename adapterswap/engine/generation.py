@@ -1,12 +1,16 @@
-"""The decode loop: what a serving replica runs for each batch of generation requests.
+"""Decoding rows: the per-row state and steps the serving engine runs, and a batch loop.
 
-``generate_batch`` decodes several requests (from different callers) in one loop: the prompts
-are left-padded into one batch, prefilled once, then decoded one forward per step over a KV
-cache. Each row samples with its own seeded generator (``sampling``), so a seed gives the same
-text whatever else shares the batch, and stops on its own EOS, ``max_tokens`` or stop strings,
-or when the caller's ``step_guard``, entered around every step's sampling, names it (a revoked
-adapter). The adapter mixture, if any, is set on the model by the caller around these calls;
-nothing here knows about adapters. No Ray, no HTTP.
+A :class:`DecodeRow` samples with its own seeded generator (``sampling``), so a seed gives the
+same text whatever else shares the batch, and stops on its own EOS, ``max_tokens`` or stop
+strings; ``advance_row``, ``record_logprobs``, ``abort_row`` and ``attach_scores`` are what the
+engine (``loop.py``) applies to its rows each step.
+
+``generate_batch`` decodes a fixed set of requests in process, in one loop: the prompts are
+left-padded into one batch, prefilled once, then decoded one forward per step over
+transformers' own ``DynamicCache``. It is the engine's reference: built on a different cache
+and batching, a row's output must be the same from both (``tests/unit/test_engine.py``). The
+adapter mixture, if any, is set on the model by the caller around the call; nothing here knows
+about adapters. No Ray, no HTTP.
 """
 
 from __future__ import annotations
@@ -14,8 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable, Collection, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,9 +35,6 @@ from adapterswap.engine.scoring import at_least_fp32, build_scores
 from adapterswap.engine.text import Detokenizer
 
 TokenCallback = Callable[[int, str], None]  # (request index, text delta)
-RowsCallback = Callable[[list[int]], None]  # request indices now in the model's batch
-# Entered around each step's sampling and streaming; yields the request indices to stop first.
-StepGuard = Callable[[], AbstractContextManager[Collection[int]]]
 
 
 @dataclass
@@ -61,25 +61,13 @@ def generate_batch(
     requests: Sequence[GenerationRequest],
     *,
     on_token: TokenCallback | None = None,
-    on_rows_kept: RowsCallback | None = None,
-    step_guard: StepGuard | None = None,
 ) -> list[GenerationResult]:
     """Complete every request in one batched, KV-cached decode loop; results in request order.
 
     ``on_token(i, delta)`` streams request ``i``'s text as it becomes final; its deltas
-    concatenate exactly to ``results[i].text``. By default the model's batch keeps one row per
-    request, in order, for the whole call (finished rows are fed padding), so per-row state the
-    caller set on the model (a per-row adapter mixture) stays aligned. Passing
-    ``on_rows_kept`` lets the loop drop finished rows (and requests with ``max_tokens=0``)
-    instead, which saves compute: it is called with the request indices of the new batch
-    rows, in order, before each forward whose batch differs from the last one.
-
-    ``with step_guard() as stop:`` is entered around every step's sampling and streaming
-    (the first right after prefill, never around a forward); ``stop`` holds the request
-    indices to stop before sampling: they sample and stream nothing more, and finish with
-    ``finish_reason="abort"``. The caller may hold a lock in it, so that whatever changes
-    what ``stop`` would hold can wait for the step in progress. It runs every step: it must
-    be cheap when there is nothing to stop (the replica compares one integer).
+    concatenate exactly to ``results[i].text``. The model's batch keeps one row per request,
+    in order, for the whole call (finished rows are fed padding), so per-row state the caller
+    set on the model (a per-row adapter mixture) stays aligned.
     """
     for i, request in enumerate(requests):
         if not request.prompt_ids:
@@ -91,12 +79,9 @@ def generate_batch(
         if row.params.max_tokens <= 0:
             _finish(row, "length", "", on_token)
     if any(row.result is None for row in rows):
-        batch = [row for row in rows if row.result is None] if on_rows_kept else rows
-        if on_rows_kept and len(batch) < len(rows):
-            on_rows_kept([row.index for row in batch])
-        prompts = [requests[row.index].prompt_ids for row in batch]
+        prompts = [request.prompt_ids for request in requests]
         with torch.inference_mode():
-            _decode_loop(model, tokenizer, prompts, batch, on_token, on_rows_kept, step_guard)
+            _decode_loop(model, tokenizer, prompts, rows, on_token)
     return [attach_scores(row, tokenizer) for row in rows]
 
 
@@ -127,8 +112,6 @@ def _decode_loop(
     prompts: list[list[int]],
     batch: list[DecodeRow],
     on_token: TokenCallback | None,
-    on_rows_kept: RowsCallback | None,
-    step_guard: StepGuard | None,
 ) -> None:
     """Prefill the batch once, then sample and forward one token per step until all finish."""
     from transformers import DynamicCache
@@ -139,35 +122,13 @@ def _decode_loop(
     cache = DynamicCache(config=model.config)
     logits = _forward_last(model, ids, mask, pos, cache)  # (B,V)
     next_pos = pos[:, -1:] + 1  # (B,1)
-    guard = step_guard or (lambda: nullcontext(()))
     while True:
-        with guard() as stop:
-            _abort_rows(batch, stop)
-            if all(row.result is not None for row in batch):
-                return
-            step = _sample_and_advance(logits, batch, eos, pad, on_token)  # (B,)
-        live = [k for k, row in enumerate(batch) if row.result is None]
-        if not live:
+        step = _sample_and_advance(logits, batch, eos, pad, on_token)  # (B,)
+        if all(row.result is not None for row in batch):
             return
-        if on_rows_kept is not None and len(live) < len(batch):
-            keep = torch.tensor(live)
-            cache.batch_select_indices(keep)
-            mask, next_pos, step = mask[keep], next_pos[keep], step[keep]
-            batch = [batch[k] for k in live]
-            on_rows_kept([row.index for row in batch])
         mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=1)  # (B,T+1)
         logits = _forward_last(model, step[:, None], mask, next_pos, cache)
         next_pos = next_pos + 1
-
-
-def _abort_rows(batch: list[DecodeRow], indices: Collection[int]) -> None:
-    """Stop the unfinished rows among request ``indices``: nothing more is sampled or streamed."""
-    if not indices:
-        return
-    stop = set(indices)
-    for row in batch:
-        if row.result is None and row.index in stop:
-            abort_row(row)
 
 
 def abort_row(row: DecodeRow) -> None:
@@ -187,7 +148,7 @@ def _sample_and_advance(
 ) -> torch.Tensor:
     """Sample a token for each unfinished row and apply it; the next input ids, (B,).
 
-    Finished rows (still in the batch when rows are not dropped) get ``pad_id``: their output
+    Finished rows (still in the batch) get ``pad_id``: their output
     is final, and what they attend to no longer matters.
     """
     live = [k for k, row in enumerate(batch) if row.result is None]

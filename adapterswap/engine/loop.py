@@ -255,6 +255,8 @@ class Engine:
             self._decode(logits)
             self._prefill(logits)
             self._sample(logits)
+        if not self.kv.count and self.bank is not None:
+            self.bank.use([])  # idle: the model is the base model, no row's adapters set
         self.stats.running = self.kv.count
         self.stats.queued = len(self._queue)
         self.stats.kv_tokens_reserved = sum(w.reserve for w in self.kv.owners)

@@ -46,6 +46,36 @@ def test_the_model_deployment_builds_and_generates_without_serve(tiny_config, ti
         deployment.watcher.stop()
 
 
+def test_the_token_counter_counts_what_the_engine_sampled_a_cancelled_stream_included(
+    tiny_config, tiny
+):
+    config = tiny_config()
+    deployment = ModelDeployment(
+        config.model_dump(),
+        store=AdapterRegistry(config.db_path),
+        replica_id="replica-1",
+        load_model=lambda settings, cache_dir: private_copy(tiny),
+    )
+    counted: list[float] = []
+    deployment.metrics.tokens.inc = counted.append
+    long = InferenceJob(prompt="Hello", params=SamplingParams(max_tokens=400, ignore_eos=True))
+    short = InferenceJob(prompt="Hi", params=SamplingParams(max_tokens=3, ignore_eos=True))
+
+    async def hang_up_after_one_delta() -> None:
+        stream = deployment.stream(long)
+        await anext(stream)
+        await stream.aclose()  # the client went away: the row is cancelled
+
+    try:
+        asyncio.run(hang_up_after_one_delta())
+        asyncio.run(deployment.generate([short]))  # its arrival and completion count tokens
+        engine = deployment.replica.engine
+        assert 3 < sum(counted) == engine.stats.tokens_sampled < 3 + 400
+        assert engine.stats.cancelled == 1
+    finally:
+        deployment.watcher.stop()
+
+
 def test_the_ingress_builds_and_answers_without_serve(tiny_config):
     config = tiny_config()
     registry = AdapterRegistry(config.db_path)

@@ -102,6 +102,9 @@ def test_each_row_composes_its_own_mixture_as_it_would_alone(tiny64, bank, promp
     engine = Engine(bank.model, tiny64.tokenizer, bank=bank, max_rows=4, prefill_tokens=8)
     works = [work(p, mixture=m) for p, m in zip(prompts, MIXTURES, strict=True)]
     outcomes = run(engine, works, {0: [0, 1], 1: [2], 4: [3, 4]})
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():  # idle, the engine leaves the bank's model the base model
+        torch.testing.assert_close(bank.model(input_ids=ids).logits, tiny64.model(ids).logits)
     base = alone(tiny64.model, tiny64.tokenizer, prompts[0])
     assert outcomes[0].token_ids != base.token_ids  # the adapters change the output
     for i, (prompt, mixture) in enumerate(zip(prompts, MIXTURES, strict=True)):

@@ -242,30 +242,6 @@ def test_stream_deltas_concatenate_to_each_rows_text(tiny64, prompts):
     assert results == generate_batch(model, tok, requests)  # streaming changes nothing
 
 
-def test_dropping_finished_rows_changes_nothing_but_the_batch(tiny64, prompts):
-    model, tok = tiny64.model, tiny64.tokenizer
-    budgets = [2, 10, 0, 5]
-    requests = [
-        GenerationRequest(p, SamplingParams(n, 0.0)) for p, n in zip(prompts, budgets, strict=True)
-    ]
-    sizes: list[int] = []
-    hook = model.model.embed_tokens.register_forward_hook(
-        lambda m, a, o: sizes.append(a[0].shape[0])
-    )
-    kept: list[list[int]] = []
-    try:
-        dropping = generate_batch(model, tok, requests, on_rows_kept=kept.append)
-        assert sizes == [3, 3, 2, 2, 2, 1, 1, 1, 1, 1]  # prefill, then one forward per step
-        sizes.clear()
-        keeping = generate_batch(model, tok, requests)
-        assert set(sizes) == {4}  # without the callback the batch stays aligned with requests
-    finally:
-        hook.remove()
-    assert kept == [[0, 1, 3], [1, 3], [1]]
-    assert dropping == keeping
-    assert [r.completion_tokens for r in dropping] == budgets
-
-
 # --------------------------------------------------------------------------- scoring
 
 
@@ -368,37 +344,3 @@ def test_output_logprobs_match_a_direct_log_softmax_in_a_sampled_batch(tiny64, p
         for t, lp in zip(top, results[0].scores.token_logprobs, strict=True)
     )
     assert results[1].scores.top_logprobs is None
-
-
-# --------------------------------------------------------------------------- stopping rows
-
-
-@pytest.mark.parametrize("drop", [False, True], ids=["rows-kept", "rows-dropped"])
-def test_a_row_stopped_by_the_step_guard_samples_and_streams_nothing_more(tiny64, prompts, drop):
-    from contextlib import contextmanager
-
-    model, tok = tiny64.model, tiny64.tokenizer
-    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    requests = [GenerationRequest(p, params) for p in prompts[:3]]
-    baseline = generate_batch(model, tok, requests)
-    steps, streamed = [], {0: "", 1: "", 2: ""}
-
-    @contextmanager
-    def guard():
-        steps.append(len(steps))
-        yield {1} if len(steps) >= 4 else ()  # before the 4th sampling step: stop row 1
-
-    def on_token(i, delta):
-        assert i != 1 or len(steps) < 4  # nothing of row 1 once it was stopped
-        streamed[i] += delta
-
-    kept = (lambda rows: None) if drop else None
-    results = generate_batch(
-        model, tok, requests, on_token=on_token, on_rows_kept=kept, step_guard=guard
-    )
-    assert len(steps) == 10  # entered once per sampling step
-    stopped = results[1]
-    assert stopped.finish_reason == "abort" and stopped.completion_tokens == 3
-    assert stopped.text == streamed[1] and baseline[1].text.startswith(stopped.text)
-    assert stopped.token_ids == baseline[1].token_ids[:3]
-    assert [results[0], results[2]] == [baseline[0], baseline[2]]  # the others: untouched

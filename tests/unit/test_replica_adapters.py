@@ -150,18 +150,3 @@ def test_a_slow_load_does_not_hold_the_bank_and_an_eviction_during_it_wins(world
     assert isinstance(outcome["error"], StaleMixture) and "slot" not in outcome
     assert hr not in bank and bank.loaded() == [fin]
     assert bank.get_or_load(hr, source.load) >= 0  # asked again later, it loads
-
-
-def test_keeping_rows_gives_each_kept_row_exactly_its_own_mixture(world):
-    storage, _, bank, hr, fin = world
-    source = StorageAdapterSource(storage, base_model_hash="H")
-    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
-    with torch.no_grad():
-        with bank.mixture([[(fin, 1.0)]], source.load):
-            alone = bank.model(input_ids=ids[1:]).logits
-        with bank.mixture([[(hr, 1.0)], [(fin, 1.0)]], source.load):
-            both = bank.model(input_ids=ids).logits
-            bank.keep_rows([1])  # row 0 finished (or its adapter was revoked)
-            kept = bank.model(input_ids=ids[1:]).logits
-    assert not torch.equal(both[1:], bank.model(input_ids=ids[1:]).logits)  # adapters matter
-    assert torch.equal(kept, alone)  # only fin's adapter left in the layers, as alone
