@@ -1,6 +1,7 @@
 """Serving under open-loop traffic: the continuous-batching engine against the loop it replaced.
 
     python benchmarks/serve_traffic.py --baseline DIR [--requests 40] [--loads 0.5,0.7,1,1.5,2.5]
+    python benchmarks/serve_traffic.py --again mixtures,disconnects
 
 ``DIR`` is a checkout of the commit before the engine (``git worktree add DIR 617e812``): its
 model replicas batch with ``@serve.batch`` and stream one request at a time. Both servers serve
@@ -26,7 +27,8 @@ distinct 3-adapter mixtures, uniformly.
    received is what was decoded after the disconnects, per stream the steps its row outlived
    its client.
 
-Writes results/serve_traffic.{json,png}.
+Writes results/serve_traffic.{json,png}. ``--again`` runs phases 3 and 4 again (the engine
+only) into the written results.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ from serve_throughput import mixture, overrides, setup_home
 HERE = Path(__file__).parent
 BASELINE_MAX_LOAD = 1.5
 DISCONNECTS = 8
+ENGINE_ONLY = ("mixtures", "disconnects")
+EXPORT_S = 12.0  # Ray exports metrics every few seconds
+HEAD = ("benchmark", "machine", "date")  # what write_result adds
 MODULES = ("argparse", "json", "logging", "pathlib", "subprocess", "threading", "asyncio")
 
 
@@ -213,11 +218,12 @@ def disconnects(url: str, metrics_url: str, key: str) -> dict[str, Any]:
     """Streams hung up after their first token: tokens the server decoded after that."""
     name = "ray_adapterswap_generated_tokens_total"
     body = {**traffic(1, math.inf, 0, "mixed")[0].body, "max_tokens": 128, "stream": True}
+    time.sleep(EXPORT_S)  # the counter as of the last completion
     before = counter(metrics_url, name)
     outcomes = drive(url, key, [Request(0.0, body)] * DISCONNECTS, close_after=1)
     time.sleep(2.0)  # every cancelled row has left by now
     drive(url, key, traffic(1, math.inf, 1, "base"))  # a completion refreshes the counters
-    time.sleep(12.0)  # Ray exports metrics every few seconds
+    time.sleep(EXPORT_S)
     sampled = counter(metrics_url, name) - before
     received = sum(o.tokens for o in outcomes)
     last = traffic(1, math.inf, 1, "base")[0].body["max_tokens"]
@@ -247,15 +253,41 @@ def run_engine(name: str, tree: Path, home: str, key: str, args, capacity: float
             print(f"{name} at {load:g}x ({rate:.3f} req/s): {fmt(point)}", flush=True)
             results["curve"][str(load)] = point
         if name == "engine":
-            for callers in ("base", "mixtures"):
-                one = summarise(
-                    drive(url, key, traffic(args.requests, math.inf, 2, callers)), math.inf
-                )
-                print(f"{name} saturation, {callers} only: {fmt(one)}", flush=True)
-                results[f"saturation_{callers}"] = one
-            results["disconnects"] = disconnects(url, metrics_url, key)
-            print(f"disconnects: {results['disconnects']}", flush=True)
+            results |= engine_only(url, metrics_url, key, args.requests, ENGINE_ONLY)
     return results, capacity
+
+
+def engine_only(
+    url: str, metrics_url: str, key: str, requests: int, phases: tuple[str, ...]
+) -> dict[str, Any]:
+    """The phases run on the engine alone: base-only against mixtures-only traffic at
+    saturation (the same requests but their adapters), and the disconnects."""
+    results: dict[str, Any] = {}
+    if "mixtures" in phases:
+        for callers in ("base", "mixtures"):
+            one = summarise(drive(url, key, traffic(requests, math.inf, 2, callers)), math.inf)
+            print(f"engine saturation, {callers} only: {fmt(one)}", flush=True)
+            results[f"saturation_{callers}"] = one
+    if "disconnects" in phases:
+        results["disconnects"] = disconnects(url, metrics_url, key)
+        print(f"disconnects: {results['disconnects']}", flush=True)
+    return results
+
+
+def again(args: argparse.Namespace) -> None:
+    """Run ``args.again``'s engine phases again into the results file; the rest stays."""
+    path = args.out / "serve_traffic.json"
+    payload = json.loads(path.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        config, key, _ = setup_home(Path(tmp), overrides(args.model_cache))
+        with server(HERE.parent, config.home, overrides(args.model_cache)) as (url, metrics):
+            drive(url, key, traffic(8, math.inf, 99))  # warm-up
+            phases = tuple(args.again.split(","))
+            payload["engine"] |= engine_only(url, metrics, key, payload["requests"], phases)
+    payload["goals"] = goals(payload["batch"], payload["engine"])
+    payload.setdefault("again", []).append({"phases": args.again, "date": time.strftime("%F")})
+    print(json.dumps(payload["goals"], indent=2))
+    write_result("serve_traffic", {k: v for k, v in payload.items() if k not in HEAD}, args.out)
 
 
 def fmt(r: dict[str, Any]) -> str:
@@ -319,13 +351,22 @@ def plot(path: Path, batch: dict[str, Any], engine: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", type=Path, required=True, help="checkout of 617e812")
+    parser.add_argument("--baseline", type=Path, help="a checkout of 617e812 (required)")
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--loads", default="0.5,0.7,1,1.5,2.5")
+    parser.add_argument(
+        "--again",
+        help="only run these engine phases again (mixtures, disconnects; comma-separated) and "
+        "update results/serve_traffic.json with them",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.loads = [float(x) for x in args.loads.split(",")]
     args.model_cache = Path("~/.adapterswap/models").expanduser()
+    if args.again:
+        return again(args)
+    if args.baseline is None:
+        parser.error("--baseline DIR is required: git worktree add DIR 617e812")
     with tempfile.TemporaryDirectory() as tmp:
         config, key, _ = setup_home(Path(tmp), overrides(args.model_cache))
         batch, capacity = run_engine("batch", args.baseline, config.home, key, args, None)
