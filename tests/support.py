@@ -8,6 +8,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import select
 import socket
 import threading
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 import uvicorn
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from adapterswap.api.app import create_app
@@ -45,6 +47,23 @@ LORA_SPECS: dict[AdapterRef, dict[str, Any]] = {
     C: {"r": 2, "lora_alpha": 3, "target_modules": ["k_proj", "o_proj", "gate_proj", "up_proj"]},
 }
 LORA_SPECS[B]["use_rslora"] = True
+
+
+def hand_merged(base: torch.nn.Module, dirs: dict, mix: list[tuple[AdapterRef, float]]):
+    """A copy of ``base`` with ``W += w · s · B A`` written into its Linear weights."""
+    model = copy.deepcopy(base)
+    for ref, weight in mix:
+        config = json.loads((dirs[ref] / "adapter_config.json").read_text())
+        r, alpha = config["r"], config["lora_alpha"]
+        scale = alpha / (math.sqrt(r) if config["use_rslora"] else r)
+        tensors = load_file(dirs[ref] / "adapter_model.safetensors")
+        for key, a in tensors.items():
+            if ".lora_A." in key:
+                b = tensors[key.replace(".lora_A.", ".lora_B.")]
+                module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+                with torch.no_grad():
+                    model.get_submodule(module).weight += weight * scale * (b @ a)
+    return model
 
 
 def save_random_lora(base: torch.nn.Module, out: Path, seed: int, **spec: Any) -> Path:

@@ -15,15 +15,13 @@ above ``assert_close``'s float32 default, while another processor passed.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
-from support import ALL, A, B, C, save_random_lora
+from support import ALL, A, B, C, hand_merged, save_random_lora
 
 from adapterswap.compose import layer as mixture_layer
 from adapterswap.compose.adapter_files import load_adapter_dir
@@ -74,23 +72,6 @@ def loaded_bank(tiny64: LoadedModel, dirs: dict, cache_bytes: int = BIG) -> Adap
     for ref, path in dirs.items():
         bank.load(ref, *load_adapter_dir(path))
     return bank
-
-
-def hand_merged(base: torch.nn.Module, dirs: dict, mix: list[tuple[AdapterRef, float]]):
-    """A copy of ``base`` with ``W += w · s · B A`` written into its Linear weights."""
-    model = copy.deepcopy(base)
-    for ref, weight in mix:
-        config = json.loads((dirs[ref] / "adapter_config.json").read_text())
-        r, alpha = config["r"], config["lora_alpha"]
-        scale = alpha / (math.sqrt(r) if config["use_rslora"] else r)
-        tensors = load_file(dirs[ref] / "adapter_model.safetensors")
-        for key, a in tensors.items():
-            if ".lora_A." in key:
-                b = tensors[key.replace(".lora_A.", ".lora_B.")]
-                module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
-                with torch.no_grad():
-                    model.get_submodule(module).weight += weight * scale * (b @ a)
-    return model
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from support import ALL, LOGP, A, B, C
+from support import ALL, LOGP, A, B, C, hand_merged
 
 from adapterswap.compose.adapter_files import load_adapter_dir
 from adapterswap.compose.bank import AdapterBank
@@ -86,6 +86,17 @@ def assert_same(got: GenerationResult, want: GenerationResult) -> None:
     torch.testing.assert_close(
         torch.tensor(got.scores.token_logprobs), torch.tensor(want.scores.token_logprobs), **LOGP
     )
+
+
+def test_each_row_is_what_its_mixture_merged_into_the_weights_generates(
+    tiny64, bank, lora_dirs, prompts
+):
+    engine = Engine(bank.model, tiny64.tokenizer, bank=bank, max_rows=3, prefill_tokens=7)
+    works = [work(p, mixture=m) for p, m in zip(prompts, MIXTURES, strict=True)]
+    outcomes = run(engine, works, {0: [0], 1: [1, 2], 3: [3, 4]})
+    for i, (prompt, mixture) in enumerate(zip(prompts, MIXTURES, strict=True)):
+        merged = hand_merged(tiny64.model, lora_dirs, mixture)  # W + sum w s B A, no bank
+        assert_same(outcomes[i], alone(merged, tiny64.tokenizer, prompt))
 
 
 def test_rows_joining_at_any_step_are_each_what_they_are_alone(tiny64, prompts):
