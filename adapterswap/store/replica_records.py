@@ -20,7 +20,8 @@ class ReplicaRecords:
         """A serving replica has dropped everything revoked up to ``epoch`` (and is alive)."""
         with self._write() as conn:  # never lowered: a late, older acknowledgement only says alive
             conn.execute(
-                "INSERT INTO replicas VALUES (?, ?, ?) ON CONFLICT (replica_id) DO UPDATE SET "
+                "INSERT INTO replicas (replica_id, epoch, seen_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (replica_id) DO UPDATE SET "
                 "epoch = MAX(epoch, excluded.epoch), seen_at = excluded.seen_at",
                 (replica_id, epoch, time.time()),
             )

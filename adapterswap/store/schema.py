@@ -117,8 +117,42 @@ CREATE TABLE leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at REAL
     WITHOUT ROWID;
 """
 
+# Migration 3: the epoch at which each version entered and left the active set, so a replica
+# that holds epoch E reads only what changed since (``active_changes``) instead of the whole
+# active set; and a replica's last report (``replicas.detail``, JSON: e.g. adapters it failed
+# to load). Triggers stamp the epochs whoever writes the file, with the epoch the store holds
+# when the status changes: the transaction's new epoch, or the one before it for a writer that
+# moves the status before bumping, so a delta since E reads stamps >= E (a superset, harmless:
+# it reports each version's state now). Rows from before the migration cannot say when they
+# changed: ``delta_floor`` in meta is the epoch at migration, deltas since an earlier epoch
+# are unavailable (read a full snapshot), and the rows back-fill with that floor ("at or
+# before it") where their status says they were active: activated for an active version,
+# deactivated for a revoked one (a purged one may never have been active: NULL).
+_MIGRATION_3 = """
+ALTER TABLE versions ADD COLUMN activated_epoch INTEGER;
+ALTER TABLE versions ADD COLUMN deactivated_epoch INTEGER;
+INSERT INTO meta (key, value) SELECT 'delta_floor', value FROM meta WHERE key = 'epoch';
+UPDATE versions SET activated_epoch = (SELECT value FROM meta WHERE key = 'epoch')
+    WHERE status = 'active';
+UPDATE versions SET deactivated_epoch = (SELECT value FROM meta WHERE key = 'epoch')
+    WHERE status = 'revoked';
+CREATE INDEX versions_by_activated ON versions(activated_epoch)
+    WHERE activated_epoch IS NOT NULL;
+CREATE INDEX versions_by_deactivated ON versions(deactivated_epoch)
+    WHERE deactivated_epoch IS NOT NULL;
+CREATE TRIGGER versions_stamp_activated AFTER UPDATE OF status ON versions
+    WHEN NEW.status = 'active' AND OLD.status != 'active'
+    BEGIN UPDATE versions SET activated_epoch = (SELECT value FROM meta WHERE key = 'epoch')
+        WHERE adapter_id = NEW.adapter_id AND version = NEW.version; END;
+CREATE TRIGGER versions_stamp_deactivated AFTER UPDATE OF status ON versions
+    WHEN OLD.status = 'active' AND NEW.status != 'active'
+    BEGIN UPDATE versions SET deactivated_epoch = (SELECT value FROM meta WHERE key = 'epoch')
+        WHERE adapter_id = NEW.adapter_id AND version = NEW.version; END;
+ALTER TABLE replicas ADD COLUMN detail TEXT;
+"""
+
 # Ordered: MIGRATIONS[n - 1] takes a store from version n - 1 to n. Append, never edit.
-MIGRATIONS: tuple[str, ...] = (_MIGRATION_1, _MIGRATION_2)
+MIGRATIONS: tuple[str, ...] = (_MIGRATION_1, _MIGRATION_2, _MIGRATION_3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

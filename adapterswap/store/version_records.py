@@ -161,7 +161,11 @@ class VersionRecords:
             ).fetchone()[0]
             manifest_json = None if manifest is None else json.dumps(manifest, sort_keys=True)
             values = (adapter_id, version, "training", uri, len(docs), manifest_json, now, now)
-            conn.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)", values)
+            conn.execute(
+                "INSERT INTO versions (adapter_id, version, status, uri, doc_count, manifest, "
+                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                values,
+            )
             hashes = content_hashes or {}
             conn.executemany(
                 "INSERT INTO lineage (adapter_id, version, doc_id, content_hash) VALUES (?, ?, ?, ?)",

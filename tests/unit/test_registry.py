@@ -503,10 +503,23 @@ def test_a_store_written_by_schema_1_code_upgrades_in_place(tmp_path: Path) -> N
     assert reg.deletion("hr-1").revoked == [AdapterRef("hr.b0001.000", 1)]
     assert reg.live_replicas(10**9)[0][:2] == ("replica-a", 2)
     log = reg.audit_log()
-    assert len(log) == audit_rows + 1 and (log[-1].action, log[-1].details) == (
-        "migrate",
-        {"from": 1, "to": 2},
-    )
+    assert len(log) == audit_rows + 2 and [(e.action, e.details) for e in log[-2:]] == [
+        ("migrate", {"from": 1, "to": 2}),
+        ("migrate", {"from": 2, "to": 3}),
+    ]
+    # the version epochs back-fill with the epoch at migration: deltas start there
+    with sqlite3.connect(db) as conn:
+        floor = conn.execute("SELECT value FROM meta WHERE key = 'delta_floor'").fetchone()[0]
+        stamps = conn.execute(
+            "SELECT adapter_id, activated_epoch, deactivated_epoch FROM versions "
+            "ORDER BY adapter_id"
+        ).fetchall()
+    assert floor == reg.epoch() and stamps == [
+        ("hr.b0001.000", None, floor),
+        ("hr.b0001.001", None, None),
+        ("hr.b0001.002", None, None),
+        ("ops.b0001.000", None, floor),
+    ]
     # and behaves by the new rules: the unfinished deletions still block, history is kept
     stale = reg.register_version("hr.b0001.000", "hr", "x", ["hr-1"]).version
     with pytest.raises(IllegalTransition, match="'hr-1', whose deletion is unfinished"):
@@ -516,7 +529,7 @@ def test_a_store_written_by_schema_1_code_upgrades_in_place(tmp_path: Path) -> N
     assert job is not None and [d.state for d in reg.deletions("hr-1")] == ["purged", "deleting"]
     reg.close()
     again = AdapterRegistry(db)  # opening again migrates nothing
-    assert [e.action for e in again.audit_log()].count("migrate") == 1
+    assert [e.action for e in again.audit_log()].count("migrate") == 2
     again.close()
     fresh = tmp_path / "fresh.sqlite"
     AdapterRegistry(fresh).close()
