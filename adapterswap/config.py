@@ -215,6 +215,23 @@ class ServeSettings(_Section):
     adapter_cache_bytes: int = Field(
         512 * 2**20, ge=0, description="Memory for loaded adapters per replica (LRU)."
     )
+    host_cache_bytes: int = Field(
+        2**30,
+        ge=0,
+        description="Host memory per model replica for adapters read from storage, parsed and "
+        "checked, ready to copy into the bank (LRU; pinned memory on CUDA). Requests' adapters "
+        "are prefetched into it while they queue; size it for the adapters of the queued "
+        "requests and more: a hit saves a storage read.",
+    )
+    prefetch_workers: int = Field(
+        2, ge=1, description="Threads per model replica loading adapters into the host cache."
+    )
+    adapter_retry_s: float = Field(
+        30.0,
+        gt=0,
+        description="After an adapter fails to load (files corrupt or missing, storage down), "
+        "requests needing it fail at once for this long before one tries storage again.",
+    )
     epoch_poll_s: float = Field(
         0.1, gt=0, description="How often a model replica checks the store's epoch."
     )

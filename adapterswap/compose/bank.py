@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +34,10 @@ from adapterswap.types import AdapterRef, Mixture
 
 _PREPARED = 4  # layouts kept (see AdapterBank.use)
 AdapterLoader = Callable[[AdapterRef], tuple[dict[str, torch.Tensor], dict[str, Any]]]
+# An adapter validated for the bank's layers: {module: (A (r,d_in), B (d_out,r), s)}
+ParsedAdapter = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+# ref -> its parsed tensors, ready to copy into a slot (e.g. from a host-memory cache)
+ParsedSource = Callable[[AdapterRef], ParsedAdapter]
 
 
 def _clean_row(index: int, row: Sequence[tuple[AdapterRef, float]]) -> dict[AdapterRef, float]:
@@ -124,9 +128,7 @@ class AdapterBank:
         with self._lock:
             return self._install(ref, parsed)
 
-    def _install(
-        self, ref: AdapterRef, parsed: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
-    ) -> int:
+    def _install(self, ref: AdapterRef, parsed: ParsedAdapter) -> int:
         """Write parsed tensors into a slot (the caller holds the lock; no I/O here)."""
         slot = self._index.pop(ref, None)
         if slot is None:
@@ -148,9 +150,13 @@ class AdapterBank:
         eviction of ``ref`` while it loads wins: the load raises ``StaleMixture`` and
         installs nothing.
         """
-        return self._acquire(ref, loader, pin=False)
+        return self._acquire(ref, self._parsing(loader), pin=False)
 
-    def _acquire(self, ref: AdapterRef, loader: AdapterLoader, *, pin: bool) -> int:
+    def _parsing(self, loader: AdapterLoader) -> ParsedSource:
+        """``loader``'s files, validated against the bank's layers (run outside the lock)."""
+        return lambda ref: parse_adapter(ref, *loader(ref), self.layers)
+
+    def _acquire(self, ref: AdapterRef, source: ParsedSource, *, pin: bool) -> int:
         """``get_or_load``, pinning the slot in the same critical section when asked."""
         while True:
             with self._lock:
@@ -167,7 +173,7 @@ class AdapterBank:
                     pending = self._loading[ref] = _Loading()
                     self.misses += 1
             if owner:
-                return self._load_outside_lock(ref, loader, pending, pin=pin)
+                return self._load_outside_lock(ref, source, pending, pin=pin)
             pending.done.wait()
             if pending.error is not None:
                 raise pending.error
@@ -175,12 +181,12 @@ class AdapterBank:
             # already evicted to make room, which the next pass sees).
 
     def _load_outside_lock(
-        self, ref: AdapterRef, loader: AdapterLoader, pending: _Loading, *, pin: bool
+        self, ref: AdapterRef, source: ParsedSource, pending: _Loading, *, pin: bool
     ) -> int:
-        """Read and validate ``ref`` with no lock held, then install it unless it was evicted."""
+        """Get ``ref``'s tensors with no lock held, then install them unless it was evicted."""
         try:
             try:
-                parsed = parse_adapter(ref, *loader(ref), self.layers)  # I/O: no lock held
+                parsed = source(ref)  # I/O or a cache lookup: no lock held
             except BaseException:
                 with self._lock:
                     self._loading.pop(ref, None)
@@ -270,10 +276,11 @@ class AdapterBank:
             if self._active:
                 raise RuntimeError("a mixture is already active on this bank; exit it first")
             self._active = True
+        source = None if loader is None else self._parsing(loader)
         slot_rows: list[dict[int, float]] = []
         try:
             for i, row in enumerate(cleaned):
-                slot_rows.append(self._pin_cleaned(i, row, loader))
+                slot_rows.append(self._pin_cleaned(i, row, source))
             self.use(slot_rows)
             yield
         finally:
@@ -293,15 +300,54 @@ class AdapterBank:
         ``InvalidMixture``, ``SlotsExhausted``, ``StaleMixture`` (evicted while it loaded),
         ``AdapterNotLoaded``, or whatever the loader or parsing raised, and pins nothing then.
         """
-        return self._pin_cleaned(0, _clean_row(0, row), loader)
+        return self._pin_cleaned(
+            0, _clean_row(0, row), None if loader is None else self._parsing(loader)
+        )
+
+    def pin_from(
+        self, row: Sequence[tuple[AdapterRef, float]], source: ParsedSource
+    ) -> dict[int, float]:
+        """:meth:`pin`, installing each missing adapter from ``source(ref)``: tensors already
+        parsed (the host tier), so the bank's lock is held for a copy, never for I/O.
+
+        The row's loaded adapters are pinned before any is installed, so installing one never
+        evicts another of the same row: :meth:`fits` said beforehand whether the row fits.
+        """
+        cleaned = _clean_row(0, row)
+        loaded_first = sorted(cleaned.items(), key=lambda item: item[0] not in self._index)
+        return self._pin_cleaned(0, dict(loaded_first), source)
+
+    def fits(self, refs: Collection[AdapterRef]) -> bool:
+        """Whether a row of ``refs`` can be pinned now beside the pinned (running) rows:
+        distinct slots they pin, with this row's loaded ones, plus one per missing ref, fit
+        the capacity. Pinning a row that does not fit would evict a running row's adapter or
+        fail (thrash); a scheduler waits instead.
+
+        Raises ``SlotsExhausted`` when ``refs`` alone need more slots than the bank has.
+        """
+        refs = set(refs)
+        if len(refs) > self.capacity:
+            raise SlotsExhausted(
+                f"this request's mixture needs {len(refs)} adapter slots and the bank has "
+                f"{self.capacity}; raise serve.adapter_cache_bytes (now {self.cache_bytes}; "
+                f"{self.slot_bytes} bytes per slot) or lower router.top_k"
+            )
+        with self._lock:
+            held = set(self._pins) | {self._index[r] for r in refs if r in self._index}
+            return len(held) + sum(r not in self._index for r in refs) <= self.capacity
+
+    @property
+    def bytes_used(self) -> int:
+        """Bytes of the slots that hold an adapter (the bank's memory is reserved whole)."""
+        return len(self._index) * self.slot_bytes
 
     def _pin_cleaned(
-        self, index: int, row: dict[AdapterRef, float], loader: AdapterLoader | None
+        self, index: int, row: dict[AdapterRef, float], source: ParsedSource | None
     ) -> dict[int, float]:
         slots: dict[int, float] = {}
         try:
             for ref, w in row.items():
-                slots[self._resolve(ref, loader)] = w
+                slots[self._resolve(ref, source)] = w
             with self._lock:  # an eviction after this point zeroes a slot; it cannot move it
                 self._check_finite([slots], first=index)
         except BaseException:
@@ -344,10 +390,10 @@ class AdapterBank:
                 else:
                     layer.set_mixture(prepared[name])
 
-    def _resolve(self, ref: AdapterRef, loader: AdapterLoader | None) -> int:
+    def _resolve(self, ref: AdapterRef, source: ParsedSource | None) -> int:
         """The slot of ``ref``, pinned, so loading the batch's next adapter cannot evict it."""
-        if loader is not None:
-            return self._acquire(ref, loader, pin=True)  # loads outside the lock
+        if source is not None:
+            return self._acquire(ref, source, pin=True)  # loads outside the lock
         with self._lock:
             if ref not in self._index:
                 raise AdapterNotLoaded(

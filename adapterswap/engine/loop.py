@@ -4,10 +4,16 @@ Requests (generations, streams, prompt scoring) are submitted from any thread an
 (bounded: a full queue raises ``Overloaded``). Each :meth:`Engine.step`:
 
 1. **Leaves.** Cancelled rows (a client that went away) leave at once, wherever they are.
-2. **Joins.** Waiting requests join while the batch has room (``max_rows``) and their whole
-   KV reservation (prompt + ``max_tokens``) fits ``kv_tokens``, so a running row is never
-   preempted. Joining pins the request's adapters in the bank (loading them if needed); a
-   request whose mixture cannot be composed ends alone with that error.
+2. **Joins.** Waiting requests join, oldest first, while the batch has room (``max_rows``)
+   and their whole KV reservation (prompt + ``max_tokens``) fits ``kv_tokens``, so a running
+   row is never preempted. A request joins only once its adapters are ready and fit: with
+   ``tiers``, its missing adapters were prefetched into the host tier when it was queued,
+   and joining copies them into bank slots; while one still loads (``adapters_loading``),
+   or while they would not fit in the bank beside the running rows' (``bank_full``: joining
+   would evict a running row's adapter, thrash), it waits in the queue and later requests
+   that are ready join past it, at most ``max_bypass`` of them, so it is not starved. No
+   step waits for storage. A request whose mixture cannot be composed (a failed load, more
+   adapters than the bank has slots) ends alone with that error.
 3. **Decode.** One forward of every decoding row (one token each) under the per-row mixture
    plan of exactly those rows.
 4. **Prefill.** Up to ``prefill_tokens`` prompt tokens, oldest request first, one forward
@@ -39,7 +45,8 @@ from typing import Any
 
 import torch
 
-from adapterswap.compose.bank import AdapterBank, AdapterLoader
+from adapterswap.compose.bank import AdapterBank
+from adapterswap.engine.adapter_tiers import AdapterTiers
 from adapterswap.engine.generation import (
     DecodeRow,
     abort_row,
@@ -84,6 +91,9 @@ class Work:
     admitted_at: float | None = None
     first_token_at: float | None = None
     cancelled: bool = False
+    # Queued: why it waited (reasons counted once each), and later requests that joined past it
+    deferred: set[str] = field(default_factory=set)
+    passed_by: int = 0
     # Engine state, once admitted:
     slots: dict[int, float] = field(default_factory=dict)
     prefilled: int = 0  # prompt tokens in the KV cache
@@ -116,6 +126,8 @@ class EngineStats:
     cancelled: int = 0
     revoked: int = 0
     failed: int = 0
+    deferred_loading: int = 0  # requests that waited for their adapters to load
+    deferred_bank_full: int = 0  # requests that waited for room in the bank
     compose_ms: float = 0.0  # setting the mixture plans of the latest step's forwards
 
 
@@ -128,7 +140,7 @@ class Engine:
         tokenizer: Any,
         *,
         bank: AdapterBank | None = None,
-        loader: AdapterLoader | None = None,
+        tiers: AdapterTiers | None = None,
         max_rows: int = 8,
         max_queue: int = 64,
         prefill_tokens: int = 256,
@@ -138,13 +150,17 @@ class Engine:
         epoch: Callable[[], int] | None = None,
         revoked: Revoked | None = None,
         background: bool = False,
+        max_bypass: int = 8,
     ) -> None:
         """``epoch`` and ``revoked`` read the active set: the engine calls ``revoked`` with
         every running row's mixture whenever ``epoch()`` differs from the last value it
         checked, under ``step_lock`` (the replica's sync takes it to wait for a step).
-        ``background``: steps run on a thread of the engine's own while there is work;
-        otherwise the caller calls :meth:`step`."""
-        self.model, self.tokenizer, self.bank, self.loader = model, tokenizer, bank, loader
+        ``tiers`` (over ``bank``): adapters are prefetched when a request is queued; without
+        it, a mixture's adapters must already be in ``bank``. ``background``: steps run on a
+        thread of the engine's own while there is work; otherwise the caller calls
+        :meth:`step`. ``max_bypass``: later requests that may join past a waiting one."""
+        self.model, self.tokenizer, self.bank, self.tiers = model, tokenizer, bank, tiers
+        self.max_bypass = max_bypass
         self.max_rows, self.max_queue, self.prefill_tokens = max_rows, max_queue, prefill_tokens
         self.kv_tokens, self.max_context = kv_tokens, max_context
         self.kv = self._new_kv()
@@ -159,7 +175,11 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._poked = False  # a wake() since the last admission pass
+        self._blocked = False  # the last step ran nothing while requests waited
         self.background = background
+        if tiers is not None:
+            tiers.on_ready = _calling_weakly(self.wake)  # a load finished: a row may join
 
     def _new_kv(self) -> SlotKVCache:
         param = next(self.model.parameters())
@@ -194,6 +214,8 @@ class Engine:
             prompt = len(work.prompt_ids)  # nothing to generate: no forward at all
             work.on_done(GenerationResult([], "", "length", prompt, 0, queue_s=0.0))
             return work
+        if self.tiers is not None and work.mixture:
+            self.tiers.prefetch(ref for ref, _ in work.mixture)  # loads while it queues
         with self._wake:
             if len(self._queue) >= self.max_queue:
                 raise Overloaded(
@@ -225,8 +247,9 @@ class Engine:
             thread.join()
 
     def wake(self) -> None:
-        """Make an idle loop look again (a cancellation)."""
+        """Make an idle loop look again (a cancellation, a load that finished)."""
         with self._wake:
+            self._poked = True
             self._wake.notify()
 
     def _reset(self) -> None:
@@ -262,32 +285,72 @@ class Engine:
         self.stats.kv_tokens_reserved = sum(w.reserve for w in self.kv.owners)
 
     def _admit(self) -> None:
+        """Join the queued requests that are ready, oldest first (see the module docstring)."""
         reserved = sum(w.reserve for w in self.kv.owners)
-        while True:
-            with self._wake:
-                while self._queue and self._queue[0].cancelled:
-                    self._queue.popleft()
-                    self.stats.cancelled += 1
-                if not self._queue or self.kv.count >= self.max_rows:
-                    break
-                work = self._queue[0]
-                if reserved + work.reserve > self.kv_tokens:
-                    break
-                self._queue.popleft()
-                self.stats.queued = len(self._queue)
+        with self._wake:
+            self._poked = False
+            queued = list(self._queue)
+        waiting: list[Work] = []  # ready-or-not requests passed over this step, oldest first
+        for work in queued:
+            if work.cancelled:
+                self._dequeue(work)
+                self.stats.cancelled += 1
+                continue
+            if self.kv.count >= self.max_rows or reserved + work.reserve > self.kv_tokens:
+                break
+            if waiting and waiting[0].passed_by >= self.max_bypass:
+                break  # the oldest waiting request has been passed enough: the rest wait
             try:
-                if self._revoked is not None and self._revoked([work.mixture]):
-                    raise StaleMixture("a version of this request's mixture is not active")
-                if work.mixture and self.bank is not None:
-                    work.slots = self.bank.pin(work.mixture, self.loader)
+                wait = self._join(work)
             except Exception as exc:  # noqa: BLE001 - this request fails, alone
+                self._dequeue(work)
                 work.on_done(exc)
                 continue
-            work.admitted_at = time.perf_counter()
-            if work.request is not None:
-                work.row = new_row(next(self._ids), work.request, self.tokenizer)
-            self.kv.add(work)
+            if wait is not None:
+                self._defer(work, wait)
+                waiting.append(work)
+                continue
+            for w in waiting:
+                w.passed_by += 1
             reserved += work.reserve
+        self._blocked = bool(self._queue) and not self.kv.count
+
+    def _join(self, work: Work) -> str | None:
+        """Admit ``work`` into the batch, or say why it must wait (its adapters are loading,
+        or would not fit in the bank); raises what ends it."""
+        if self._revoked is not None and self._revoked([work.mixture]):
+            raise StaleMixture("a version of this request's mixture is not active")
+        if work.mixture and self.bank is not None:
+            refs = {ref for ref, _ in work.mixture}
+            parsed = self.tiers.ready(refs) if self.tiers is not None else {}
+            if parsed is None:
+                return "adapters_loading"
+            if not self.bank.fits(refs):  # raises if the mixture alone exceeds the bank
+                return "bank_full"
+            if self.tiers is not None:
+                work.slots = self.tiers.pin(work.mixture, parsed)
+            else:
+                work.slots = self.bank.pin(work.mixture)
+        self._dequeue(work)
+        work.admitted_at = time.perf_counter()
+        if work.request is not None:
+            work.row = new_row(next(self._ids), work.request, self.tokenizer)
+        self.kv.add(work)
+        return None
+
+    def _dequeue(self, work: Work) -> None:
+        with self._wake:
+            self._queue.remove(work)
+            self.stats.queued = len(self._queue)
+
+    def _defer(self, work: Work, reason: str) -> None:
+        """Count a waiting request once per reason it waited for."""
+        if reason not in work.deferred:
+            work.deferred.add(reason)
+            if reason == "adapters_loading":
+                self.stats.deferred_loading += 1
+            else:
+                self.stats.deferred_bank_full += 1
 
     def _use(self, works: Sequence[Work]) -> None:
         if self.bank is not None:
@@ -473,13 +536,28 @@ class Engine:
         work.on_done(exc)
 
 
+def _calling_weakly(method: Callable[[], None]) -> Callable[[], None]:
+    """``method``, doing nothing once its object is gone (a callback must not keep it)."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        bound = ref()
+        if bound is not None:
+            bound()
+
+    return call
+
+
 def _serve(ref: weakref.ref[Engine]) -> None:
     """A background engine's loop: step while there is work; between steps, hold the engine
     only through ``ref``."""
     while (engine := ref()) is not None:
         wake = engine._wake
         with wake:
-            if not engine._stopping and not engine._queue and not engine.kv.count:
+            idle = not engine._queue and not engine.kv.count
+            # Nothing runs and the queued requests wait for loads: sleep until one finishes.
+            blocked = engine._blocked and not engine.kv.count and not engine._poked
+            if not engine._stopping and (idle or blocked):
                 del engine  # waiting must not keep it alive
                 wake.wait(_IDLE_S)
                 if (engine := ref()) is None:

@@ -5,6 +5,10 @@ The Ray Serve model deployment wraps this class; tests drive it directly. Reques
 checked here, in the caller's thread (mixture refs, the active set, tokenisation and the
 prompt limits), then queue for the replica's :class:`~adapterswap.engine.loop.Engine`, which
 schedules every step: rows join and leave each iteration, each with its own adapter mixture.
+A queued request's adapters are prefetched from storage into the host tier meanwhile
+(:class:`~adapterswap.engine.adapter_tiers.AdapterTiers`); a load that fails fails only the
+requests that need it, and the replica reports it to operators (:meth:`ModelReplica.report`,
+sent with the epoch watcher's heartbeat).
 
 Removal: no token is produced with a revoked version after the acknowledgement.
 
@@ -17,6 +21,9 @@ Removal: no token is produced with a revoked version after the acknowledgement.
   a ``StaleMixture``: a stream ends with an ``adapter_revoked`` error event, a
   non-streaming request is routed again and rerun from the start. A scoring row is checked
   the same way before its result is returned.
+- Applying a new set drops every version that left it from both tiers (the host tier's copy
+  zeroed, as the bank's slot is); a prefetch of one still loading is discarded when it
+  finishes, and an install checks the set again, so it is never installed.
 - :meth:`ModelReplica.sync`, whose epoch the watcher acknowledges, applies the new set and
   then takes the step lock once: a step that was sampling finishes first, and every later
   step sees the new epoch. So the acknowledgement never waits for a forward or an adapter
@@ -40,7 +47,9 @@ from typing import Any
 from adapterswap.compose.bank import AdapterBank
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.engine.adapter_source import StorageAdapterSource
+from adapterswap.engine.adapter_tiers import LOAD_FAILED, AdapterTiers
 from adapterswap.engine.generation import TokenCallback
+from adapterswap.engine.host_cache import HostCache
 from adapterswap.engine.loop import Engine, Work
 from adapterswap.engine.requests import (
     GenerationRequest,
@@ -66,10 +75,6 @@ from adapterswap.storage.layout import StorageLayout
 from adapterswap.types import AdapterRef, Mixture
 
 logger = logging.getLogger("adapterswap.replica")
-_LOAD_FAILED = (
-    "an adapter this request needs could not be loaded on the model replica; the server "
-    "logged the details"
-)
 
 
 @dataclass(frozen=True)
@@ -105,12 +110,20 @@ class ModelReplica:
         self.bank = AdapterBank.from_settings(self.loaded.model, config.lora, config.serve)
         base_hash = hash_base_model(config.model, config.model_cache_dir)
         self.source = StorageAdapterSource(StorageLayout.from_config(config), base_hash)
+        serve = config.serve
+        self.tiers = AdapterTiers(
+            self.bank,
+            HostCache(serve.host_cache_bytes),
+            self.source,
+            workers=serve.prefetch_workers,
+            retry_s=serve.adapter_retry_s,
+            pin_memory=next(self.loaded.model.parameters()).is_cuda,
+        )
         self.active = ActiveSet(snapshot, self._drop, epoch)
         self.max_prompt_tokens = config.serve.max_prompt_tokens
         self.adapter_hits = self.adapter_misses = 0  # jobs' adapters found loaded, or not
         # Held while a step samples and streams: a sync waits for that, never for a forward.
         self._step = threading.Lock()
-        serve = config.serve
         context = _context(self.loaded.model.config, serve.max_prompt_tokens + serve.max_new_tokens)
         # The engine's loop thread may outlive a step of this replica's life: it calls back
         # through weak references, so a replica nobody uses is freed at once.
@@ -118,7 +131,7 @@ class ModelReplica:
             self.loaded.model,
             self.tokenizer,
             bank=self.bank,
-            loader=_weakly(self._load),
+            tiers=self.tiers,
             max_rows=serve.max_batch_size,
             max_queue=serve.max_queued_requests,
             prefill_tokens=serve.prefill_chunk_tokens,
@@ -131,8 +144,10 @@ class ModelReplica:
         )
 
     def close(self) -> None:
-        """Stop the engine for good (what is queued or running is dropped)."""
+        """Stop the engine and the prefetch pool for good (what is queued or running is
+        dropped)."""
         self.engine.stop()
+        self.tiers.close()
 
     @property
     def model_id(self) -> str:
@@ -140,7 +155,7 @@ class ModelReplica:
 
     def _drop(self, keep: set[AdapterRef]) -> list[AdapterRef]:
         self.source.forget(keep)
-        return self.bank.evict_all_except(keep)
+        return self.tiers.drop(keep)
 
     # -- the epoch ----------------------------------------------------------------------
 
@@ -227,13 +242,10 @@ class ModelReplica:
                 )
         return list(token_ids)
 
-    def _load(self, ref: AdapterRef) -> Any:
-        """The bank's loader: a failure is the server's, reported without names (see log)."""
-        try:
-            return self.source.load(ref)
-        except Exception:  # noqa: BLE001 - damaged files, another base model, storage down
-            logger.exception("could not load adapter %s v%s", ref.id, ref.version)
-            raise AdapterLoadFailed(_LOAD_FAILED) from None
+    def report(self) -> dict[str, Any]:
+        """What this replica tells operators with its heartbeat (``adapterswap status``, for
+        admins): the versions whose last load failed, and why."""
+        return {"failed_loads": [failure.report() for failure in self.tiers.failures()]}
 
     def _admit(self, job: InferenceJob) -> list[int]:
         """A job's prompt ids, once everything that can be checked before it queues was."""
@@ -259,7 +271,7 @@ class ModelReplica:
         """The error a row carries back: ours as is, anything else without internals."""
         if isinstance(exc, InvalidAdapter | BaseModelMismatch):  # a stored adapter is bad
             logger.error("a stored adapter cannot be composed: %s", exc)
-            return AdapterLoadFailed(_LOAD_FAILED)
+            return AdapterLoadFailed(LOAD_FAILED)
         if isinstance(exc, AdapterSwapError):
             return exc
         logger.error("a job failed on the model replica", exc_info=exc)
