@@ -28,6 +28,7 @@ from actors.adapter_store import get_or_create_store
 from adapterswap.config import AdapterSwapConfig, ServeSettings
 from adapterswap.errors import StoreUnavailable, unwrap_remote
 from adapterswap.store.records import (
+    ActiveChanges,
     AuditEntry,
     DeletionRecord,
     DeletionState,
@@ -62,6 +63,9 @@ class StoreClient:
 
     def active_snapshot(self) -> tuple[int, list[AdapterVersion]]:
         return self._read("active_snapshot")
+
+    def active_changes(self, since_epoch: int) -> ActiveChanges | None:
+        return self._read("active_changes", since_epoch)
 
     def versions_containing(
         self, doc_id: str, content_hash: str | None = None

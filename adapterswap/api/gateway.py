@@ -105,7 +105,10 @@ def build_gateway(
         tokenizer=tokenizer,
         authenticator=authenticator,
         active=ActiveSet(
-            store.active_snapshot, lambda keep: adapters.forget(keep) or [], epoch=store.epoch
+            store.active_snapshot,
+            lambda keep: adapters.forget(keep) or [],
+            epoch=store.epoch,
+            changes=store.active_changes,
         ),
         stats=adapters.router_stats,
         embed=embed or load_embedder(config.embedding).embed,

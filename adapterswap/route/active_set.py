@@ -10,6 +10,15 @@ before it.
 
 The epoch only moves forward: a snapshot older than the one applied (a slow read that lost
 a race with a newer one) is ignored, so a view never returns to a revoked version.
+
+With thousands of versions a replica that holds an epoch reads only what changed since
+(``changes``, the store's ``active_changes``): the versions that left the set and those that
+entered it, with the new epoch, read in one snapshot. A delta is applied the same way (new
+set, evictions, epoch) and only if it is newer than the view; it is valid on any view from
+its ``since`` onwards, because it gives each changed version's state at its epoch, so a
+delta read from an epoch that a concurrent sync has since moved past still lands on exactly
+the store's set. When the store cannot give a delta (the view holds none yet, or its epoch
+is from before the store's migration), the whole snapshot is read.
 """
 
 from __future__ import annotations
@@ -19,9 +28,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from adapterswap.errors import NotFound
+from adapterswap.store.records import ActiveChanges
 from adapterswap.types import AdapterRef, AdapterVersion
 
 Snapshot = Callable[[], tuple[int, list[AdapterVersion]]]
+Changes = Callable[[int], ActiveChanges | None]
 
 
 @dataclass(frozen=True)
@@ -38,15 +49,19 @@ class ActiveSet:
         snapshot: Snapshot,
         on_drop: Callable[[set[AdapterRef]], list[AdapterRef]],
         epoch: Callable[[], int] | None = None,
+        changes: Changes | None = None,
     ) -> None:
         """``snapshot`` reads the store; ``on_drop(keep)`` evicts everything not in ``keep``.
 
         ``epoch``, if given, reads the store's epoch alone: a sync that finds it unchanged
-        (the common case, once per request or batch) transfers nothing else.
+        (the common case, once per request or batch) transfers nothing else. ``changes``, if
+        given, reads the delta since an epoch (``Store.active_changes``), so a view that
+        holds an epoch transfers only what changed.
         """
         self._snapshot = snapshot
         self._on_drop = on_drop
         self._epoch = epoch
+        self._changes = changes
         self._by_id: dict[str, AdapterVersion] = {}
         self.epoch = -1
         self._lock = threading.Lock()
@@ -57,16 +72,36 @@ class ActiveSet:
         Never applies a snapshot older than (or as old as) the one held: the epoch returned
         never goes down, whatever order concurrent syncs' reads come back in.
         """
-        if self._epoch is not None and self._epoch() <= self.epoch:
-            return SyncResult(self.epoch, ())  # the epoch moves with every change to the set
+        held = self.epoch
+        if self._epoch is not None and self._epoch() <= held:
+            return SyncResult(held, ())  # the epoch moves with every change to the set
+        delta = self._changes(held) if self._changes is not None and held >= 0 else None
+        if delta is not None:
+            return self._apply(delta.epoch, delta.removed, delta.added, whole=False)
         epoch, versions = self._snapshot()
+        return self._apply(epoch, (), versions, whole=True)
+
+    def _apply(
+        self,
+        epoch: int,
+        removed: Iterable[AdapterRef],
+        added: Iterable[AdapterVersion],
+        *,
+        whole: bool,
+    ) -> SyncResult:
+        """Apply a snapshot (``whole``: ``added`` is the entire set) or a delta, if newer."""
         with self._lock:
-            if epoch <= self.epoch:
+            if epoch <= self.epoch:  # as old as the view or older: a read that lost a race
                 return SyncResult(self.epoch, ())
             # The new set first, then evictions, then the epoch: a decode loop that sees the
             # new epoch (an int read, no lock) finds at least this set in refs().
-            self._by_id = {v.adapter_id: v for v in versions}
-            dropped = self._on_drop({v.ref for v in versions})
+            by_id = {} if whole else self._by_id
+            for ref in removed:
+                if ref.id in by_id and by_id[ref.id].ref == ref:
+                    del by_id[ref.id]
+            by_id.update((v.adapter_id, v) for v in added)
+            self._by_id = by_id
+            dropped = self._on_drop({v.ref for v in by_id.values()})
             self.epoch = epoch
             return SyncResult(epoch, tuple(dropped))
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from adapterswap.store.records import (
+    ActiveChanges,
     AuditEntry,
     DeletionRecord,
     DeletionState,
@@ -35,6 +36,11 @@ class StoreReads(Protocol):
 
     def active_snapshot(self) -> tuple[int, list[AdapterVersion]]:
         """The epoch and every active version, read together."""
+        ...
+
+    def active_changes(self, since_epoch: int) -> ActiveChanges | None:
+        """What entered and left the active set after ``since_epoch``, with the epoch, read
+        together; None when the store cannot say (read ``active_snapshot`` instead)."""
         ...
 
     def versions_containing(

@@ -34,7 +34,7 @@ from typing import Any
 from adapterswap.errors import IllegalTransition, InvalidArgument, NotFound
 from adapterswap.store import keys
 from adapterswap.store.core import Transactions, bump_epoch, read_meta, write_audit
-from adapterswap.store.records import timestamp, version_from_row
+from adapterswap.store.records import ActiveChanges, timestamp, version_from_row
 from adapterswap.types import AdapterRef, AdapterStatus, AdapterVersion
 
 # target status -> the statuses a version may move to it from (see the module docstring).
@@ -56,6 +56,16 @@ SELECT v.adapter_id, v.version, a.grp, v.status, v.uri, v.doc_count, v.created_a
 FROM versions v JOIN adapters a ON a.adapter_id = v.adapter_id
 """
 _VERSION_ORDER = " ORDER BY v.adapter_id, v.version"
+# A delta since an epoch (migration 3's stamps). >=: a writer that moves a status before
+# bumping the epoch stamps the epoch before its own. INDEXED BY: left to itself SQLite walks
+# the primary key (to skip the sort) or the status index, every version or every active one,
+# where the epoch indexes read only the changed ones.
+ADDED_SINCE = _VERSION_SELECT.replace("versions v", "versions v INDEXED BY versions_by_activated")
+ADDED_SINCE += " WHERE v.activated_epoch >= ? AND v.status = 'active'" + _VERSION_ORDER
+REMOVED_SINCE = (
+    "SELECT adapter_id, version FROM versions INDEXED BY versions_by_deactivated "
+    "WHERE deactivated_epoch >= ? ORDER BY adapter_id, version"
+)
 
 
 def _illegal(current: AdapterStatus, target: AdapterStatus, ref: AdapterRef) -> IllegalTransition:
@@ -302,6 +312,25 @@ class VersionRecords:
             epoch = int(read_meta(conn, "epoch"))
             rows = conn.execute(sql).fetchall()
         return epoch, [version_from_row(r) for r in rows]
+
+    def active_changes(self: Transactions, since_epoch: int) -> ActiveChanges | None:
+        """What changed in the active set after ``since_epoch``, in one snapshot; None when
+        the store cannot say (``since_epoch`` is from before migration 3's ``delta_floor``,
+        or ahead of the store's epoch: another store, or one restored from a backup), so the
+        caller reads ``active_snapshot`` instead. Both reads walk an index of the epochs
+        (migration 3): the cost is the changes', not the active set's."""
+        with self._read() as conn:
+            epoch = int(read_meta(conn, "epoch"))
+            if not int(read_meta(conn, "delta_floor")) <= since_epoch <= epoch:
+                return None
+            added = conn.execute(ADDED_SINCE, (since_epoch,)).fetchall()
+            removed = conn.execute(REMOVED_SINCE, (since_epoch,)).fetchall()
+        return ActiveChanges(
+            since_epoch,
+            epoch,
+            tuple(version_from_row(r) for r in added),
+            tuple(AdapterRef(r[0], r[1]) for r in removed),
+        )
 
     def versions_containing(
         self: Transactions, doc_id: str, content_hash: str | None = None
