@@ -88,6 +88,7 @@ class ModelDeployment:
             replica_id=replica_id or _serve_replica_id(),
             poll_s=self.config.serve.epoch_poll_s,
             heartbeat_s=self.config.serve.replica_heartbeat_s,
+            report=self.replica.report,
         )
 
     async def generate_one(self, job: InferenceJob) -> GenerationResult | AdapterSwapError:
@@ -115,6 +116,7 @@ class ModelDeployment:
             if isinstance(result, GenerationResult):
                 self.metrics.record_generation(result)
         self.metrics.record_engine(self.replica.engine.stats)
+        self.metrics.record_tiers(self.replica.tiers.stats())
 
     async def score(
         self, jobs: list[InferenceJob], top_logprobs: int

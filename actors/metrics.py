@@ -17,13 +17,24 @@ add what is specific to AdapterSwap. Names below appear with Ray's ``ray_`` pref
   a row's whole KV cache when the row joins, so it never preempts a row: there is no
   preemption count;
 - ``adapterswap_composition_setup_ms``: setting the per-row mixture plans of an engine step
-  (observed when a generation request completes; near zero while the rows do not change).
+  (observed when a generation request completes; near zero while the rows do not change);
+- ``adapterswap_admission_deferred`` (label ``reason``): requests that waited in the queue
+  while later ones could join, once per reason: ``adapters_loading`` (prefetch from storage
+  not finished) or ``bank_full`` (their adapters would not fit in the bank beside the
+  running rows');
+- ``adapterswap_adapter_tier_bytes`` / ``..._entries`` (label ``tier``: ``bank``, ``host``):
+  adapters each tier holds; ``adapterswap_adapter_tier_hits`` / ``..._misses`` /
+  ``..._evictions`` (same label): lookups a tier answered or not, and its LRU evictions
+  (the host tier's lookups are a queued request's adapters not in the bank);
+- ``adapterswap_adapter_load_failures``: adapter loads that failed (files corrupt or
+  missing, storage down); which ones, ``adapterswap status`` says.
 """
 
 from __future__ import annotations
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from adapterswap.engine.adapter_tiers import TierStats
 from adapterswap.engine.loop import EngineStats
 from adapterswap.engine.requests import GenerationResult
 
@@ -64,7 +75,33 @@ class ServeMetrics:
             "adapterswap_inter_token_latency_ms", "Decode time per token after the first.", _MS
         )
         self.tokens = Counter("adapterswap_generated_tokens", "Tokens sampled.")
+        self.deferred = Counter(
+            "adapterswap_admission_deferred",
+            "Requests that waited to join while later ones could.",
+            tag_keys=("reason",),
+        )
+        self.tier_bytes = Gauge(
+            "adapterswap_adapter_tier_bytes", "Bytes of adapters held.", tag_keys=("tier",)
+        )
+        self.tier_entries = Gauge(
+            "adapterswap_adapter_tier_entries", "Adapters held.", tag_keys=("tier",)
+        )
+        self.tier_counters = {
+            kind: Counter(
+                f"adapterswap_adapter_tier_{kind}", f"Adapter {what}.", tag_keys=("tier",)
+            )
+            for kind, what in (
+                ("hits", "lookups found in the tier"),
+                ("misses", "lookups not found in the tier"),
+                ("evictions", "evicted to make room (LRU)"),
+            )
+        }
+        self.load_failures = Counter(
+            "adapterswap_adapter_load_failures", "Adapter loads that failed."
+        )
+        # Cumulative counts as last seen, so each export adds what changed since.
         self._sampled = 0  # the engine's tokens_sampled when last counted
+        self._seen: dict[str, int] = {}
 
     def record_routing(self, milliseconds: float, adapters: int) -> None:
         self.router_ms.observe(milliseconds)
@@ -83,6 +120,27 @@ class ServeMetrics:
         if stats.tokens_sampled > self._sampled:
             self.tokens.inc(stats.tokens_sampled - self._sampled)
         self._sampled = stats.tokens_sampled
+        self._add(
+            self.deferred, "adapters_loading", stats.deferred_loading, reason="adapters_loading"
+        )
+        self._add(self.deferred, "bank_full", stats.deferred_bank_full, reason="bank_full")
+
+    def record_tiers(self, stats: TierStats) -> None:
+        """Both adapter tiers' gauges, and what their counters gained since the last call."""
+        for tier in ("bank", "host"):
+            self.tier_bytes.set(getattr(stats, f"{tier}_bytes"), tags={"tier": tier})
+            self.tier_entries.set(getattr(stats, f"{tier}_entries"), tags={"tier": tier})
+            for kind, counter in self.tier_counters.items():
+                key = f"{tier}_{kind}"
+                self._add(counter, key, getattr(stats, key), tier=tier)
+        self._add(self.load_failures, "load_failures", stats.load_failures)
+
+    def _add(self, counter: Counter, key: str, total: int, **tags: str) -> None:
+        """Increment ``counter`` by what the cumulative ``total`` gained since last seen."""
+        gained = total - self._seen.get(key, 0)
+        if gained > 0:
+            counter.inc(gained, tags=tags or None)
+        self._seen[key] = total
 
     def record_generation(self, result: GenerationResult) -> None:
         """A completed generation's timings (a failed one has none)."""

@@ -95,8 +95,8 @@ class StoreClient:
 
     # -- writes: sent once ----------------------------------------------------------------
 
-    def ack_epoch(self, replica_id: str, epoch: int) -> None:
-        self._write("ack_epoch", replica_id, epoch)
+    def ack_epoch(self, replica_id: str, epoch: int, detail: dict[str, Any] | None = None) -> None:
+        self._write("ack_epoch", replica_id, epoch, detail)
 
     def forget_replica(self, replica_id: str) -> None:
         self._write("forget_replica", replica_id)

@@ -4,7 +4,8 @@ A model replica syncs before every batch, but an idle one would never notice a r
 and a delete must know when every replica has dropped the revoked versions. So each replica
 runs an :class:`EpochWatcher`: every ``poll_s`` it syncs (a cheap epoch read when nothing
 changed) and, when the acknowledged epoch moved or ``heartbeat_s`` passed, records it in the
-store with ``ack_epoch``. The epoch ``sync`` returns is one the replica keeps: every version
+store with ``ack_epoch``, with the replica's report for operators (``report()``: e.g. the
+adapters it failed to load, which ``adapterswap status`` prints). The epoch ``sync`` returns is one the replica keeps: every version
 revoked at or before it is evicted, and the running generation has stopped every row that
 used one, so no token is produced with a revoked version after the acknowledgement.
 
@@ -21,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from adapterswap.store.protocol import Store
 
@@ -46,10 +48,13 @@ class EpochWatcher:
         replica_id: str,
         poll_s: float,
         heartbeat_s: float,
+        report: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         """``sync()`` catches up and returns the epoch the replica may acknowledge; ``store``
-        answers ``ack_epoch`` and ``forget_replica`` synchronously."""
+        answers ``ack_epoch`` and ``forget_replica`` synchronously; ``report()``, if given,
+        is sent with each acknowledgement."""
         self._sync = sync
+        self._report = report
         self._store = store
         self.replica_id = replica_id
         self._poll_s, self._heartbeat_s = poll_s, heartbeat_s
@@ -68,7 +73,10 @@ class EpochWatcher:
         epoch = max(self._sync(), self.acknowledged)
         now = time.monotonic()
         if epoch != self.acknowledged or now - self._acked_at >= self._heartbeat_s:
-            self._store.ack_epoch(self.replica_id, epoch)
+            if self._report is None:
+                self._store.ack_epoch(self.replica_id, epoch)
+            else:
+                self._store.ack_epoch(self.replica_id, epoch, self._report())
             self.acknowledged, self._acked_at = epoch, now
 
     def _run(self) -> None:

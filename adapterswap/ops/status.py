@@ -36,13 +36,25 @@ def collect_status(
         "epoch": registry.epoch(),
         "jobs": [asdict(j) for j in registry.list_jobs(states=["pending", "running"])],
         "deletions": [asdict(d) for d in registry.unfinished_deletions()],
-        "replicas": [
-            {"id": r, "epoch": e, "seen_s_ago": round(max(now - seen, 0.0), 1)}
-            for r, e, seen in registry.live_replicas(
-                live_window_s(config.serve.replica_heartbeat_s)
-            )
-        ],
+        "replicas": _replicas(config, registry, now),
     } | ({"cluster": cluster} if cluster is not None else {})
+
+
+def _replicas(
+    config: AdapterSwapConfig, registry: AdapterRegistry, now: float
+) -> list[dict[str, Any]]:
+    """Live serving replicas: epoch, last heartbeat, and the adapters each failed to load."""
+    window = live_window_s(config.serve.replica_heartbeat_s)
+    details = registry.replica_details(window)
+    return [
+        {
+            "id": r,
+            "epoch": e,
+            "seen_s_ago": round(max(now - seen, 0.0), 1),
+            "failed_loads": details.get(r, {}).get("failed_loads", []),
+        }
+        for r, e, seen in registry.live_replicas(window)
+    ]
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -81,9 +93,13 @@ def format_status(status: dict[str, Any]) -> str:
     elif replicas:
         summary += " (all at the epoch)"
     lines.append(summary)
-    lines += [
-        f"  {r['id']:<32} epoch {r['epoch']:<6} seen {r['seen_s_ago']:.1f} s ago" for r in replicas
-    ]
+    for r in replicas:
+        lines.append(f"  {r['id']:<32} epoch {r['epoch']:<6} seen {r['seen_s_ago']:.1f} s ago")
+        lines += [
+            f"    failed to load {f['adapter_id']} v{f['version']} "
+            f"({f['attempts']} attempt{'s' if f['attempts'] != 1 else ''}): {f['error']}"
+            for f in r["failed_loads"]
+        ]
     if "cluster" in status:
         lines += _format_cluster(status["cluster"])
     if status["deletions"]:

@@ -81,8 +81,9 @@ class StoreReads(Protocol):
 class StoreWrites(Protocol):
     """The store's writes that the serving path and the jobs use."""
 
-    def ack_epoch(self, replica_id: str, epoch: int) -> None:
-        """A replica's acknowledgement that it serves nothing revoked up to ``epoch``."""
+    def ack_epoch(self, replica_id: str, epoch: int, detail: dict[str, Any] | None = None) -> None:
+        """A replica's acknowledgement that it serves nothing revoked up to ``epoch``, with
+        its report for operators (``detail``, JSON-able; e.g. adapters it failed to load)."""
         ...
 
     def forget_replica(self, replica_id: str) -> None:
