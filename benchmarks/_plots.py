@@ -108,9 +108,11 @@ def panel_lines(
     panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
     xlabel: str,
     log: bool = False,
+    xlog: bool = False,
 ) -> Path:
     """Side by side, one panel per entry of ``panels``: a line per series through its own
-    (x, y) points; a series named "... p99" is dashed, in the colour of its "... p50"."""
+    (x, y) points; a series named "... p99" is dashed, in the colour of its "... p50".
+    ``log``, ``xlog``: logarithmic y, x axes."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
     for ax, (name, series) in zip(axes[0], panels.items(), strict=True):
         owners = list(dict.fromkeys(s.rsplit(" ", 1)[0] for s in series))
@@ -121,6 +123,8 @@ def panel_lines(
             ax.plot(xs, ys, style, marker="o", color=f"C{owners.index(owner)}", label=label)
         if log:
             ax.set_yscale("log")
+        if xlog:
+            ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_title(name, fontsize=10)
         ax.legend(fontsize=7)
