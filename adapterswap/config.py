@@ -281,7 +281,24 @@ class RayResources(_Section):
     train_use_gpu: bool | Literal["auto"] = Field(
         "auto", description="Train on GPUs, one per worker; 'auto': when the cluster has GPUs."
     )
-    train_workers_per_shard: int = Field(1, ge=1, description="DDP workers per shard.")
+    train_workers_per_shard: int = Field(
+        1, ge=1, description="DDP workers per shard that trains with a trainer of its own."
+    )
+    train_pool_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Workers of the training pool, each training shard after shard on a "
+        "base model it loads once. None: as many as the cluster's CPUs fit at "
+        "train_num_cpus_per_worker (and its GPUs, when training on them), never more than "
+        "the shards to train.",
+    )
+    train_pool_max_shard_tokens: int = Field(
+        100_000,
+        ge=0,
+        description="Shards of at most this many estimated tokens train in the pool; larger "
+        "ones get a Ray Train trainer of their own (with train_workers_per_shard DDP workers, "
+        "~20 s of start-up each). 0: every shard gets its own trainer.",
+    )
 
 
 class AdapterSwapConfig(_Section):

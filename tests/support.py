@@ -372,3 +372,20 @@ def private_copy(loaded: LoadedModel) -> LoadedModel:
     """``loaded`` with a model of its own, for a test that changes it (peft injects LoRA layers
     in place, training moves weights): the run's shared tiny model stays as built."""
     return dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+
+
+def ingest_groups(
+    config: AdapterSwapConfig, directory: Path, name: str, groups: dict[str, list[str]], batch: str
+) -> None:
+    """Ingest ``groups``' texts ({group: [text, ...]}) as batch ``batch`` through a JSONL file
+    ``<directory>/<name>.jsonl`` (document ids ``<name>-<group>-<i>``), no embedding."""
+    from adapterswap.catalog.ingest import ingest_files
+
+    path = directory / f"{name}.jsonl"
+    rows = [
+        {"id": f"{name}-{g}-{i}", "text": t, "group": g}
+        for g, texts in groups.items()
+        for i, t in enumerate(texts)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ingest_files([path], config, embed=None, batch=batch)

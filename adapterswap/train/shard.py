@@ -86,19 +86,24 @@ def make_shard_run(
     )
 
 
-def start_shard_trainer(
+def load_shard_model(run: ShardRun, device: torch.device) -> LoadedModel:
+    """The run's base model and tokenizer, loaded on ``device``."""
+    settings = ModelSettings(**{**run.model, "device": str(device)})
+    return load_base_model(settings, Path(run.cache_dir))
+
+
+def shard_trainer_on(
+    loaded: LoadedModel,
     run: ShardRun,
-    device: torch.device,
     rank: int = 0,
     world_size: int = 1,
     wrap: Callable[[Any], Any] | None = None,
-) -> tuple[ShardTrainer, LoadedModel]:
-    """Load the base model on ``device``, pack the shard's documents, build the trainer."""
-    settings = ModelSettings(**{**run.model, "device": str(device)})
-    loaded = load_base_model(settings, Path(run.cache_dir))
+) -> ShardTrainer:
+    """Pack the shard's documents and build its trainer on ``loaded`` (which peft changes in
+    place: LoRA layers are injected into the model until ``trainer.model.unload()``)."""
     training = TrainingSettings(**run.training)
     blocks = pack_documents(loaded.tokenizer, run.texts, training.seq_len)
-    trainer = ShardTrainer(
+    return ShardTrainer(
         loaded.model,
         blocks,
         LoraSettings(**run.lora),
@@ -108,7 +113,18 @@ def start_shard_trainer(
         world_size=world_size,
         wrap=wrap,
     )
-    return trainer, loaded
+
+
+def start_shard_trainer(
+    run: ShardRun,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    wrap: Callable[[Any], Any] | None = None,
+) -> tuple[ShardTrainer, LoadedModel]:
+    """Load the base model on ``device``, pack the shard's documents, build the trainer."""
+    loaded = load_shard_model(run, device)
+    return shard_trainer_on(loaded, run, rank, world_size, wrap), loaded
 
 
 def build_manifest(run: ShardRun, trainer: ShardTrainer, embedder_id: str) -> AdapterManifest:

@@ -1,15 +1,15 @@
 """Training through Ray Train on the tiny random model, end to end, on a local cluster.
 
 One home is carried through the module, as an operator would: batch 1 trains two shards
-concurrently (each worker crashing once and resuming), then batch 2 meets a storage
-failure, a driver crash before publishing, and finally a clean run. Batch 1's files must
-stay byte-for-byte the same throughout.
+concurrently, each with a trainer of its own (each worker crashing once and resuming), then
+batch 2 meets a storage failure, a driver crash before publishing, and finally a clean run
+(in the training pool, the default path; tests/ray/test_train_pool.py tests the pool's own
+failures). Batch 1's files must stay byte-for-byte the same throughout.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from support import ingest_groups
 
-from actors.train_launcher import train_shards_with_ray
+from actors.train_launcher import train_shards_one_trainer_each, train_shards_with_ray
 from adapterswap.catalog.dataset import Catalog
-from adapterswap.catalog.ingest import ingest_files
 from adapterswap.models.base import load_base_model
 from adapterswap.storage.artifacts import ADAPTER_WEIGHTS, download_version
 from adapterswap.storage.layout import StorageLayout
@@ -52,17 +52,6 @@ def env(tiny_config, ray_cluster):
     return config, AdapterRegistry(config.db_path)
 
 
-def ingest(config, tmp_path: Path, name: str, groups: dict[str, list[str]], batch: str) -> None:
-    path = tmp_path / f"{name}.jsonl"
-    rows = [
-        {"id": f"{name}-{g}-{i}", "text": t, "group": g}
-        for g, texts in groups.items()
-        for i, t in enumerate(texts)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ingest_files([path], config, embed=None, batch=batch)
-
-
 def file_hashes(config) -> dict[str, str]:
     root = StorageLayout.from_config(config).adapters()
     return {
@@ -74,10 +63,10 @@ def file_hashes(config) -> dict[str, str]:
 
 def test_batch1_trains_concurrently_and_resumes_after_a_worker_failure(env, tmp_path):
     config, registry = env
-    ingest(config, tmp_path, "b1", FACTS, batch="b0001")
+    ingest_groups(config, tmp_path, "b1", FACTS, batch="b0001")
     events = []
-    # every shard's worker crashes once, at step 3
-    crash_once = partial(train_shards_with_ray, fail_once_at_step=3)
+    # one trainer per shard (the large-shard path); every shard's worker crashes once, at step 3
+    crash_once = partial(train_shards_one_trainer_each, fail_once_at_step=3)
     report = run_training(config, registry, train_shards=crash_once, on_progress=events.append)
     assert report.failed == [], report.failed
     assert sorted(t["id"] for t in report.trained) == ["finance.b0001.000", "hr.b0001.000"]
@@ -150,7 +139,7 @@ def test_nothing_to_train_is_a_clear_no_op_and_fails_jobs_left_running(env):
 def test_batch2_failures_never_touch_batch1(env, tmp_path, monkeypatch):
     config, registry = env
     before = file_hashes(config)
-    ingest(
+    ingest_groups(
         config,
         tmp_path,
         "b2",
@@ -199,14 +188,14 @@ def test_batch2_failures_never_touch_batch1(env, tmp_path, monkeypatch):
 
 def test_two_workers_train_one_shard_with_ddp(env, tmp_path):
     config, registry = env
-    ddp = config.model_copy(
-        update={"ray": config.ray.model_copy(update={"train_workers_per_shard": 2})}
-    )
+    # every shard counts as large: a trainer of its own, with two DDP workers
+    own = {"train_workers_per_shard": 2, "train_pool_max_shard_tokens": 0}
+    ddp = config.model_copy(update={"ray": config.ray.model_copy(update=own)})
     texts = [
         f"Shift roster {i}: the Skarvik harbour crane is operated by crew {i * 7}."
         for i in range(8)
     ]
-    ingest(ddp, tmp_path, "b3", {"finance": texts}, batch="b0003")
+    ingest_groups(ddp, tmp_path, "b3", {"finance": texts}, batch="b0003")
     events = []
     report = run_training(
         ddp, registry, train_shards=train_shards_with_ray, on_progress=events.append
