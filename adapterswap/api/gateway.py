@@ -21,10 +21,10 @@ from adapterswap.config import AdapterSwapConfig
 from adapterswap.engine.adapter_source import StorageAdapterSource
 from adapterswap.models.embedder import load_embedder
 from adapterswap.route.active_set import ActiveSet
-from adapterswap.route.stats import ShardStats
+from adapterswap.route.index import RoutingIndex
 from adapterswap.store.jobs import Jobs
 from adapterswap.store.protocol import Store
-from adapterswap.types import Embed
+from adapterswap.types import AdapterRef, Embed
 
 
 class Gateway(InferenceEndpoints, TokenizerEndpoints, AdminEndpoints):
@@ -39,7 +39,7 @@ class Gateway(InferenceEndpoints, TokenizerEndpoints, AdminEndpoints):
         tokenizer: Any,
         authenticator: Authenticator,
         active: ActiveSet,
-        stats: Callable[[Any], ShardStats],
+        index: RoutingIndex,
         embed: Embed,
         store: Store,
         jobs: Jobs,
@@ -59,7 +59,7 @@ class Gateway(InferenceEndpoints, TokenizerEndpoints, AdminEndpoints):
         self.tokenizer = tokenizer  # the base model's: token-id prompts, /tokenize
         self.auth = authenticator
         self.active = active
-        self._stats = stats
+        self.index = index
         self._embed = embed
         self.store = store
         self.jobs = jobs
@@ -84,8 +84,8 @@ def build_gateway(
     """A gateway whose store reads (keys, the active set) all go through ``store``.
 
     ``tokenizer`` is the base model's (``models.base.load_tokenizer``). ``adapters`` gives
-    the router its per-shard statistics and forgets those of versions
-    that left the active set. ``embed`` defaults to ``config.embedding``'s embedder;
+    the routing index its per-shard statistics; the index and ``adapters`` drop those of
+    versions that left the active set when the gateway syncs (by deltas). ``embed`` defaults to ``config.embedding``'s embedder;
     ``authenticator`` to the server's, with ``config.serve``'s key caches and the store's
     list of key ids (see :mod:`adapterswap.api.auth`).
     """
@@ -98,6 +98,12 @@ def build_gateway(
             negative_cache_size=serving.negative_key_cache_size,
             key_ids=lambda: [k.key_id for k in store.list_keys() if not k.revoked],
         )
+    index = RoutingIndex(adapters.router_stats)
+
+    def drop(keep: set[AdapterRef]) -> list[AdapterRef]:
+        adapters.forget(keep)
+        return index.retain(keep)
+
     return Gateway(
         config,
         model=model,
@@ -105,12 +111,9 @@ def build_gateway(
         tokenizer=tokenizer,
         authenticator=authenticator,
         active=ActiveSet(
-            store.active_snapshot,
-            lambda keep: adapters.forget(keep) or [],
-            epoch=store.epoch,
-            changes=store.active_changes,
+            store.active_snapshot, drop, epoch=store.epoch, changes=store.active_changes
         ),
-        stats=adapters.router_stats,
+        index=index,
         embed=embed or load_embedder(config.embedding).embed,
         store=store,
         jobs=jobs,

@@ -9,6 +9,7 @@ request's ``groups``), never from the request alone.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import time
@@ -32,8 +33,8 @@ from adapterswap.errors import (
     unwrap_remote,
 )
 from adapterswap.route.active_set import ActiveSet
-from adapterswap.route.router import Candidate, RoutingDecision, route, routing_texts
-from adapterswap.route.stats import ShardStats
+from adapterswap.route.index import RoutingIndex
+from adapterswap.route.router import RoutingDecision, decide, routing_texts
 from adapterswap.types import AdapterVersion, Embed, Mixture, Principal
 
 logger = logging.getLogger("adapterswap.requests")
@@ -55,7 +56,7 @@ class InferenceEndpoints:
     model_id: str
     tokenizer: Any
     active: ActiveSet
-    _stats: Callable[[Any], ShardStats]
+    index: RoutingIndex
     _embed: Embed
     _on_routed: Callable[[float, int], None] | None
 
@@ -125,10 +126,12 @@ class InferenceEndpoints:
     def _decide(
         self, groups: Sequence[str], texts: list[str], top_k: int | None
     ) -> RoutingDecision:
-        candidates = [Candidate(v, self._stats(v.ref)) for v in self.active.visible(groups)]
-        decision = RoutingDecision((), "nothing to route on", len(candidates), None)
+        visible = self.active.visible(groups)  # the caller's groups, before any score
+        self.index.add(visible)
+        decision = RoutingDecision((), "nothing to route on", len(visible), None)
         for text in texts:
-            decision = route(self._embed([text])[0], candidates, self.config.router, top_k=top_k)
+            versions, scores = self.index.score(self._embed([text])[0], visible)
+            decision = decide(versions, scores, self.config.router, top_k=top_k)
             if decision.adapters or decision.reason != "nothing relevant":
                 break
         return decision
@@ -275,9 +278,18 @@ class InferenceEndpoints:
             yield fmt.usage_chunk(head, counts)
         log_request("chat" if chat else "completions", principal, [info], started, counts, [result])
 
-    def list_adapters(self, principal: Principal) -> dict[str, Any]:
-        """``GET /v1/adapters``: only what the caller's groups may see."""
+    def list_adapters(
+        self, principal: Principal, limit: int = 100, after: str | None = None
+    ) -> dict[str, Any]:
+        """``GET /v1/adapters``: one page of what the caller's groups may see, in id order.
+
+        ``after`` is a pure cursor: the page starts at the first visible id above it, whether
+        or not the caller may see ``after`` itself, so an id of another group tells nothing.
+        """
         self.active.sync()
+        visible = self.active.visible(principal.groups)  # sorted by id
+        start = 0 if after is None else bisect.bisect_right([v.adapter_id for v in visible], after)
+        page = visible[start : start + limit]
         data = [
             {
                 "id": v.adapter_id,
@@ -288,9 +300,15 @@ class InferenceEndpoints:
                 "created_at": v.created_at,
                 "status": v.status,
             }
-            for v in self.active.visible(principal.groups)
+            for v in page
         ]
-        return {"object": "list", "data": data}
+        return {
+            "object": "list",
+            "data": data,
+            "first_id": page[0].adapter_id if page else None,
+            "last_id": page[-1].adapter_id if page else None,
+            "has_more": start + limit < len(visible),
+        }
 
     def list_models(self, principal: Principal) -> dict[str, Any]:
         """``GET /v1/models``: the base model, then every adapter the caller may see, as vLLM

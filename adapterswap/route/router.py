@@ -91,35 +91,46 @@ def route(
     top_k: int | None = None,
 ) -> RoutingDecision:
     """Pick and weight adapters for one query embedding (d,) among ``candidates``."""
+    if not candidates:
+        return decide([], np.zeros(0), settings, top_k=top_k)
+    scores = score_shards(query, [c.stats for c in candidates])  # (S,)
+    return decide([c.version for c in candidates], scores, settings, top_k=top_k)
+
+
+def decide(
+    versions: Sequence[AdapterVersion],
+    scores: np.ndarray,
+    settings: RouterSettings,
+    *,
+    top_k: int | None = None,
+) -> RoutingDecision:
+    """Steps 2-4 of the module on the candidates' scores ``(S,)`` (``versions[i]`` scored
+    ``scores[i]``), however they were computed (``score_shards``, the routing index)."""
     k = settings.top_k if top_k is None else top_k
-    if k == 0 or not candidates:
+    if k == 0 or not versions:
         return RoutingDecision(
-            (), "top_k is 0" if k == 0 else "no adapters visible", len(candidates), None
+            (), "top_k is 0" if k == 0 else "no adapters visible", len(versions), None
         )
-    stats = [c.stats for c in candidates]
-    scores = score_shards(query, stats)  # (S,)
     best = float(scores.max())
     coverage = _coverage(best, settings)
     if coverage == 0.0:
-        return RoutingDecision((), "nothing relevant", len(candidates), best, 0.0)
+        return RoutingDecision((), "nothing relevant", len(versions), best, 0.0)
     logits = scores / settings.temperature
     posterior = np.exp(logits - logits.max())
     posterior /= posterior.sum()
-    order = sorted(
-        range(len(candidates)), key=lambda i: (-posterior[i], candidates[i].version.adapter_id)
-    )
+    order = sorted(range(len(versions)), key=lambda i: (-posterior[i], versions[i].adapter_id))
     chosen = _cut([(i, float(posterior[i])) for i in order[:k]], settings.min_weight)
     adapters = tuple(
         RoutedAdapter(
-            ref=candidates[i].version.ref,
-            group=candidates[i].version.group,
+            ref=versions[i].ref,
+            group=versions[i].group,
             weight=weight * coverage,
             probability=float(posterior[i]),
             similarity=float(scores[i]),
         )
         for i, weight in chosen
     )
-    return RoutingDecision(adapters, "routed", len(candidates), best, coverage)
+    return RoutingDecision(adapters, "routed", len(versions), best, coverage)
 
 
 def _coverage(best: float, settings: RouterSettings) -> float:
