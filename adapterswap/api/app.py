@@ -43,6 +43,7 @@ from adapterswap.errors import AdapterSwapError, InvalidArgument, PayloadTooLarg
 from adapterswap.types import Principal
 
 logger = logging.getLogger("adapterswap.http")
+MAX_PAGE = 1000  # the most adapters one GET /v1/adapters answers (OpenAI lists cap at 100)
 
 # Deepest JSON nesting a body may have. Our bodies need 4 levels (documents[].metadata
 # holds the caller's own JSON); 64 leaves metadata room while keeping every later
@@ -232,9 +233,17 @@ def create_app() -> FastAPI:
         return await asyncio.to_thread(_gateway(request).list_models, principal)
 
     @app.get("/v1/adapters")
-    async def adapters(request: Request) -> dict[str, Any]:
+    async def adapters(
+        request: Request,
+        limit: int = Query(
+            100, ge=1, le=MAX_PAGE, description=f"At most this many adapters (1-{MAX_PAGE})."
+        ),
+        after: str | None = Query(
+            None, max_length=1024, description="Adapters with ids after this one (a cursor)."
+        ),
+    ) -> dict[str, Any]:
         principal = await _principal(request)
-        return await asyncio.to_thread(_gateway(request).list_adapters, principal)
+        return await asyncio.to_thread(_gateway(request).list_adapters, principal, limit, after)
 
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request) -> Any:

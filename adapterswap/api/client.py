@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx2 as httpx
 
@@ -55,9 +56,20 @@ class Client:
     def models(self) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/models")["data"]
 
-    def adapters(self) -> list[dict[str, Any]]:
-        """The adapters this key may see."""
-        return self._call("GET", "/v1/adapters")["data"]
+    def adapters(self, page_size: int = 100) -> list[dict[str, Any]]:
+        """Every adapter this key may see, in id order, following the pages."""
+        return list(self.iter_adapters(page_size))
+
+    def iter_adapters(self, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """The adapters this key may see, one page (``page_size``, 1-1000) fetched at a time."""
+        after: str | None = None
+        while True:
+            params = {"limit": page_size} | ({} if after is None else {"after": after})
+            page = self._call("GET", f"/v1/adapters?{urlencode(params)}")
+            yield from page["data"]
+            if not page["has_more"]:
+                return
+            after = page["last_id"]
 
     def completions(self, prompt: str | list[str], **fields: Any) -> dict[str, Any]:
         """``POST /v1/completions``; ``fields`` are any body fields (max_tokens, adapters, ...)."""

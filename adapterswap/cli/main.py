@@ -129,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.set_defaults(handler="adapterswap.cli.delete:verify_forget_command")
 
+    adapters = sub.add_parser(
+        "adapters", parents=[common], help="adapter versions, a page at a time, in id order"
+    )
+    adapters.add_argument("--limit", type=int, default=100, help="at most this many (1-1000)")
+    adapters.add_argument(
+        "--after", metavar="ID[@vN]", help="start after this adapter (or this version of it)"
+    )
+    adapters.add_argument("--status", help="only these statuses, e.g. active,revoked")
+    adapters.add_argument("--group", help="only these groups, e.g. hr,finance")
+    adapters.set_defaults(handler="adapterswap.cli.ops:adapters_command")
+
     audit = sub.add_parser("audit", parents=[common], help="the append-only audit log")
     audit.add_argument("--since", type=int, default=0, help="entries after this sequence number")
     audit.add_argument("--limit", type=int, default=100, help="at most this many entries")

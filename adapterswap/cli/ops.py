@@ -1,4 +1,4 @@
-"""``adapterswap status|audit|backup|restore``: looking after a home."""
+"""``adapterswap status|adapters|audit|backup|restore``: looking after a home."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from adapterswap.cli.common import open_registry
+from adapterswap.cli.common import UsageError, open_registry
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.ops.backup import backup_home, restore_home
-from adapterswap.ops.status import collect_status, format_status
+from adapterswap.ops.status import collect_status, format_status, format_version
+
+MAX_PAGE = 1000  # as GET /v1/adapters
 
 
 def status_command(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
@@ -32,6 +34,40 @@ def audit_command(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[
         for e in entries
     ]
     return "\n".join(lines) or "no audit entries", [asdict(e) for e in entries]
+
+
+def adapters_command(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:
+    """One page of adapter versions, in (id, version) order, from ``--after`` on."""
+    if not 1 <= args.limit <= MAX_PAGE:
+        raise UsageError(f"--limit: must be 1 to {MAX_PAGE}, got {args.limit}")
+    page = open_registry(config).list_versions(
+        statuses=_listed(args.status),
+        groups=_listed(args.group),
+        after=_cursor(args.after),
+        limit=args.limit + 1,  # one more says whether there is a next page
+    )
+    more, page = len(page) > args.limit, page[: args.limit]
+    after = f"{page[-1].adapter_id}@v{page[-1].version}" if more else None
+    lines = [format_version(asdict(v)) for v in page] or ["no adapter versions"]
+    if after is not None:
+        lines.append(f"more: adapterswap adapters --after {after}")
+    return "\n".join(lines), {"data": [asdict(v) for v in page], "has_more": more, "after": after}
+
+
+def _listed(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _cursor(value: str | None) -> tuple[str, int] | None:
+    """``--after ID`` (past every version of ID) or ``ID@vN`` (past version N of ID)."""
+    if value is None:
+        return None
+    adapter_id, at, version = value.rpartition("@v")
+    if not at:
+        return value, 2**62
+    if not adapter_id or not version.isdigit():
+        raise UsageError(f"--after: expected ID or ID@vN (e.g. hr.b0001.000@v2), got {value!r}")
+    return adapter_id, int(version)
 
 
 def backup_command(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:

@@ -12,6 +12,8 @@ from adapterswap.config import AdapterSwapConfig
 from adapterswap.engine.epoch_watch import live_window_s
 from adapterswap.store.registry import AdapterRegistry
 
+STATUS_VERSIONS = 20  # versions status lists; ``adapterswap adapters`` pages through them all
+
 
 def collect_status(
     config: AdapterSwapConfig,
@@ -32,7 +34,8 @@ def collect_status(
             "by_group": dict(sorted(docs_by_group.items())),
         },
         "shards": [asdict(s) for s in shards],
-        "adapters": [asdict(v) for v in registry.list_versions()],
+        "adapters": [asdict(v) for v in registry.list_versions(limit=STATUS_VERSIONS)],
+        "versions_by_status": registry.summary().versions_by_status,
         "epoch": registry.epoch(),
         "jobs": [asdict(j) for j in registry.list_jobs(states=["pending", "running"])],
         "deletions": [asdict(d) for d in registry.unfinished_deletions()],
@@ -75,11 +78,7 @@ def format_status(status: dict[str, Any]) -> str:
         f"  {s['shard']:<32} {s['doc_count']:>5} docs {s['tokens']:>8} tokens"
         for s in status["shards"]
     ]
-    lines.append(f"adapter versions {len(status['adapters'])} (epoch {status['epoch']})")
-    lines += [
-        f"  {a['adapter_id']:<32} v{a['version']:<4} {a['status']:<9} {a['doc_count']:>5} docs"
-        for a in status["adapters"]
-    ]
+    lines += _format_versions(status)
     lines.append(f"running jobs {len(status['jobs'])}")
     lines += [
         f"  {j['job_id']:<24} {j['kind']:<7} {j['state']:<8} since {j['created_at']}"
@@ -108,6 +107,32 @@ def format_status(status: dict[str, Any]) -> str:
             f"  {d['doc_id']:<32} {d['state']:<10} job {d['job_id']}" for d in status["deletions"]
         ]
     return "\n".join(lines)
+
+
+def format_version(a: dict[str, Any]) -> str:
+    """One adapter version's line (``status``, ``adapters``)."""
+    return (
+        f"  {a['adapter_id']:<32} v{a['version']:<4} {a['group']:<12} {a['status']:<9} "
+        f"{a['doc_count']:>5} docs"
+    )
+
+
+def _format_versions(status: dict[str, Any]) -> list[str]:
+    """Counts by status and the first versions; ``adapterswap adapters`` pages the rest."""
+    counts = status["versions_by_status"]
+    total = sum(counts.values())
+    by_status = ", ".join(f"{s} {n}" for s, n in counts.items() if n)
+    lines = [
+        f"adapter versions {total} (epoch {status['epoch']})" + (f": {by_status}" if total else "")
+    ]
+    lines += [format_version(a) for a in status["adapters"]]
+    if total > len(status["adapters"]):
+        last = status["adapters"][-1]
+        lines.append(
+            f"  ... {total - len(status['adapters'])} more: "
+            f"adapterswap adapters --after {last['adapter_id']}@v{last['version']}"
+        )
+    return lines
 
 
 def _format_cluster(cluster: dict[str, Any]) -> list[str]:

@@ -285,15 +285,35 @@ class VersionRecords:
             return read_version(self._conn, adapter_id, version)
 
     def list_versions(
-        self: Transactions, adapter_id: str | None = None, statuses: Iterable[str] | None = None
+        self: Transactions,
+        adapter_id: str | None = None,
+        statuses: Iterable[str] | None = None,
+        *,
+        groups: Iterable[str] | None = None,
+        after: tuple[str, int] | None = None,
+        limit: int | None = None,
     ) -> list[AdapterVersion]:
-        """Versions sorted by (id, version), optionally of one adapter and/or some statuses."""
-        wanted = None if statuses is None else [_status(s).value for s in statuses]
-        sql = _VERSION_SELECT + " WHERE (?1 IS NULL OR v.adapter_id = ?1)"
-        sql += " AND (?2 IS NULL OR v.status IN (SELECT value FROM json_each(?2)))"
-        params = (adapter_id, None if wanted is None else json.dumps(wanted))
+        """Versions sorted by (id, version), optionally of one adapter, some statuses and/or
+        some groups; a page of them with ``after`` (the last (id, version) of the previous
+        page: keyset pagination, which walks the primary key from there) and ``limit``."""
+        where, params = ["1"], []
+        for column, values in (
+            ("v.status", None if statuses is None else [_status(s).value for s in statuses]),
+            ("a.grp", None if groups is None else list(groups)),
+        ):
+            if values is not None:
+                where.append(f"{column} IN (SELECT value FROM json_each(?))")
+                params.append(json.dumps(values))
+        if adapter_id is not None:
+            where.append("v.adapter_id = ?")
+            params.append(adapter_id)
+        if after is not None:
+            where.append("(v.adapter_id, v.version) > (?, ?)")
+            params += [after[0], after[1]]
+        sql = _VERSION_SELECT + " WHERE " + " AND ".join(where) + _VERSION_ORDER + " LIMIT ?"
+        params.append(-1 if limit is None else limit)
         with self._lock:
-            rows = self._conn.execute(sql + _VERSION_ORDER, params).fetchall()
+            rows = self._conn.execute(sql, params).fetchall()
         return [version_from_row(r) for r in rows]
 
     def active_adapters(self: Transactions, groups: Iterable[str]) -> list[AdapterVersion]:

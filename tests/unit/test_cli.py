@@ -94,7 +94,7 @@ def test_every_command_names_a_handler_that_exists():
         return found
 
     names = handlers(build_parser())
-    assert len(names) == 13  # 11 commands, keys with 3 actions
+    assert len(names) == 14  # 12 commands, keys with 3 actions
     for name in names:
         assert callable(load_handler(name)), name
 
@@ -236,3 +236,78 @@ def test_a_cluster_that_cannot_be_asked_counts_every_replica_alive(monkeypatch):
     monkeypatch.setattr(cluster_status, "_join", unreachable)
     config = load_config(environ={}, overrides=["ray.address=ray://10.0.0.9:10001"])
     assert cluster_status.replica_liveness(config)("replica-1") is True  # fails closed
+
+
+def _versions(registry: AdapterRegistry, count: int) -> None:
+    """``count`` adapters over groups hr and ops, every third one revoked, one superseded."""
+    for i in range(count):
+        group = ("hr", "ops")[i % 2]
+        version = registry.register_version(f"{group}.b0001.{i:03d}", group, "mem://x", [])
+        registry.activate(version.adapter_id, version.version)
+        if i % 3 == 0:
+            registry.revoke(version.adapter_id, version.version)
+    again = registry.register_version("hr.b0001.000", "hr", "mem://x", [])
+    registry.activate(again.adapter_id, again.version)
+
+
+def test_adapters_pages_through_every_version_with_a_cursor(capsys, tmp_path):
+    home = tmp_path / "h"
+    registry = AdapterRegistry(home / "store.sqlite")
+    _versions(registry, 7)
+    seen, after = [], []
+    while True:
+        code, out, _ = run(
+            capsys, "--home", str(home), "adapters", "--limit", "3", *after, "--json"
+        )
+        page = json.loads(out)
+        assert code == 0 and len(page["data"]) <= 3
+        seen += [(v["adapter_id"], v["version"]) for v in page["data"]]
+        if not page["has_more"]:
+            break
+        after = ["--after", page["after"]]
+    assert seen == [(v.adapter_id, v.version) for v in registry.list_versions()]
+    assert seen[:2] == [("hr.b0001.000", 1), ("hr.b0001.000", 2)]  # a cursor between versions
+    code, out, _ = run(capsys, "--home", str(home), "adapters", "--limit", "1")
+    assert "more: adapterswap adapters --after hr.b0001.000@v1" in out
+
+
+def test_adapters_filters_by_status_and_group(capsys, tmp_path):
+    home = tmp_path / "h"
+    registry = AdapterRegistry(home / "store.sqlite")
+    _versions(registry, 7)
+    argv = ("--home", str(home), "adapters", "--status", "active", "--group", "ops", "--json")
+    code, out, _ = run(capsys, *argv)
+    listed = [(v["adapter_id"], v["status"]) for v in json.loads(out)["data"]]
+    assert code == 0 and listed == [("ops.b0001.001", "active"), ("ops.b0001.005", "active")]
+    code, out, _ = run(capsys, "--home", str(home), "adapters", "--after", "ops.b0001.001")
+    assert code == 0 and out.split()[0] == "ops.b0001.003"  # ID alone: past all its versions
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--limit", "0"], "--limit: must be 1 to 1000, got 0"),
+        (["--after", "hr.b0001.000@vx"], "--after: expected ID or ID@vN"),
+    ],
+)
+def test_adapters_refuses_a_bad_page(capsys, tmp_path, argv, message):
+    code, _, err = run(capsys, "--home", str(tmp_path / "h"), "adapters", *argv)
+    assert code == 2 and message in err
+
+
+def test_status_counts_versions_by_status_and_lists_only_the_first(capsys, tmp_path):
+    home = tmp_path / "h"
+    registry = AdapterRegistry(home / "store.sqlite")
+    _versions(registry, 25)
+    code, out, _ = run(capsys, "--home", str(home), "status", "--json")
+    status = json.loads(out)
+    assert status["versions_by_status"] == {
+        "training": 0, "active": 17, "revoked": 9, "failed": 0, "purged": 0
+    }  # fmt: skip
+    assert len(status["adapters"]) == 20
+    code, out, _ = run(capsys, "--home", str(home), "status")
+    assert f"adapter versions 26 (epoch {registry.epoch()}): active 17, revoked 9" in out
+    last = status["adapters"][-1]
+    assert (
+        f"... 6 more: adapterswap adapters --after {last['adapter_id']}@v{last['version']}" in out
+    )

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 
+import openai
 import pytest
 import schemathesis
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import HR_TEXTS, LOGP, publish_random_adapter
+from openai.pagination import SyncCursorPage
+from support import HR_TEXTS, LOGP, publish_random_adapter, uvicorn_serving
 
+from adapterswap.api.client import Client
 from adapterswap.catalog.dataset import Catalog
 from adapterswap.delete.verify_forget import http_scorer
 from adapterswap.engine.replica import InferenceJob
@@ -493,3 +496,79 @@ def test_each_requests_adapter_counts_once_as_a_cache_hit_or_miss(http_world):
         assert post(client, keys["hr"], "/v1/completions", body).status_code == 200
     # the first request missed and loaded it, the second found it; the batch counts nothing
     assert (replica.adapter_hits - before[0], replica.adapter_misses - before[1]) == (1, 1)
+
+
+def _listing(client, key: str, query: str = "") -> dict:
+    response = client.get(f"/v1/adapters{query}", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_adapter_listing_pages_in_id_order(http_world):
+    client, keys, _, _ = http_world
+    both = keys["finance+hr"]
+    first = _listing(client, both, "?limit=1")
+    assert [a["id"] for a in first["data"]] == ["finance.b0001.000"]
+    assert (first["object"], first["first_id"], first["last_id"], first["has_more"]) == (
+        "list",
+        "finance.b0001.000",
+        "finance.b0001.000",
+        True,
+    )
+    second = _listing(client, both, f"?limit=1&after={first['last_id']}")
+    assert [a["id"] for a in second["data"]] == ["hr.b0001.000"] and not second["has_more"]
+    assert set(second["data"][0]) == {
+        "id", "version", "group", "shard", "doc_count", "created_at", "status"
+    }  # fmt: skip
+    assert _listing(client, both, "?after=hr.b0001.000") == {
+        "object": "list",
+        "data": [],
+        "first_id": None,
+        "last_id": None,
+        "has_more": False,
+    }
+    assert _listing(client, both)["data"] == first["data"] + second["data"]  # default: 100
+
+
+def test_the_listing_cursor_tells_nothing_of_ids_the_caller_cannot_see(http_world):
+    """After another group's id the page is the one after any string in its place."""
+    client, keys, _, _ = http_world
+    hr = keys["hr"]
+    hidden = _listing(client, hr, "?after=finance.b0001.000")
+    for cursor in ("finance.b0001.0009", "finance.b0001", "g", "finance.b0001.000"):
+        assert _listing(client, hr, f"?after={cursor}") == hidden
+    assert hidden == _listing(client, hr)
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=abc", "limit=-5"])
+def test_a_bad_listing_limit_is_a_400_naming_limit(http_world, query):
+    client, keys, _, _ = http_world
+    response = client.get(
+        f"/v1/adapters?{query}", headers={"Authorization": f"Bearer {keys['hr']}"}
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "query.limit"
+
+
+def test_the_python_client_and_the_openai_client_follow_the_pages(http_world):
+    client, keys, _, _ = http_world
+
+    class Listed(openai.BaseModel):
+        id: str
+        group: str
+
+    with uvicorn_serving(client.app) as port:
+        url = f"http://127.0.0.1:{port}"
+        with Client(url, api_key=keys["finance+hr"]) as ours:
+            assert [a["id"] for a in ours.adapters(page_size=1)] == [
+                "finance.b0001.000",
+                "hr.b0001.000",
+            ]
+        theirs = openai.OpenAI(base_url=f"{url}/v1", api_key=keys["finance+hr"], max_retries=0)
+        pages = theirs.get_api_list(
+            "/adapters", model=Listed, page=SyncCursorPage[Listed], options={"params": {"limit": 1}}
+        )
+        assert [(a.id, a.group) for a in pages] == [
+            ("finance.b0001.000", "finance"),
+            ("hr.b0001.000", "hr"),
+        ]
