@@ -66,3 +66,22 @@ def share_at_most(buckets: list[tuple[float, float]], bound: float) -> float:
     """The fraction of observations at most ``bound`` (one of the histogram's bounds)."""
     counts = dict(buckets)
     return counts[bound] / buckets[-1][1] if buckets and buckets[-1][1] else math.nan
+
+
+# Labels Ray adds to every series (which process, session, exporter): not what a series means.
+RAY_LABELS = {"Component", "NodeAddress", "SessionName", "Version", "WorkerId", "replica"}
+RAY_LABELS |= {"application", "otel_scope_name", "otel_scope_schema_url", "otel_scope_version"}
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def condense(samples: dict[str, float], prefix: str = "ray_adapterswap_") -> dict[str, float]:
+    """The samples summed by what they mean: the name without ``prefix``, then the values of
+    the labels Ray does not add (``adapter_tier_bytes{..., tier="host"}`` → ``host
+    adapter_tier_bytes``)."""
+    out: dict[str, float] = {}
+    for series, value in samples.items():
+        name, _, labels = series.partition("{")
+        own = [v for k, v in _LABEL.findall(labels) if k not in RAY_LABELS]
+        key = " ".join([*own, name.removeprefix(prefix)])
+        out[key] = out.get(key, 0.0) + value
+    return out

@@ -23,7 +23,14 @@ from _population import (  # noqa: E402
     intended_norms,
     shard_chunks,
 )
-from _prometheus import delta, histogram, parse_samples, quantile, share_at_most  # noqa: E402
+from _prometheus import (  # noqa: E402
+    condense,
+    delta,
+    histogram,
+    parse_samples,
+    quantile,
+    share_at_most,
+)
 from serve_scale import (  # noqa: E402
     AUTO_SHARE,
     MIXTURE_WEIGHTS,
@@ -196,6 +203,13 @@ def test_a_delta_counts_from_zero_the_series_that_appeared_since():
     before = {'x_total{r="1"}': 5.0}
     after = {'x_total{r="1"}': 8.0, 'x_total{r="2"}': 2.0}
     assert delta(before, after) == {'x_total{r="1"}': 3.0, 'x_total{r="2"}': 2.0}
+
+
+def test_gauges_are_summed_by_what_they_mean_not_by_the_process_that_exported_them():
+    tier = 'ray_adapterswap_adapter_tier_bytes{{Component="core_worker",WorkerId="{}",tier="{}"}}'
+    samples = {tier.format("w1", "host"): 3.0, tier.format("w2", "host"): 4.0}
+    samples[tier.format("w1", "bank")] = 5.0
+    assert condense(samples) == {"host adapter_tier_bytes": 7.0, "bank adapter_tier_bytes": 5.0}
 
 
 def test_the_stall_is_the_longest_step_during_a_requests_wait_for_its_first_token():
