@@ -66,7 +66,7 @@ class LoadFailure:
     error: str  # the exception's type and message
     at: float  # Unix time of the last attempt
     attempts: int
-    retry_at: float  # time.monotonic() from which a request tries again
+    retry_at: float  # the tiers' clock (monotonic) from which a request tries again
 
     def report(self) -> dict[str, Any]:
         """The failure as the heartbeat's JSON carries it."""
@@ -108,11 +108,12 @@ class AdapterTiers:
         workers: int = 2,
         retry_s: float = 30.0,
         pin_memory: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``source.load(ref)`` reads storage (on a pool thread); ``pin_memory``: host
-        tensors in pinned memory (a model on CUDA)."""
+        tensors in pinned memory (a model on CUDA); ``clock`` times the retry backoff."""
         self.bank, self.host, self.source = bank, host, source
-        self.retry_s, self._pin_memory = retry_s, pin_memory
+        self.retry_s, self._pin_memory, self._clock = retry_s, pin_memory, clock
         self.host_hits = self.host_misses = self.load_failures = 0
         # Called (no lock held) when a load finishes, e.g. to wake an engine whose rows wait.
         self.on_ready: Callable[[], None] | None = None
@@ -182,7 +183,7 @@ class AdapterTiers:
         """Load ``ref`` on the pool unless it is loading (the caller holds the lock)."""
         self._check_servable(ref)
         failure = self._failed.get(ref)
-        if failure is not None and time.monotonic() < failure.retry_at:
+        if failure is not None and self._clock() < failure.retry_at:
             raise AdapterLoadFailed(LOAD_FAILED)
         if ref not in self._loading:
             self._loading[ref] = self._pool.submit(self._load, ref)
@@ -230,7 +231,7 @@ class AdapterTiers:
             error,
             time.time(),
             (previous.attempts if previous else 0) + 1,
-            time.monotonic() + self.retry_s,
+            self._clock() + self.retry_s,
         )
 
     # -- revocation and reports ------------------------------------------------------------
