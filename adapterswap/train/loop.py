@@ -1,7 +1,8 @@
 """Training one shard's LoRA adapter on the frozen base model. No Ray here.
 
-The loop is the same wherever it runs: in a Ray Train worker (``actors.train_launcher``),
-in a plain process (benchmarks, the chronological baseline) or in a test.
+The loop is the same wherever it runs: in a Ray Train worker (``actors.train_pool``,
+``actors.train_launcher``), in a plain process (benchmarks, the chronological baseline) or
+in a test.
 
 - Data: the shard's documents, each followed by EOS, concatenated and cut into blocks of
   ``training.seq_len`` tokens (packing; a document longer than a block spans several). The
@@ -13,7 +14,9 @@ in a plain process (benchmarks, the chronological baseline) or in a test.
 - Optimiser: AdamW, linear warm-up then cosine decay, ``max_steps`` optimiser steps of
   ``grad_accum_steps`` micro-batches of ``batch_size`` blocks each.
 - Determinism: one seed per shard (derived from ``training.seed`` and the shard id) drives
-  the LoRA init and the block order, so retraining the same data gives the same adapter.
+  the LoRA init, the block order and LoRA dropout's masks (a random stream of the trainer's
+  own, checkpointed with it), so retraining the same data gives the same adapter, whatever
+  the process trained before.
 - With several data-parallel workers, rank r takes blocks r, r+W, r+2W, ...
 """
 
@@ -138,6 +141,11 @@ class ShardTrainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.model: PeftModel = get_peft_model(base_model, build_lora_config(lora))
+            # LoRA dropout's masks (on CPU) come from this stream, swapped in around each
+            # step: the adapter depends on the shard's seed, not on what the process ran
+            # before (a pool worker trains shard after shard). A GPU's dropout draws from
+            # its own generator, which this does not cover.
+            self._rng_state = torch.get_rng_state()
         self.module = wrap(self.model) if wrap else self.model
         self.blocks = _take_rank(blocks, rank, world_size)
         self.generator = torch.Generator().manual_seed(seed + rank)
@@ -179,6 +187,24 @@ class ShardTrainer:
     def step(self) -> StepInfo:
         """One optimiser step over ``grad_accum_steps`` micro-batches; returns its metrics."""
         started = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._rng_state)
+            total_loss, tokens = self._accumulate()
+            self._rng_state = torch.get_rng_state()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        self.tokens_seen += tokens
+        seconds = max(time.perf_counter() - started, 1e-9)
+        lr = self.scheduler.get_last_lr()[0]
+        self.last = StepInfo(
+            self.step_count, self.max_steps, total_loss, tokens, tokens / seconds, lr
+        )
+        return self.last
+
+    def _accumulate(self) -> tuple[float, int]:
+        """Forward and backward over ``grad_accum_steps`` micro-batches: (mean loss, tokens)."""
         self.module.train()
         accum, total_loss, tokens = self.training.grad_accum_steps, 0.0, 0
         for _ in range(accum):
@@ -197,17 +223,7 @@ class ShardTrainer:
             (loss / accum).backward()
             total_loss += loss.item() / accum
             tokens += int(batch["attention_mask"].sum())
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step_count += 1
-        self.tokens_seen += tokens
-        seconds = max(time.perf_counter() - started, 1e-9)
-        lr = self.scheduler.get_last_lr()[0]
-        self.last = StepInfo(
-            self.step_count, self.max_steps, total_loss, tokens, tokens / seconds, lr
-        )
-        return self.last
+        return total_loss, tokens
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy, plus ``kl_weight`` · KL(base ‖ adapter) when that is on."""
@@ -228,6 +244,7 @@ class ShardTrainer:
             "tokens_seen": self.tokens_seen,
             "order": list(self._order),
             "generator": self.generator.get_state(),
+            "rng": self._rng_state,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
         }
@@ -243,6 +260,8 @@ class ShardTrainer:
         self.tokens_seen = int(state["tokens_seen"])
         self._order = list(state["order"])
         self.generator.set_state(state["generator"])
+        if "rng" in state:  # checkpoints written before dropout had its own stream lack it
+            self._rng_state = state["rng"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 

@@ -126,9 +126,13 @@ def test_shards_above_the_size_get_a_trainer_of_their_own(runs):
 # --- a pool worker -------------------------------------------------------------------------
 
 
+# LoRA dropout on: its masks must come from the shard's seed, not from what ran before.
+SETTINGS = {"training": {"max_steps": 4, "checkpoint_every": 2}, "lora": {"dropout": 0.1}}
+
+
 @pytest.fixture
 def home(tiny_config, tmp_path):
-    config = tiny_config(training={"max_steps": 4, "checkpoint_every": 2})
+    config = tiny_config(**SETTINGS)
     ingest_groups(config, tmp_path, "p", GROUPS, batch="b0001")
     return config
 
@@ -178,7 +182,7 @@ def adapter_bytes(storage_uri: str) -> dict[str, bytes]:
 
 
 def test_a_pool_worker_writes_the_bytes_a_model_of_its_own_writes(tiny_config, tmp_path, home):
-    other = tiny_config()
+    other = tiny_config(**SETTINGS)
     ingest_groups(other, tmp_path, "p", GROUPS, batch="b0001")
     events = []
     pooled = run_training(
