@@ -63,6 +63,8 @@ class ActiveSet:
         self._epoch = epoch
         self._changes = changes
         self._by_id: dict[str, AdapterVersion] = {}
+        self._by_group: dict[str, dict[str, AdapterVersion]] = {}  # group -> id -> version
+        self._sorted: dict[str, list[AdapterVersion]] = {}  # a group's, by id, until it changes
         self.epoch = -1
         self._lock = threading.Lock()
 
@@ -95,15 +97,28 @@ class ActiveSet:
                 return SyncResult(self.epoch, ())
             # The new set first, then evictions, then the epoch: a decode loop that sees the
             # new epoch (an int read, no lock) finds at least this set in refs().
-            by_id = {} if whole else self._by_id
+            if whole:
+                self._by_id, self._by_group, self._sorted = {}, {}, {}
             for ref in removed:
-                if ref.id in by_id and by_id[ref.id].ref == ref:
-                    del by_id[ref.id]
-            by_id.update((v.adapter_id, v) for v in added)
-            self._by_id = by_id
-            dropped = self._on_drop({v.ref for v in by_id.values()})
+                held = self._by_id.get(ref.id)
+                if held is not None and held.ref == ref:
+                    self._remove(held)
+            for version in added:
+                held = self._by_id.get(version.adapter_id)
+                if held is not None:
+                    self._remove(held)
+                self._by_id[version.adapter_id] = version
+                self._by_group.setdefault(version.group, {})[version.adapter_id] = version
+                self._sorted.pop(version.group, None)
+            dropped = self._on_drop({v.ref for v in self._by_id.values()})
             self.epoch = epoch
             return SyncResult(epoch, tuple(dropped))
+
+    def _remove(self, version: AdapterVersion) -> None:
+        """Take ``version`` out of the view (under the lock)."""
+        del self._by_id[version.adapter_id]
+        del self._by_group[version.group][version.adapter_id]
+        self._sorted.pop(version.group, None)
 
     def refs(self) -> set[AdapterRef]:
         """Every active version in this view, whatever its group (for the model replica)."""
@@ -112,11 +127,16 @@ class ActiveSet:
 
     def visible(self, groups: Iterable[str]) -> list[AdapterVersion]:
         """Active versions of ``groups`` only, sorted by id."""
-        wanted = set(groups)
-        with self._lock:
-            return sorted(
-                (v for v in self._by_id.values() if v.group in wanted), key=lambda v: v.adapter_id
-            )
+        runs = []
+        with self._lock:  # only the caller's groups are read, each sorted once per change
+            for group in set(groups):
+                if group not in self._sorted:
+                    held = self._by_group.get(group, {})
+                    self._sorted[group] = [held[i] for i in sorted(held)]
+                runs.append(self._sorted[group])
+        if len(runs) == 1:
+            return list(runs[0])
+        return sorted((v for run in runs for v in run), key=lambda v: v.adapter_id)
 
     def resolve(self, adapter_id: str, groups: Iterable[str]) -> AdapterVersion:
         """The active version of ``adapter_id`` if the caller's groups may see it.

@@ -34,6 +34,12 @@ import numpy as np
 from adapterswap.route.stats import KERNEL_BANDWIDTH, ShardStats
 from adapterswap.types import AdapterRef, AdapterVersion
 
+Key = tuple[str, int]  # (adapter id, version): cheaper to build per candidate than a ref
+
+
+def _key(version: AdapterVersion) -> Key:
+    return version.adapter_id, version.version
+
 
 @dataclass(frozen=True)
 class _Packed:
@@ -43,19 +49,20 @@ class _Packed:
     matrix: np.ndarray  # (N, d) float32, C-contiguous
     starts: np.ndarray  # (S,) int64
     counts: np.ndarray  # (S,) int64
-    refs: tuple[AdapterRef, ...]  # (S,)
+    keys: list[Key]  # (S,)
+    position: dict[Key, int]
 
 
-def _pack(shards: dict[AdapterRef, tuple[AdapterVersion, ShardStats]]) -> _Packed | None:
+def _pack(shards: dict[Key, ShardStats]) -> _Packed | None:
     """A group's shards packed in adapter-id order; None when it has none."""
     if not shards:
         return None
-    refs = tuple(sorted(shards, key=lambda r: (r.id, r.version)))
-    chunks = [shards[r][1].chunks for r in refs]
+    keys = sorted(shards)
+    chunks = [shards[k].chunks for k in keys]
     counts = np.array([c.shape[0] for c in chunks], dtype=np.int64)
     starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
     matrix = np.ascontiguousarray(np.concatenate(chunks, axis=0), dtype=np.float32)
-    return _Packed(matrix, starts, counts, refs)
+    return _Packed(matrix, starts, counts, keys, {k: i for i, k in enumerate(keys)})
 
 
 def segment_scores(z: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -75,22 +82,23 @@ class RoutingIndex:
         """``stats(ref)`` reads one version's statistics (``StorageAdapterSource.router_stats``)."""
         self._read_stats = stats
         self._lock = threading.Lock()
-        self._groups: dict[str, dict[AdapterRef, tuple[AdapterVersion, ShardStats]]] = {}
+        self._groups: dict[str, dict[Key, ShardStats]] = {}
         self._packed: dict[str, _Packed | None] = {}
-        self._group_of: dict[AdapterRef, str] = {}
-        self._retained: set[AdapterRef] | None = None  # the active set at the last retain
+        self._group_of: dict[Key, str] = {}
+        self._retained: set[Key] | None = None  # the active set at the last retain
 
     def retain(self, keep: set[AdapterRef]) -> list[AdapterRef]:
         """Drop the rows of every version not in ``keep`` (the active set), at once; returns
         the versions dropped."""
+        kept = {(r.id, r.version) for r in keep}
         with self._lock:
-            self._retained = set(keep)
-            gone = [r for r in self._group_of if r not in keep]
-            for ref in gone:
-                group = self._group_of.pop(ref)
-                del self._groups[group][ref]
+            self._retained = kept
+            gone = [k for k in self._group_of if k not in kept]
+            for key in gone:
+                group = self._group_of.pop(key)
+                del self._groups[group][key]
                 self._packed.pop(group, None)  # the old matrix holds the rows: let it go now
-        return gone
+        return [AdapterRef(*k) for k in gone]
 
     def add(self, versions: Iterable[AdapterVersion]) -> None:
         """Read and index the statistics of those ``versions`` not yet indexed.
@@ -99,14 +107,15 @@ class RoutingIndex:
         is not added, so a revoked version's rows never come back.
         """
         with self._lock:
-            missing = [v for v in versions if v.ref not in self._group_of]
+            missing = [v for v in versions if _key(v) not in self._group_of]
         read = [(v, self._read_stats(v.ref)) for v in missing]
         with self._lock:
             for version, stats in read:
-                if self._retained is not None and version.ref not in self._retained:
+                key = _key(version)
+                if self._retained is not None and key not in self._retained:
                     continue
-                self._groups.setdefault(version.group, {})[version.ref] = (version, stats)
-                self._group_of[version.ref] = version.group
+                self._groups.setdefault(version.group, {})[key] = stats
+                self._group_of[key] = version.group
                 self._packed.pop(version.group, None)
 
     def score(
@@ -119,9 +128,12 @@ class RoutingIndex:
         if q.ndim != 1:
             raise ValueError(f"query: expected shape (d,), got {q.shape}")
         q = (q / max(float(np.linalg.norm(q)), 1e-12)).astype(np.float32)
-        wanted = {v.ref for v in candidates}
-        found: dict[AdapterRef, float] = {}
-        for group in sorted({v.group for v in candidates}):
+        by_group: dict[str, list[int]] = {}
+        for i, version in enumerate(candidates):
+            by_group.setdefault(version.group, []).append(i)
+        scores = np.zeros(len(candidates), dtype=np.float64)
+        found = np.zeros(len(candidates), dtype=bool)
+        for group in sorted(by_group):
             packed = self._packed_group(group)
             if packed is None:
                 continue
@@ -131,12 +143,19 @@ class RoutingIndex:
                     f"{packed.matrix.shape[1]}"
                 )
             z = (packed.matrix @ q).astype(np.float64) / KERNEL_BANDWIDTH
-            scores = segment_scores(z, packed.starts, packed.counts)
-            found.update(
-                (r, float(s)) for r, s in zip(packed.refs, scores, strict=True) if r in wanted
-            )
-        kept = [v for v in candidates if v.ref in found]
-        return kept, np.array([found[v.ref] for v in kept], dtype=np.float64)
+            mine = segment_scores(z, packed.starts, packed.counts)
+            rows = by_group[group]
+            keys = [_key(candidates[i]) for i in rows]
+            if keys == packed.keys:  # the usual case: the caller sees the whole group
+                scores[rows], found[rows] = mine, True
+                continue
+            for i, key in zip(rows, keys, strict=True):
+                at = packed.position.get(key)
+                if at is not None:
+                    scores[i], found[i] = mine[at], True
+        if found.all():
+            return list(candidates), scores
+        return [v for v, f in zip(candidates, found, strict=True) if f], scores[found]
 
     def _packed_group(self, group: str) -> _Packed | None:
         """The group's packed rows, packed again if a change touched it since."""
@@ -144,9 +163,3 @@ class RoutingIndex:
             if group not in self._packed:
                 self._packed[group] = _pack(self._groups.get(group, {}))
             return self._packed[group]
-
-    def size(self) -> tuple[int, int]:
-        """(versions, chunk rows) indexed."""
-        with self._lock:
-            rows = sum(s.n_chunks for g in self._groups.values() for _, s in g.values())
-            return len(self._group_of), rows

@@ -194,6 +194,11 @@ class DeltaSyncMachine(RuleBasedStateMachine):
             self.epochs[name] = view.epoch
             if view.epoch >= 0:
                 assert view.refs() == self.history[view.epoch] == self.kept[name], name
+                for groups in (GROUPS, GROUPS[:1]):  # visible reads per-group runs
+                    listed = view.visible(groups)
+                    assert [v.adapter_id for v in listed] == sorted(
+                        r.id for r in view.refs() if r.id.split(".")[0] in groups
+                    )
 
     @invariant()
     def synced_views_agree(self) -> None:
