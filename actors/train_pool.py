@@ -16,8 +16,12 @@ worker loads the base model once and trains shard after shard
   shard's own checkpoint in ``StorageLayout.checkpoints(ref)``; finished shards stay done.
 - Progress events are those of a trainer of its own: ``{"shard", "step", "max_steps",
   "loss", ...}`` per step.
-- The driver's job publishes every written shard once the pool has finished (the
-  ``ShardLauncher`` contract: one outcome per run), exactly as for shards trained alone.
+- The job publishes every written shard once the pool has finished, one store transaction
+  per shard, exactly as for shards trained alone: the ``ShardLauncher`` contract (one
+  outcome per run) stays the one the deletion job and the tests' launchers keep. The price:
+  a shard done early serves only when the pool ends (a pool of small shards ends in minutes),
+  and a driver that dies mid-pool leaves its written versions ``training``, to be swept and
+  retrained by the next job, as before the pool.
 """
 
 from __future__ import annotations

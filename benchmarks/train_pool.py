@@ -100,38 +100,56 @@ def adapter_bytes(config: AdapterSwapConfig) -> dict[str, bytes]:
     return {p.parent.parent.name: p.read_bytes() for p in root.glob(f"*/*/{ADAPTER_WEIGHTS}")}
 
 
-def run_size(args: argparse.Namespace, n: int, old: bool, root: Path) -> dict[str, Any]:
-    """Pool (and, with ``old``, one trainer per shard) on the same N shards, in two homes."""
-    result: dict[str, Any] = {"shards": n}
-    homes = {}
-    launchers = {"pool": train_shards_in_pool}
-    if old:
-        launchers["one_trainer_per_shard"] = one_trainer_each_two_at_a_time
-    for path, launcher in launchers.items():
-        home = root / f"{path}-{n}"
-        home.mkdir()
-        config = benchmark_config(
-            str(home / "home"),
-            args.model,
-            args.steps,
-            1,
-            f"sharding.max_shard_docs={DOCS_PER_SHARD}",
-            f"ray.train_pool_workers={SLOTS}",
-        )
-        ingest_shards(config, n, home)
-        result[path] = timed_job(config, launcher)
-        homes[path] = config
-        print(f"{n:4d} shards, {path:<22} {result[path]}", flush=True)
-    if old:
-        pooled, alone = (adapter_bytes(c) for c in homes.values())
-        same = sum(pooled[k] == alone.get(k) for k in pooled)
-        result["same_bytes"] = f"{same}/{len(pooled)}"
-        result["overhead_ratio"] = round(
-            result["one_trainer_per_shard"]["overhead_per_shard_s"]
-            / result["pool"]["overhead_per_shard_s"],
-            1,
-        )
-    return result
+def timed_path(
+    args: argparse.Namespace, path: str, n: int, root: Path, results: dict[int, dict[str, Any]]
+) -> AdapterSwapConfig:
+    """Train N fresh shards in a home of their own through ``path`` into ``results[n][path]``;
+    the home's config."""
+    home = root / f"{path}-{n}"
+    home.mkdir()
+    config = benchmark_config(
+        str(home / "home"),
+        args.model,
+        args.steps,
+        1,
+        f"sharding.max_shard_docs={DOCS_PER_SHARD}",
+        f"ray.train_pool_workers={SLOTS}",
+    )
+    ingest_shards(config, n, home)
+    launcher = {
+        "pool": train_shards_in_pool,
+        "one_trainer_per_shard": one_trainer_each_two_at_a_time,
+    }
+    results.setdefault(n, {"shards": n})[path] = timed_job(config, launcher[path])
+    print(f"{n:4d} shards, {path:<22} {results[n][path]}", flush=True)
+    return config
+
+
+def compare(result: dict[str, Any], pooled: AdapterSwapConfig, alone: AdapterSwapConfig) -> None:
+    """Same bytes shard by shard, and the overhead ratio, of one size's two paths."""
+    mine, theirs = adapter_bytes(pooled), adapter_bytes(alone)
+    result["same_bytes"] = f"{sum(mine[k] == theirs.get(k) for k in mine)}/{len(mine)}"
+    result["overhead_ratio"] = round(
+        result["one_trainer_per_shard"]["overhead_per_shard_s"]
+        / result["pool"]["overhead_per_shard_s"],
+        1,
+    )
+
+
+def save(args: argparse.Namespace, measured: dict[int, dict[str, Any]]) -> None:
+    """Write what is measured so far (after every run: the old path at 100 takes long)."""
+    results = [measured[n] for n in sorted(measured)]
+    write_result(
+        "train_pool",
+        {
+            "model": args.model,
+            "steps": args.steps,
+            "workers": SLOTS,
+            "old_sizes": args.old_sizes,
+            "results": results,
+        },
+    )
+    plot(results)
 
 
 def plot(results: list[dict[str, Any]]) -> None:
@@ -160,25 +178,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    results = []
+    results: dict[int, dict[str, Any]] = {}
+    pooled = {}
     with tempfile.TemporaryDirectory() as tmp:
+        # Every pool size first, then the slow path, so a long run keeps what it measured.
         for n in args.sizes:
-            results.append(run_size(args, n, n in args.old_sizes, Path(tmp)))
+            pooled[n] = timed_path(args, "pool", n, Path(tmp), results)
+            save(args, results)
+        for n in args.old_sizes:
+            alone = timed_path(args, "one_trainer_per_shard", n, Path(tmp), results)
+            if n in pooled:
+                compare(results[n], pooled[n], alone)
+            save(args, results)
     ray.shutdown()
-    for r in results:
-        print(json.dumps(r))
-    write_result(
-        "train_pool",
-        {
-            "model": args.model,
-            "steps": args.steps,
-            "workers": SLOTS,
-            "note": "one trainer per shard not run at sizes outside old_sizes",
-            "old_sizes": args.old_sizes,
-            "results": results,
-        },
-    )
-    plot(results)
+    for n in sorted(results):
+        print(json.dumps(results[n]))
 
 
 if __name__ == "__main__":
