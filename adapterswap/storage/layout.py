@@ -3,7 +3,9 @@
     <storage>/
         catalog/                      the document catalog (Parquet fragments)
         adapters/<adapter_id>/v<N>/   one published (or interrupted) adapter version
-        checkpoints/<adapter_id>-v<N>/  Ray Train's checkpoints while that version trains
+        checkpoints/<adapter_id>-v<N>/  that version's checkpoints while it trains (Ray Train's,
+                                      or the training pool's step-<step>/ folders)
+        checkpoints/pool-<id>/        a training pool's Ray Train run, while the pool runs
 
 The storage root is a local path or an ``s3://`` URI (see :mod:`adapterswap.storage.fs`).
 Every other module asks a :class:`StorageLayout` for its locations instead of parsing the
