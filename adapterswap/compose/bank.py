@@ -6,7 +6,10 @@ dicts in (checked by ``adapter_files``), an LRU bounded by ``serve.adapter_cache
 pinning of the in-flight batch, eviction that zeroes memory (revocation), and
 ``with bank.mixture(rows):`` around a forward or generate. Its lock is never held during I/O:
 adapter files load outside it and install under it, so a slow load never delays an eviction,
-and an adapter evicted while it loads is never installed.
+and an adapter evicted while it loads is never installed. A serving engine installs adapters
+already parsed in host memory (``pin_from``, from ``adapterswap.engine.adapter_tiers``), and
+asks :meth:`AdapterBank.fits` first, so a row joins only when its adapters fit beside the
+running rows'.
 """
 
 from __future__ import annotations

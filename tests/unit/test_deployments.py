@@ -10,6 +10,8 @@ from fastapi.testclient import TestClient
 from support import private_copy
 
 from actors.deployments import IngressDeployment, ModelDeployment
+from actors.metrics import ServeMetrics
+from adapterswap.engine.loop import EngineStats
 from adapterswap.engine.replica import InferenceJob
 from adapterswap.engine.requests import GenerationResult, SamplingParams
 from adapterswap.store.registry import AdapterRegistry
@@ -74,6 +76,15 @@ def test_the_token_counter_counts_what_the_engine_sampled_a_cancelled_stream_inc
         assert engine.stats.cancelled == 1
     finally:
         deployment.watcher.stop()
+
+
+def test_deferred_admissions_count_once_each_by_reason():
+    metrics, counted = ServeMetrics(), []
+    metrics.deferred.inc = lambda n, tags=None: counted.append((tags["reason"], n))
+    metrics.record_engine(EngineStats(deferred_loading=2, deferred_bank_full=1))
+    metrics.record_engine(EngineStats(deferred_loading=2, deferred_bank_full=1))  # no change
+    metrics.record_engine(EngineStats(deferred_loading=5, deferred_bank_full=1))
+    assert counted == [("adapters_loading", 2), ("bank_full", 1), ("adapters_loading", 3)]
 
 
 def test_the_ingress_builds_and_answers_without_serve(tiny_config):
