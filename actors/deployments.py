@@ -183,9 +183,11 @@ class IngressDeployment:
         principal = await self.gateway.auth.authenticate_async(f"Bearer {api_key}")
         return await self.gateway.chat(principal, ChatRequest.model_validate(body))
 
-    async def adapters(self, api_key: str) -> dict[str, Any]:
+    async def adapters(
+        self, api_key: str, limit: int = 100, after: str | None = None
+    ) -> dict[str, Any]:
         principal = await self.gateway.auth.authenticate_async(f"Bearer {api_key}")
-        return await asyncio.to_thread(self.gateway.list_adapters, principal)
+        return await asyncio.to_thread(self.gateway.list_adapters, principal, limit, after)
 
     def __serve_build_asgi_app__(self) -> Any:
         """The FastAPI app, built on the replica after __init__ so it holds this gateway."""

@@ -33,6 +33,7 @@ from adapterswap.api.docs_page import add_docs_page
 from adapterswap.api.errors import error_body, error_reply
 from adapterswap.api.gateway import Gateway
 from adapterswap.api.schemas import (
+    MAX_PAGE,
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -43,7 +44,6 @@ from adapterswap.errors import AdapterSwapError, InvalidArgument, PayloadTooLarg
 from adapterswap.types import Principal
 
 logger = logging.getLogger("adapterswap.http")
-MAX_PAGE = 1000  # the most adapters one GET /v1/adapters answers (OpenAI lists cap at 100)
 
 # Deepest JSON nesting a body may have. Our bodies need 4 levels (documents[].metadata
 # holds the caller's own JSON); 64 leaves metadata room while keeping every later

@@ -20,7 +20,7 @@ from typing import Any
 from adapterswap.api import openai_format as fmt
 from adapterswap.api.auth import effective_groups
 from adapterswap.api.model_client import ModelClient
-from adapterswap.api.schemas import ChatRequest, CompletionRequest, _InferenceBody
+from adapterswap.api.schemas import MAX_PAGE, ChatRequest, CompletionRequest, _InferenceBody
 from adapterswap.api.tokenizer import check_vocabulary
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.engine.replica import InferenceJob
@@ -286,6 +286,8 @@ class InferenceEndpoints:
         ``after`` is a pure cursor: the page starts at the first visible id above it, whether
         or not the caller may see ``after`` itself, so an id of another group tells nothing.
         """
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidArgument(f"limit: must be 1 to {MAX_PAGE}, got {limit}")
         self.active.sync()
         visible = self.active.visible(principal.groups)  # sorted by id
         start = 0 if after is None else bisect.bisect_right([v.adapter_id for v in visible], after)

@@ -31,6 +31,7 @@ from adapterswap.config import GROUP_PATTERN
 MAX_STOP_SEQUENCES = 4
 # The most prompts one completion request may hold (each is a row of the model's batch).
 MAX_PROMPTS = 32
+MAX_PAGE = 1000  # the most adapters one GET /v1/adapters answers (OpenAI lists cap at 100)
 # The largest weight an explicit mixture may give one adapter. The router's weights sum to at
 # most 1, and an adapter's delta s·BA is trained to be used at weight 1: at 100x it already swamps
 # the base weights, so larger values have no use, while 1e300 overflows the composed delta

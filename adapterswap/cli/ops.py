@@ -7,12 +7,11 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+from adapterswap.api.schemas import MAX_PAGE
 from adapterswap.cli.common import UsageError, open_registry
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.ops.backup import backup_home, restore_home
 from adapterswap.ops.status import collect_status, format_status, format_version
-
-MAX_PAGE = 1000  # as GET /v1/adapters
 
 
 def status_command(args: argparse.Namespace, config: AdapterSwapConfig) -> tuple[str, Any]:

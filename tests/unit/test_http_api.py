@@ -18,7 +18,7 @@ from adapterswap.catalog.dataset import Catalog
 from adapterswap.delete.verify_forget import http_scorer
 from adapterswap.engine.replica import InferenceJob
 from adapterswap.engine.requests import GenerationResult, SamplingParams
-from adapterswap.errors import StaleMixture
+from adapterswap.errors import InvalidArgument, StaleMixture
 from adapterswap.types import AdapterRef
 
 
@@ -572,3 +572,13 @@ def test_the_python_client_and_the_openai_client_follow_the_pages(http_world):
             ("finance.b0001.000", "finance"),
             ("hr.b0001.000", "hr"),
         ]
+
+
+def test_the_gateway_listing_refuses_a_bad_limit_itself(http_world):
+    """The Serve handle's ``adapters`` calls the gateway without FastAPI's checks."""
+    client, keys, _, _ = http_world
+    gateway = client.app.state.gateway
+    principal = gateway.auth.authenticate(f"Bearer {keys['hr']}")
+    with pytest.raises(InvalidArgument, match="limit: must be 1 to 1000, got 1001"):
+        gateway.list_adapters(principal, 1001)
+    assert [a["id"] for a in gateway.list_adapters(principal, 1)["data"]] == ["hr.b0001.000"]
