@@ -69,8 +69,9 @@ def share_at_most(buckets: list[tuple[float, float]], bound: float) -> float:
 
 
 # Labels Ray adds to every series (which process, session, exporter): not what a series means.
-RAY_LABELS = {"Component", "NodeAddress", "SessionName", "Version", "WorkerId", "replica"}
-RAY_LABELS |= {"application", "otel_scope_name", "otel_scope_schema_url", "otel_scope_version"}
+RAY_LABELS = {"Component", "NodeAddress", "SessionName", "Version", "WorkerId"}
+RAY_LABELS |= {"application", "deployment", "replica"}  # Serve's
+RAY_LABELS |= {"otel_scope_name", "otel_scope_schema_url", "otel_scope_version"}
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 

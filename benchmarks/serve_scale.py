@@ -44,9 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
-from bisect import bisect_left
 from dataclasses import dataclass
-from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +55,16 @@ from _common import RESULTS, serve_on_loopback, write_result
 from _plots import panel_lines
 from _population import PopulationSpec, adapter_of, group_name, grow_population, topic_texts
 from _prometheus import condense, delta, histogram, quantile, scrape, share_at_most, total
+from _scale_traffic import (
+    Caller,
+    Popularity,
+    body,
+    caller_groups,
+    create_keys,
+    drive,
+    traffic,
+    zipf_weights,
+)
 from ray import serve
 from serve_throughput import overrides
 from serve_traffic import Outcome, Request, percentiles, send, summarise, words
@@ -73,135 +81,28 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from support import metrics_export  # noqa: E402  (Ray's metrics on a free port, every 0.5 s)
 
 SCALE_SETTINGS = ["lora.rank=8", "lora.alpha=16", 'lora.target_modules=["q_proj","v_proj"]']
-ZIPF_S = 1.0
-AUTO_SHARE = 0.3
-MAX_TOKENS = 16
-MIXTURE_WEIGHTS = {1: (1.0,), 2: (0.7, 0.3), 3: (0.6, 0.3, 0.1)}
 ROUTER_GOAL_MS = 5.0
 EXPORT_S = 3.0  # the replicas' metrics reach the export within this (0.5 s reports)
-PROMPT_WORDS = (8, 24)
-
-
-@dataclass(frozen=True)
-class Caller:
-    """A key and the groups it holds."""
-
-    kind: str  # "1 group", "5 groups", "50 groups"
-    groups: tuple[str, ...]
-    key: str = ""
-
-
-def caller_groups(groups: int) -> list[Caller]:
-    """Ten callers of one group, two of five, one of all ``groups``: every caller holds
-    adapters from 10 adapters up (adapter i is in group i % groups)."""
-    names = [group_name(g) for g in range(groups)]
-    return (
-        [Caller("1 group", (names[g],)) for g in range(10)]
-        + [Caller("5 groups", tuple(names[g : g + 5])) for g in (0, 5)]
-        + [Caller(f"{groups} groups", tuple(names))]
-    )
-
-
-def create_keys(registry: AdapterRegistry, callers: list[Caller]) -> list[Caller]:
-    """The callers with a key each, from the real key store."""
-    return [
-        Caller(c.kind, c.groups, registry.create_key(f"bench{i}", c.groups)[0])
-        for i, c in enumerate(callers)
-    ]
-
-
-def zipf_weights(n: int, s: float = ZIPF_S, seed: int = 0) -> list[float]:
-    """Adapter i's popularity: 1 / rank(i)^s, the ranks a seeded permutation of 1..n.
-
-    A prefix of a larger population keeps its relative popularity only if ranks are drawn
-    per population: they are, so every size has a few hot adapters and a long tail."""
-    ranks = list(range(1, n + 1))
-    random.Random(seed).shuffle(ranks)
-    return [1.0 / r**s for r in ranks]
-
-
-class Popularity:
-    """Zipf draws over the adapters a caller may see (the global weights restricted to them)."""
-
-    def __init__(self, adapters: list[tuple[str, str]], weights: list[float]) -> None:
-        self.adapters = adapters
-        self.weights = weights
-        self._cum: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
-
-    def draw(self, rng: random.Random, groups: tuple[str, ...], k: int) -> list[int]:
-        """``k`` distinct adapter indices the groups hold (fewer if they hold fewer)."""
-        if groups not in self._cum:
-            held = set(groups)
-            visible = [i for i, (_, g) in enumerate(self.adapters) if g in held]
-            self._cum[groups] = (visible, list(accumulate(self.weights[i] for i in visible)))
-        visible, cum = self._cum[groups]
-        chosen: list[int] = []
-        while len(chosen) < min(k, len(visible)):
-            i = visible[min(bisect_left(cum, rng.random() * cum[-1]), len(cum) - 1)]
-            if i not in chosen:
-                chosen.append(i)
-        return chosen
-
-
-def traffic(
-    n: int,
-    rate: float,
-    seed: int,
-    callers: list[Caller],
-    popularity: Popularity,
-    topics: dict[str, str],
-) -> list[tuple[str, Request]]:
-    """``n`` (key, request) pairs arriving at ``rate`` per second (``math.inf``: at once)."""
-    rng, pool, at, out = random.Random(seed), words(), 0.0, []
-    kinds = sorted({c.kind for c in callers})
-    for _ in range(n):
-        at += 0.0 if math.isinf(rate) else rng.expovariate(rate)
-        kind = rng.choice(kinds)
-        caller = rng.choice([c for c in callers if c.kind == kind])
-        stream = rng.random() < 0.5
-        if rng.random() < AUTO_SHARE:
-            (hot,) = popularity.draw(rng, caller.groups, 1)
-            group = popularity.adapters[hot][1]
-            prompt, adapters = " ".join([topics[group], *rng.sample(pool, 4)]), "auto"
-        else:
-            chosen = popularity.draw(rng, caller.groups, rng.randint(1, 3))
-            weights = MIXTURE_WEIGHTS[len(chosen)]
-            adapters = [
-                {"id": popularity.adapters[i][0], "weight": w}
-                for i, w in zip(chosen, weights, strict=True)
-            ]
-            length = rng.randint(*PROMPT_WORDS)
-            start = rng.randrange(len(pool) - length)
-            prompt = " ".join(pool[start : start + length])
-        out.append((caller.key, Request(at, body(prompt, adapters, stream))))
-    return out
-
-
-def body(prompt: str, adapters: Any, stream: bool, max_tokens: int = MAX_TOKENS) -> dict:
-    return {
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "adapters": adapters,
-        "stream": stream,
-        **({"stream_options": {"include_usage": True}} if stream else {}),
-    }
-
-
-async def drive_async(url: str, requests: list[tuple[str, Request]]) -> list[Outcome]:
-    """Each request at its arrival time, with its caller's key."""
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
-    async with httpx.AsyncClient(timeout=1800, limits=limits) as http:
-        t0 = time.perf_counter()
-        return await asyncio.gather(*(send(http, url, key, r, t0) for key, r in requests))
-
-
-def drive(base_url: str, requests: list[tuple[str, Request]]) -> list[Outcome]:
-    return asyncio.run(drive_async(f"{base_url}/v1/completions", requests))
 
 
 # -- the replicas' metrics and memory ---------------------------------------------------------
+
+
+def hit_rates(counters: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Each adapter tier's lookups answered, missed, and the rate (``bank``, ``host``): from
+    the tiers' counters, or where a replica has none, its one adapter cache's."""
+    out = {}
+    for tier in ("bank", "host"):
+        hits = counters.get(f"{tier} adapter_tier_hits_total")
+        misses = counters.get(f"{tier} adapter_tier_misses_total")
+        if hits is not None or misses is not None:
+            out[tier] = {"hits": hits or 0.0, "misses": misses or 0.0}
+    if not out:
+        hits = counters.get("adapter_cache_hits_total", 0.0)
+        out["bank"] = {"hits": hits, "misses": counters.get("adapter_cache_misses_total", 0.0)}
+    for counts in out.values():
+        counts["hit_rate"] = counts["hits"] / max(counts["hits"] + counts["misses"], 1.0)
+    return out
 
 
 def replica_rss() -> dict[str, int]:
@@ -331,57 +232,75 @@ def first_routing(url: str, bench: Bench) -> dict[str, float]:
     return out
 
 
+ROUTER = "ray_adapterswap_router_latency_ms"
+
+
 def measure_size(
     url: str, metrics_url: str, bench: Bench, refs: list[AdapterRef], rate: float | None
 ) -> dict[str, Any]:
     """Every measurement of one size on a freshly started server (see the module)."""
-    size, n, router = len(refs), bench.args.requests, "ray_adapterswap_router_latency_ms"
-    popularity = Popularity([adapter_of(i) for i in range(size)], zipf_weights(size))
-    everyone = bench.callers[-1]
+    n = bench.args.requests
+    popularity = Popularity([adapter_of(i) for i in range(len(refs))], zipf_weights(len(refs)))
+    mix = (bench.callers, popularity, bench.topics)
     base = Request(0.0, body(bench.topics[group_name(0)], "none", False))
-    drive(url, [(everyone.key, base)] * 2)  # the model's first forwards
+    drive(url, [(bench.callers[-1].key, base)] * 2)  # the model's first forwards
     rss_idle = replica_rss()
     cold = cold_adapters(url, bench, refs)
     time.sleep(EXPORT_S)
     before_first = scrape(metrics_url)
     first = first_routing(url, bench)
-    drive(url, traffic(n, math.inf, 99, bench.callers, popularity, bench.topics))  # warm-up
+    warm_up = traffic(bench.args.warmup, math.inf, 99, *mix)
+    for i in range(0, len(warm_up), n):  # in bursts the queue takes
+        drive(url, warm_up[i : i + n])
     time.sleep(EXPORT_S)
     start = scrape(metrics_url)
-    first_counted = delta(before_first, start)
-    mix = (bench.callers, popularity, bench.topics)
     burst_requests = traffic(n, math.inf, 0, *mix)
     burst = summarise(drive(url, burst_requests), math.inf)
     rate = rate or bench.args.load * burst["requests_per_s"]
     open_requests = traffic(n, rate, 1, *mix)
     open_loop = summarise(drive(url, open_requests), rate)
-    auto = sum(r.body["adapters"] == "auto" for _, r in burst_requests + open_requests)
     time.sleep(EXPORT_S)
     end = scrape(metrics_url)
-    counted = delta(start, end)
-    buckets = histogram(counted, router)
-    hits = total(counted, "ray_adapterswap_adapter_cache_hits_total")
-    misses = total(counted, "ray_adapterswap_adapter_cache_misses_total")
-    first_ms = total(first_counted, f"{router}_sum") / max(
-        total(first_counted, f"{router}_count"), 1
+    auto = sum(r.body["adapters"] == "auto" for _, r in burst_requests + open_requests)
+    first_counted = delta(before_first, start)
+    first_ms = total(first_counted, f"{ROUTER}_sum") / max(
+        total(first_counted, f"{ROUTER}_count"), 1
     )
     return {
-        "adapters": size,
+        "adapters": len(refs),
         "saturation": burst,
         "open_loop": open_loop,
         "router_ms": {
-            "p50": quantile(buckets, 0.5),
-            "p99": quantile(buckets, 0.99),
-            "share_within_goal": share_at_most(buckets, ROUTER_GOAL_MS),
-            "n": buckets[-1][1] if buckets else 0,
+            **router_latency(delta(start, end)),
             "auto_requests_sent": auto,
-            "first_request_mean": first_ms,
+            "first_requests_mean": first_ms,
         },
         "first_routing_e2e_s": first,
-        "bank": {"hits": hits, "misses": misses, "hit_rate": hits / max(hits + misses, 1)},
+        **replica_counts(delta(start, end), end),
         "rss_bytes": {"idle": rss_idle, "end": replica_rss()},
-        "byte_gauges": condense({s: v for s, v in end.items() if re.match(r"\w*bytes\{", s)}),
         "cold": cold,
+    }
+
+
+def router_latency(counted: dict[str, float]) -> dict[str, float]:
+    """The router histogram's p50, p99, share within the goal and count, over a window."""
+    buckets = histogram(counted, ROUTER)
+    return {
+        "p50": quantile(buckets, 0.5),
+        "p99": quantile(buckets, 0.99),
+        "share_within_goal": share_at_most(buckets, ROUTER_GOAL_MS),
+        "n": buckets[-1][1] if buckets else 0,
+    }
+
+
+def replica_counts(counted: dict[str, float], end: dict[str, float]) -> dict[str, Any]:
+    """The counters over a window (summed by meaning), the tiers' hit rates from them, and
+    the gauges of bytes held at its end."""
+    counters = condense({s: v for s, v in counted.items() if s.split("{")[0].endswith("_total")})
+    return {
+        "hit_rates": hit_rates(counters),
+        "counters": counters,
+        "byte_gauges": condense({s: v for s, v in end.items() if re.match(r"\w*bytes\{", s)}),
     }
 
 
@@ -437,7 +356,7 @@ def describe(p: dict[str, Any]) -> str:
         f"{p['adapters']:5d} adapters: {p['saturation']['completion_tokens_per_s']:.1f} tok/s, "
         f"TTFT p50/p99 {o['ttft_s']['p50']:.2f}/{o['ttft_s']['p99']:.2f} s, "
         f"router p50/p99 {r['p50']:.2f}/{r['p99']:.2f} ms ({r['share_within_goal']:.0%} "
-        f"<= {ROUTER_GOAL_MS:g} ms), bank hits {p['bank']['hit_rate']:.0%}, "
+        f"<= {ROUTER_GOAL_MS:g} ms), bank hits {p['hit_rates']['bank']['hit_rate']:.0%}, "
         f"RSS model {rss.get('Model', 0) / 2**20:.0f} MiB ingress "
         f"{rss.get('Ingress', 0) / 2**20:.0f} MiB, cold +{1000 * c['extra_ttft_s']:.0f} ms "
         f"TTFT against a {1000 * c['load_s']:.1f} ms load (step {1000 * c['step_s']:.0f} ms, "
@@ -460,7 +379,12 @@ def plot(path: Path, points: list[dict[str, Any]]) -> None:
         "router latency (ms)": {
             f"router {q}": line(lambda p, q=q: p["router_ms"][q]) for q in ("p50", "p99")
         },
-        "bank hit rate": {"bank hit rate": line(lambda p: p["bank"]["hit_rate"])},
+        "hit rate": {
+            f"{tier} tier": line(
+                lambda p, t=tier: p["hit_rates"].get(t, {}).get("hit_rate", math.nan)
+            )
+            for tier in dict.fromkeys(t for p in points for t in p["hit_rates"])
+        },
         "host memory (MiB)": {
             **{
                 name: line(lambda p, d=d: p["rss_bytes"]["end"].get(d, 0) / mib)
@@ -489,6 +413,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10,100,1000,5000")
     parser.add_argument("--requests", type=int, default=64, help="per phase (at most 72)")
+    parser.add_argument("--warmup", type=int, help="requests before measuring (default --requests)")
     parser.add_argument("--load", type=float, default=0.7, help="open loop, of the capacity")
     parser.add_argument("--probes", type=int, default=3, help="cold adapters per size")
     parser.add_argument("--home", type=Path, help="grow the population here (kept); default temp")
@@ -496,6 +421,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.sizes = sorted(int(s) for s in args.sizes.split(","))
+    args.warmup = args.requests if args.warmup is None else args.warmup
     args.model_cache = Path("~/.adapterswap/models").expanduser()
     with tempfile.TemporaryDirectory() as tmp:
         run(args, args.home or Path(tmp) / "home")

@@ -31,17 +31,15 @@ from _prometheus import (  # noqa: E402
     quantile,
     share_at_most,
 )
-from serve_scale import (  # noqa: E402
+from _scale_traffic import (  # noqa: E402
     AUTO_SHARE,
     MIXTURE_WEIGHTS,
     Caller,
     Popularity,
-    cache_budget,
-    goals,
-    longest_step,
     traffic,
     zipf_weights,
 )
+from serve_scale import cache_budget, goals, hit_rates, longest_step  # noqa: E402
 from serve_traffic import Outcome  # noqa: E402
 
 GROUPS = [f"g{g:02d}" for g in range(50)]
@@ -210,6 +208,17 @@ def test_gauges_are_summed_by_what_they_mean_not_by_the_process_that_exported_th
     samples = {tier.format("w1", "host"): 3.0, tier.format("w2", "host"): 4.0}
     samples[tier.format("w1", "bank")] = 5.0
     assert condense(samples) == {"host adapter_tier_bytes": 7.0, "bank adapter_tier_bytes": 5.0}
+
+
+def test_hit_rates_come_from_the_tiers_counters_or_else_the_one_caches():
+    tiers = {"bank adapter_tier_hits_total": 30.0, "bank adapter_tier_misses_total": 10.0}
+    tiers |= {"host adapter_tier_misses_total": 4.0, "adapter_cache_hits_total": 99.0}
+    assert hit_rates(tiers) == {
+        "bank": {"hits": 30.0, "misses": 10.0, "hit_rate": 0.75},
+        "host": {"hits": 0.0, "misses": 4.0, "hit_rate": 0.0},
+    }
+    one = {"adapter_cache_hits_total": 9.0, "adapter_cache_misses_total": 1.0}
+    assert hit_rates(one) == {"bank": {"hits": 9.0, "misses": 1.0, "hit_rate": 0.9}}
 
 
 def test_the_stall_is_the_longest_step_during_a_requests_wait_for_its_first_token():
