@@ -57,14 +57,18 @@ def split_for_pool(
 
 def pool_size(config: AdapterSwapConfig, n_shards: int, cluster: Mapping[str, float]) -> int:
     """How many workers the pool gets: ``ray.train_pool_workers``, else as many as the
-    cluster's CPUs fit at ``ray.train_num_cpus_per_worker`` (and its GPUs, one per worker,
-    when training on them); never more than the shards to train, never fewer than one."""
+    cluster's resources fit at a worker's needs (``ray.train_num_cpus_per_worker``, each of
+    ``ray.train_resources_per_worker``, and a GPU when training on them); never more than
+    the shards to train, never fewer than one."""
     ray = config.ray
     if ray.train_pool_workers is not None:
-        fit = ray.train_pool_workers
-    else:
-        cpus = ray.train_num_cpus_per_worker
-        fit = math.floor(cluster.get("CPU", 0) / cpus + 1e-9) if cpus > 0 else n_shards
-        if ray.train_use_gpu is True or (ray.train_use_gpu == "auto" and cluster.get("GPU", 0)):
-            fit = min(fit, math.floor(cluster.get("GPU", 0)))
-    return max(1, min(fit, n_shards))
+        return max(1, min(ray.train_pool_workers, n_shards))
+    need = {"CPU": ray.train_num_cpus_per_worker, **ray.train_resources_per_worker}
+    if ray.train_use_gpu is True or (ray.train_use_gpu == "auto" and cluster.get("GPU", 0)):
+        need["GPU"] = 1
+    fits = [
+        math.floor(cluster.get(name, 0) / amount + 1e-9)
+        for name, amount in need.items()
+        if amount > 0
+    ]
+    return max(1, min(min(fits, default=n_shards), n_shards))

@@ -111,6 +111,11 @@ def test_pool_size_fits_the_cluster_and_never_exceeds_the_shards(tiny_config):
     assert pool_size(config, 3, {"CPU": 2.0}) == 3
     assert pool_size(config, 100, {"CPU": 0.25}) == 1
     assert pool_size(config, 100, {"CPU": 8.0, "GPU": 2.0}) == 2  # use_gpu auto: one GPU each
+    slots = tiny_config(
+        ray={"train_num_cpus_per_worker": 0.25, "train_resources_per_worker": {"slot": 1}}
+    )
+    assert pool_size(slots, 100, {"CPU": 8.0, "slot": 3.0}) == 3  # as many as the slots
+    assert pool_size(slots, 100, {"CPU": 8.0}) == 1  # none known yet: one, which waits
     fixed = tiny_config(ray={"train_pool_workers": 3})
     assert pool_size(fixed, 100, {"CPU": 64.0}) == 3 and pool_size(fixed, 2, {"CPU": 64.0}) == 2
 
