@@ -288,9 +288,9 @@ class RayResources(_Section):
         None,
         ge=1,
         description="Workers of the training pool, each training shard after shard on a "
-        "base model it loads once. None: as many as the cluster's CPUs fit at "
-        "train_num_cpus_per_worker (and its GPUs, when training on them), never more than "
-        "the shards to train.",
+        "base model it loads once. None: as many as the cluster fits at a worker's "
+        "train_num_cpus_per_worker, train_resources_per_worker (and a GPU, when training on "
+        "them), never more than the shards to train.",
     )
     train_pool_max_shard_tokens: int = Field(
         100_000,
