@@ -13,7 +13,9 @@ Requests (generations, streams, prompt scoring) are submitted from any thread an
    would evict a running row's adapter, thrash), it waits in the queue and later requests
    that are ready join past it, at most ``max_bypass`` of them, so it is not starved. No
    step waits for storage. A request whose mixture cannot be composed (a failed load, more
-   adapters than the bank has slots) ends alone with that error.
+   adapters than the bank has slots) ends alone with that error. A load that finishes
+   during the decode forward lets its row join right after it, in time for this step's
+   prefill: a cold request waits for its load, not for the next step.
 3. **Decode.** One forward of every decoding row (one token each) under the per-row mixture
    plan of exactly those rows.
 4. **Prefill.** Up to ``prefill_tokens`` prompt tokens, oldest request first, one forward
@@ -276,6 +278,8 @@ class Engine:
             self._admit()
             logits: dict[int, torch.Tensor] = {}  # id(work) -> next-token logits (V,)
             self._decode(logits)
+            if self._poked:  # a load finished during the decode: its row prefills now
+                self._admit()
             self._prefill(logits)
             self._sample(logits)
         if not self.kv.count and self.bank is not None:

@@ -244,6 +244,32 @@ def test_a_cold_adapter_does_not_stall_the_running_rows(tiny64, dirs, prompts):
     tiers.close()
 
 
+def test_a_load_that_finishes_during_the_decode_joins_in_time_for_the_prefill(
+    tiny64, dirs, prompts
+):
+    source = Source(dirs, gated=(P[1],))
+    tiers = new_tiers(tiny64, source, slots=4)
+    engine = Engine(tiers.bank.model, tiny64.tokenizer, bank=tiers.bank, tiers=tiers)
+    running = work(prompts[0], [(P[0], 1.0)], SamplingParams(max_tokens=20, temperature=0))
+    engine.submit(running)
+    settle(tiers, gated=[P[1]])
+    engine.step()
+    cold = work(prompts[1], [(P[1], 1.0)])
+    engine.submit(cold)
+    decode = engine._decode
+
+    def load_ends_during(logits):
+        decode(logits)
+        source.release(P[1])
+        settle(tiers)
+
+    engine._decode = load_ends_during
+    engine.step()  # admission found it loading; it joined after the decode, and prefilled
+    assert cold in engine.kv.owners and cold.row.produced == 1
+    assert running.row.produced == 2
+    tiers.close()
+
+
 def test_ready_rows_pass_a_waiting_one_a_bounded_number_of_times(tiny64, dirs, prompts):
     source = Source(dirs, gated=(P[1],))
     tiers = new_tiers(tiny64, source, slots=4)
