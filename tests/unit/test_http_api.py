@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import openai
 import pytest
 import schemathesis
@@ -582,3 +583,21 @@ def test_the_gateway_listing_refuses_a_bad_limit_itself(http_world):
     with pytest.raises(InvalidArgument, match="limit: must be 1 to 1000, got 1001"):
         gateway.list_adapters(principal, 1001)
     assert [a["id"] for a in gateway.list_adapters(principal, 1)["data"]] == ["hr.b0001.000"]
+
+
+def test_a_revoked_version_s_rows_leave_the_routing_index_at_the_next_sync(http_world):
+    client, keys, _, _ = http_world
+    gateway = client.app.state.gateway
+    fresh = publish_random_adapter(
+        gateway.config, gateway.store, gateway._embed, "hr.b0010.000", "hr", HR_TEXTS[:1], 10
+    )
+    body = {"prompt": HR_TEXTS[0], "max_tokens": 1, "temperature": 0, "groups": ["hr"]}
+    routed = post(client, keys["hr"], "/v1/completions", body).json()["adapterswap"]
+    assert fresh.id in [a["id"] for a in routed["adapters"]]  # its rows are in the index
+    query = gateway._embed([HR_TEXTS[0]])[0]
+    held = gateway.active.resolve(fresh.id, ["hr"])
+    gateway.store.revoke(fresh.id, fresh.version, reason="delete")
+    gateway.active.sync()  # a delta: the gateway holds an epoch
+    assert gateway.index.score(query, [held]) == ([], pytest.approx(np.zeros(0)))
+    routed = post(client, keys["hr"], "/v1/completions", body).json()["adapterswap"]
+    assert fresh.id not in [a["id"] for a in routed["adapters"]]
