@@ -19,6 +19,7 @@ from actors.adapter_store import STORE_ACTOR_NAME, get_or_create_store, get_stor
 from actors.store_client import StoreClient
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import StoreNotRunning
+from adapterswap.store.records import ActiveChanges
 from adapterswap.types import AdapterRef, AdapterStatus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -150,3 +151,5 @@ def test_the_clients_reads_wait_out_a_restart(config: AdapterSwapConfig) -> None
     assert client.epoch() == 0
     assert client.get_job(job.job_id) == job
     assert client.unfinished_deletions() == []
+    assert client.active_changes(0) == ActiveChanges(0, 0, (), ())  # a delta crosses Ray too
+    assert client.active_changes(1) is None  # ahead of the store: read a snapshot
