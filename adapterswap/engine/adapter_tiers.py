@@ -142,9 +142,9 @@ class AdapterTiers:
                 if ref in self.host:
                     self.host_hits += 1
                     continue
-                if ref not in self._loading:
-                    self.host_misses += 1
-                self._start(ref)
+                started = ref not in self._loading
+                self._start(ref)  # raises for a version that failed or is not servable
+                self.host_misses += started
 
     def ready(self, refs: Iterable[AdapterRef]) -> dict[AdapterRef, ParsedAdapter] | None:
         """The host tier's tensors of ``refs`` not in the bank, once all of them are there;

@@ -241,6 +241,9 @@ def test_a_cold_adapter_does_not_stall_the_running_rows(tiny64, dirs, prompts):
     assert_same(outcomes[0], alone(tiny64, dirs, prompts[0], [(P[0], 1.0)], long))
     assert_same(outcomes[1], alone(tiny64, dirs, prompts[1], [(P[1], 1.0)]))
     assert source.reads.count(P[1]) == 1
+    stats = tiers.stats()  # two adapters read from storage, each installed once
+    assert (stats.host_hits, stats.host_misses, stats.bank_misses) == (0, 2, 2)
+    assert stats.host_bytes == tiers.host.used > 0 and stats.bank_entries == 2
     tiers.close()
 
 
