@@ -106,13 +106,17 @@ def hit_rates(counters: dict[str, float]) -> dict[str, dict[str, float]]:
 
 
 def replica_rss() -> dict[str, int]:
-    """Resident bytes of the Serve replicas of the app, by deployment (Model, Ingress)."""
+    """Resident bytes of this run's Serve replicas (processes of the Ray it started, not of
+    another run on the machine), by deployment (Model, Ingress)."""
     out: dict[str, int] = {}
-    for process in psutil.process_iter(["cmdline", "memory_info"]):
-        title = " ".join(process.info["cmdline"] or [])
-        match = re.search(r"ServeReplica:adapterswap:(\w+)", title)
-        if match and process.info["memory_info"] is not None:
-            out[match[1]] = out.get(match[1], 0) + process.info["memory_info"].rss
+    for process in psutil.Process().children(recursive=True):
+        try:
+            title, rss = " ".join(process.cmdline()), process.memory_info().rss
+        except psutil.Error:  # it ended since the listing
+            continue
+        match = re.search(r"ServeReplica:adapterswap:(\w+?)(?:\.|\s|$)", title)
+        if match:
+            out[match[1]] = out.get(match[1], 0) + rss
     return out
 
 
