@@ -15,22 +15,24 @@ replica, the configuration's defaults otherwise) on loopback, and:
 1. **Cold adapters**: right after start, while a base-model stream decodes, a request for an
    adapter never loaded before, then the same request again (now loaded): the first one's
    extra time to first token against the adapter's load time (``StorageAdapterSource.load``
-   timed in this process), and the running stream's longest gap meanwhile.
+   timed in this process), and how much longer the running stream's longest step was while
+   the cold request waited than while the warm one did (a stall).
 2. **First routing**: one ``adapters: "auto"`` request per caller (the ingress reads every
    visible shard's statistics the first time).
-3. **Warm-up**, then **saturation** (``requests`` at once: completion tokens/s) and **open
-   loop** (Poisson arrivals at ``--load`` times the smallest size's saturation requests/s:
-   TTFT p50/p99 of the streamed half).
+3. **Warm-up** (``--warmup`` requests), then **saturation** (``--requests`` at once:
+   completion tokens/s) and **open loop** (Poisson arrivals at ``--load`` times the smallest
+   size's saturation requests/s: TTFT p50/p99 of the streamed half).
 
 The requests: a caller holding 1, 5 or 50 groups (keys from the real key store), uniformly;
 70 % name 1-3 adapters the caller may see, drawn by Zipf popularity (s = 1, a seeded rank
 per adapter); 30 % are ``adapters: "auto"`` on the topic of a group drawn the same way, so
 the router runs; half are streamed; greedy, ``max_tokens`` 16, short prompts.
 
-Router latency and bank hits come from the replicas' metrics (``adapterswap_router_latency_ms``:
+Router latency and hit rates come from the replicas' metrics (``adapterswap_router_latency_ms``:
 embedding the query and scoring the visible shards, at the ingress; the histogram's buckets
-bound its quantiles, and its 5 ms bucket checks the goal exactly), host memory from the
-model and ingress replicas' resident set sizes. Writes results/serve_scale.{json,png}.
+bound its quantiles, and its 5 ms bucket checks the goal exactly; the adapter tiers' hit and
+miss counters), host memory from the model and ingress replicas' resident set sizes and the
+tiers' byte gauges. Writes results/serve_scale.{json,png}.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from support import metrics_export  # noqa: E402  (Ray's metrics on a free port, every 0.5 s)
 
 SCALE_SETTINGS = ["lora.rank=8", "lora.alpha=16", 'lora.target_modules=["q_proj","v_proj"]']
+ROUTER = "ray_adapterswap_router_latency_ms"
 ROUTER_GOAL_MS = 5.0
 EXPORT_S = 3.0  # the replicas' metrics reach the export within this (0.5 s reports)
 
@@ -234,9 +237,6 @@ def first_routing(url: str, bench: Bench) -> dict[str, float]:
         (outcome,) = drive(url, [(caller.key, first)])
         out[caller.kind] = outcome.done - outcome.sent
     return out
-
-
-ROUTER = "ray_adapterswap_router_latency_ms"
 
 
 def measure_size(
