@@ -79,6 +79,7 @@ class ModelDeployment:
             store.active_snapshot,
             loaded=load_model(self.config.model, self.config.model_cache_dir),
             epoch=store.epoch,
+            changes=store.active_changes,
         )
         self.local = LocalModelClient(self.replica)
         self.metrics = ServeMetrics()

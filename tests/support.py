@@ -280,7 +280,12 @@ def in_process_app(
     Returns ``(app, replica)``. Serve it with ``fastapi.testclient.TestClient(app)``; the
     gateway is ``app.state.gateway``. ``jobs`` defaults to :class:`RecordedJobs`.
     """
-    replica = ModelReplica(config, registry.active_snapshot, epoch=registry.epoch)
+    replica = ModelReplica(
+        config,
+        registry.active_snapshot,
+        epoch=registry.epoch,
+        changes=registry.active_changes,
+    )
     ttl = config.serve.key_cache_ttl_s if key_cache_ttl_s is None else key_cache_ttl_s
     app = create_app()
     app.state.gateway = build_gateway(

@@ -70,7 +70,7 @@ from adapterswap.errors import (
     StaleMixture,
 )
 from adapterswap.models.base import LoadedModel, hash_base_model, load_base_model
-from adapterswap.route.active_set import ActiveSet, Snapshot
+from adapterswap.route.active_set import ActiveSet, Changes, Snapshot
 from adapterswap.storage.layout import StorageLayout
 from adapterswap.types import AdapterRef, Mixture
 
@@ -103,8 +103,9 @@ class ModelReplica:
         snapshot: Snapshot,
         loaded: LoadedModel | None = None,
         epoch: Callable[[], int] | None = None,
+        changes: Changes | None = None,
     ) -> None:
-        """``snapshot`` and ``epoch`` read the store (see :class:`ActiveSet`)."""
+        """``snapshot``, ``epoch`` and ``changes`` read the store (see :class:`ActiveSet`)."""
         self.loaded = loaded or load_base_model(config.model, config.model_cache_dir)
         self.tokenizer = self.loaded.tokenizer
         self.bank = AdapterBank.from_settings(self.loaded.model, config.lora, config.serve)
@@ -119,7 +120,7 @@ class ModelReplica:
             retry_s=serve.adapter_retry_s,
             pin_memory=next(self.loaded.model.parameters()).is_cuda,
         )
-        self.active = ActiveSet(snapshot, self._drop, epoch)
+        self.active = ActiveSet(snapshot, self._drop, epoch, changes)
         self.max_prompt_tokens = config.serve.max_prompt_tokens
         self.adapter_hits = self.adapter_misses = 0  # jobs' adapters found loaded, or not
         # Held while a step samples and streams: a sync waits for that, never for a forward.

@@ -101,5 +101,12 @@ def test_the_ingress_builds_and_answers_without_serve(tiny_config):
     assert gateway.store is registry and gateway.replica_alive("replica-1")
     client = TestClient(ingress.__serve_build_asgi_app__())
     answer = client.get("/v1/adapters", headers={"Authorization": f"Bearer {key}"})
-    assert answer.status_code == 200 and answer.json() == {"object": "list", "data": []}
+    assert answer.status_code == 200
+    assert answer.json() == {
+        "object": "list",
+        "data": [],
+        "first_id": None,
+        "last_id": None,
+        "has_more": False,
+    }
     assert client.get("/v1/adapters").status_code == 401

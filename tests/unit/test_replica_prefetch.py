@@ -34,7 +34,12 @@ def world(tiny_config, embed):
             [("hr", HR_TEXTS), ("finance", FIN_TEXTS), ("legal", HR_TEXTS)]
         )
     }
-    replica = ModelReplica(config, registry.active_snapshot, epoch=registry.epoch)
+    replica = ModelReplica(
+        config,
+        registry.active_snapshot,
+        epoch=registry.epoch,
+        changes=registry.active_changes,
+    )
     yield config, registry, refs, replica
     replica.close()
 
@@ -129,3 +134,17 @@ def test_corrupt_or_missing_files_fail_only_their_requests_and_reach_status(worl
         assert "    failed to load legal.b1.000 v1 (1 attempt): FileNotFoundError" in text
     finally:
         watcher.stop()
+
+
+def test_the_replica_syncs_by_deltas_once_it_holds_an_epoch(world, monkeypatch):
+    config, registry, refs, replica = world
+    replica.sync()  # the first view: a full snapshot
+    snapshots = []
+    monkeypatch.setattr(replica.active, "_snapshot", lambda: snapshots.append(1) or ([], 0))
+    (warm,) = replica.generate([job(refs["hr"])])
+    assert isinstance(warm, GenerationResult) and refs["hr"] in replica.bank
+    registry.revoke(refs["hr"].id, refs["hr"].version, reason="delete")
+    assert replica.sync() == registry.epoch()
+    assert snapshots == []  # the delta said what left: no full read
+    assert refs["hr"] not in replica.bank and refs["hr"] not in replica.active.refs()
+    assert refs["finance"] in replica.active.refs()
