@@ -100,15 +100,9 @@ class ModelDeployment:
     async def generate(self, jobs: list[InferenceJob]) -> list[GenerationResult | AdapterSwapError]:
         """The jobs' results. A job that cannot run comes back as its error, in its place:
         it fails alone."""
-        replica = self.replica
-        hits, misses = replica.adapter_hits, replica.adapter_misses
-        self.metrics.record_engine(replica.engine.stats)
+        self.metrics.record_engine(self.replica.engine.stats)
         results = await self.local.generate(jobs)
-        self.metrics.record_batch(
-            replica.adapter_hits - hits,
-            replica.adapter_misses - misses,
-            replica.engine.stats.compose_ms,
-        )
+        self.metrics.record_composition(self.replica.engine.stats.compose_ms)
         self._record(results)
         return results
 
@@ -118,6 +112,7 @@ class ModelDeployment:
                 self.metrics.record_generation(result)
         self.metrics.record_engine(self.replica.engine.stats)
         self.metrics.record_tiers(self.replica.tiers.stats())
+        self.metrics.record_lookups(self.replica.adapter_hits, self.replica.adapter_misses)
 
     async def score(
         self, jobs: list[InferenceJob], top_logprobs: int

@@ -7,6 +7,7 @@ add what is specific to AdapterSwap. Names below appear with Ray's ``ray_`` pref
   bank served from memory / had to load from storage;
 - ``adapterswap_adapters_per_request``: how many adapters a request composed;
 - ``adapterswap_router_latency_ms``: embedding the query and scoring the visible shards;
+  ``adapterswap_router_scoring_ms``: the scoring and the choice alone (the routing index);
 - ``adapterswap_engine_queued_requests`` / ``..._running_rows``: a model replica's engine
   queue and batch, set whenever a request arrives or completes;
 - ``adapterswap_queue_time_ms``, ``adapterswap_time_to_first_token_ms``,
@@ -60,6 +61,11 @@ class ServeMetrics:
         self.router_ms = Histogram(
             "adapterswap_router_latency_ms", "Routing time per request.", _MS
         )
+        self.scoring_ms = Histogram(
+            "adapterswap_router_scoring_ms",
+            "Scoring the visible shards and choosing, per request (no embedding).",
+            _MS,
+        )
         self.composition_ms = Histogram(
             "adapterswap_composition_setup_ms", "Mixture setup per engine step.", _MS
         )
@@ -103,16 +109,19 @@ class ServeMetrics:
         self._sampled = 0  # the engine's tokens_sampled when last counted
         self._seen: dict[str, int] = {}
 
-    def record_routing(self, milliseconds: float, adapters: int) -> None:
+    def record_routing(self, milliseconds: float, scoring_ms: float, adapters: int) -> None:
         self.router_ms.observe(milliseconds)
+        self.scoring_ms.observe(scoring_ms)
         self.adapters_per_request.observe(adapters)
 
-    def record_batch(self, hits: int, misses: int, composition_ms: float) -> None:
-        if hits:
-            self.cache_hits.inc(hits)
-        if misses:
-            self.cache_misses.inc(misses)
-        self.composition_ms.observe(composition_ms)
+    def record_composition(self, milliseconds: float) -> None:
+        self.composition_ms.observe(milliseconds)
+
+    def record_lookups(self, hits: int, misses: int) -> None:
+        """What the replica's cumulative adapter lookups (per request, at admission) gained
+        since the last call: requests whose lifetimes overlap count each lookup once."""
+        self._add(self.cache_hits, "lookup_hits", hits)
+        self._add(self.cache_misses, "lookup_misses", misses)
 
     def record_engine(self, stats: EngineStats) -> None:
         self.queued.set(stats.queued)

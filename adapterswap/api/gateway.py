@@ -43,7 +43,7 @@ class Gateway(InferenceEndpoints, TokenizerEndpoints, AdminEndpoints):
         embed: Embed,
         store: Store,
         jobs: Jobs,
-        on_routed: Callable[[float, int], None] | None = None,
+        on_routed: Callable[[float, float, int], None] | None = None,
         replica_alive: Callable[[str], bool] | None = None,
     ) -> None:
         """``store`` is the registry itself or the store actor's client.
@@ -63,7 +63,7 @@ class Gateway(InferenceEndpoints, TokenizerEndpoints, AdminEndpoints):
         self._embed = embed
         self.store = store
         self.jobs = jobs
-        self._on_routed = on_routed  # (milliseconds, adapters): metrics, when served by Ray
+        self._on_routed = on_routed  # (total ms, scoring ms, adapters): metrics, under Ray
         self.replica_alive = replica_alive
 
 
@@ -78,7 +78,7 @@ def build_gateway(
     jobs: Jobs,
     embed: Embed | None = None,
     authenticator: Authenticator | None = None,
-    on_routed: Callable[[float, int], None] | None = None,
+    on_routed: Callable[[float, float, int], None] | None = None,
     replica_alive: Callable[[str], bool] | None = None,
 ) -> Gateway:
     """A gateway whose store reads (keys, the active set) all go through ``store``.

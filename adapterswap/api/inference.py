@@ -58,7 +58,7 @@ class InferenceEndpoints:
     active: ActiveSet
     index: RoutingIndex
     _embed: Embed
-    _on_routed: Callable[[float, int], None] | None
+    _on_routed: Callable[[float, float, int], None] | None
 
     # -- routing ----------------------------------------------------------------------
 
@@ -79,9 +79,10 @@ class InferenceEndpoints:
         routed = []
         for texts in queries:
             started = time.perf_counter()
-            decision = self._decide(groups, texts, body.top_k)
+            decision, scoring_s = self._decide(groups, texts, body.top_k)
             if self._on_routed is not None:
-                self._on_routed(1000 * (time.perf_counter() - started), len(decision.adapters))
+                total_ms = 1000 * (time.perf_counter() - started)
+                self._on_routed(total_ms, 1000 * scoring_s, len(decision.adapters))
             mixture = tuple((a.ref, a.weight) for a in decision.adapters)
             listed = [fmt.describe_adapter(a.ref, a.group, a.weight) for a in decision.adapters]
             routed.append((mixture, {"adapters": listed, "router": decision.as_dict()}))
@@ -125,16 +126,22 @@ class InferenceEndpoints:
 
     def _decide(
         self, groups: Sequence[str], texts: list[str], top_k: int | None
-    ) -> RoutingDecision:
+    ) -> tuple[RoutingDecision, float]:
+        """The decision, and the seconds spent scoring and deciding (not embedding, and not
+        reading statistics a version's first routing needs)."""
         visible = self.active.visible(groups)  # the caller's groups, before any score
         self.index.add(visible)
         decision = RoutingDecision((), "nothing to route on", len(visible), None)
+        scoring = 0.0
         for text in texts:
-            versions, scores = self.index.score(self._embed([text])[0], visible)
+            query = self._embed([text])[0]
+            started = time.perf_counter()
+            versions, scores = self.index.score(query, visible)
             decision = decide(versions, scores, self.config.router, top_k=top_k)
+            scoring += time.perf_counter() - started
             if decision.adapters or decision.reason != "nothing relevant":
                 break
-        return decision
+        return decision, scoring
 
     # -- inference ----------------------------------------------------------------------
 

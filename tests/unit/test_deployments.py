@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi.testclient import TestClient
-from support import private_copy
+from support import HR_TEXTS, private_copy, publish_random_adapter
 
 from actors.deployments import IngressDeployment, ModelDeployment
 from actors.metrics import ServeMetrics
@@ -74,6 +74,33 @@ def test_the_token_counter_counts_what_the_engine_sampled_a_cancelled_stream_inc
         engine = deployment.replica.engine
         assert 3 < sum(counted) == engine.stats.tokens_sampled < 3 + 400
         assert engine.stats.cancelled == 1
+    finally:
+        deployment.watcher.stop()
+
+
+def test_concurrent_requests_count_each_adapter_lookup_once(tiny_config, tiny, embed):
+    config = tiny_config()
+    registry = AdapterRegistry(config.db_path)
+    ref = publish_random_adapter(config, registry, embed, "hr.b1.000", "hr", HR_TEXTS, 0)
+    deployment = ModelDeployment(
+        config.model_dump(),
+        store=registry,
+        replica_id="replica-1",
+        load_model=lambda settings, cache_dir: private_copy(tiny),
+    )
+    counted: list[float] = []
+    deployment.metrics.cache_hits.inc = lambda n, tags=None: counted.append(n)
+    deployment.metrics.cache_misses.inc = lambda n, tags=None: counted.append(n)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    jobs = [InferenceJob(prompt=p, params=params, mixture=((ref, 1.0),)) for p in "ABC"]
+
+    async def together() -> list:
+        return await asyncio.gather(*(deployment.generate([job]) for job in jobs))
+
+    try:
+        assert all(isinstance(r, GenerationResult) for (r,) in asyncio.run(together()))
+        # one lookup per request, however their lifetimes overlapped
+        assert sum(counted) == 3
     finally:
         deployment.watcher.stop()
 

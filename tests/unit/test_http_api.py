@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import openai
@@ -601,3 +602,21 @@ def test_a_revoked_version_s_rows_leave_the_routing_index_at_the_next_sync(http_
     assert gateway.index.score(query, [held]) == ([], pytest.approx(np.zeros(0)))
     routed = post(client, keys["hr"], "/v1/completions", body).json()["adapterswap"]
     assert fresh.id not in [a["id"] for a in routed["adapters"]]
+
+
+def test_the_router_metric_times_the_scoring_apart_from_the_embedding(http_world):
+    client, keys, _, _ = http_world
+    gateway, timed = client.app.state.gateway, []
+    gateway._on_routed = lambda total, scoring, adapters: timed.append((total, scoring, adapters))
+    embed = gateway._embed
+
+    def slow_embed(texts):
+        time.sleep(0.05)  # an embedding model's time: the whole routing, not the scoring
+        return embed(texts)
+
+    gateway._embed = slow_embed
+    body = {"prompt": "How many weeks of parental leave do new parents get?", "max_tokens": 1}
+    answer = post(client, keys["finance+hr"], "/v1/completions", body).json()
+    ((total, scoring, adapters),) = timed
+    assert adapters == len(answer["adapterswap"]["adapters"]) >= 1
+    assert 0 < scoring < 50 <= total

@@ -232,7 +232,7 @@ def point(adapters: int, tokens: float, rss: int, extra: float, within: float = 
     return {
         "adapters": adapters,
         "saturation": {"completion_tokens_per_s": tokens},
-        "router_ms": {"share_within_goal": within},
+        "scoring_ms": {"share_within_goal": within},
         "rss_bytes": {"idle": {"Model": rss}, "end": {"Model": rss}},
         "cold": {"median": {"extra_ttft_s": extra, "load_s": 0.03, "step_s": 0.05}},
     }
