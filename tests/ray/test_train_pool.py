@@ -84,7 +84,9 @@ def test_a_shard_whose_training_fails_fails_alone_and_its_worker_goes_on(home):
     )
     assert [t["id"] for t in report.trained] == [B, C]
     [failed] = report.failed
-    assert failed["id"] == A and "Error" in failed["error"] and A in failed["error"]
+    assert failed["id"] == A
+    assert failed["error"].startswith("NotADirectoryError: [Errno 20] Not a directory: ")
+    assert failed["error"].endswith(f"/adapters/{A}/v1'")
     job = registry.get_job(report.job)
     assert job.state == JobState.FAILED and job.error == f"shards failed: {A}"
     assert job.result["failed"][0]["error"] == failed["error"]
