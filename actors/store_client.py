@@ -28,7 +28,6 @@ from actors.adapter_store import get_or_create_store
 from adapterswap.config import AdapterSwapConfig, ServeSettings
 from adapterswap.errors import StoreUnavailable, unwrap_remote
 from adapterswap.store.records import (
-    ActiveChanges,
     AuditEntry,
     DeletionRecord,
     DeletionState,
@@ -36,7 +35,7 @@ from adapterswap.store.records import (
     JobState,
     KeyRecord,
 )
-from adapterswap.types import AdapterVersion, Principal
+from adapterswap.types import ActiveChanges, AdapterVersion, Principal
 
 # For callers that do not pass their config's deadline.
 DEFAULT_STORE_TIMEOUT_S: float = ServeSettings.model_fields["store_timeout_s"].default

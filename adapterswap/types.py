@@ -52,6 +52,24 @@ class AdapterVersion:
 
 
 @dataclass(frozen=True)
+class ActiveChanges:
+    """How the active set moved from epoch ``since`` to ``epoch``, read in one snapshot.
+
+    ``added``: the versions active at ``epoch`` that entered the set after ``since``;
+    ``removed``: the versions that left it after ``since``. Either may hold a few versions
+    that changed in the transaction that produced ``since`` itself (see migration 3):
+    applying a change the view already holds changes nothing, so a view at any epoch from
+    ``since`` to ``epoch`` that drops ``removed`` and then sets ``added`` is the set at
+    ``epoch``. No version is in both.
+    """
+
+    since: int
+    epoch: int
+    added: tuple[AdapterVersion, ...]
+    removed: tuple[AdapterRef, ...]
+
+
+@dataclass(frozen=True)
 class Principal:
     """Who a valid key belongs to. ``groups`` is sorted and free of duplicates."""
 

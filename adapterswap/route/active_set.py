@@ -28,8 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from adapterswap.errors import NotFound
-from adapterswap.store.records import ActiveChanges
-from adapterswap.types import AdapterRef, AdapterVersion
+from adapterswap.types import ActiveChanges, AdapterRef, AdapterVersion
 
 Snapshot = Callable[[], tuple[int, list[AdapterVersion]]]
 Changes = Callable[[int], ActiveChanges | None]

@@ -16,7 +16,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from adapterswap.store.records import (
-    ActiveChanges,
     AuditEntry,
     DeletionRecord,
     DeletionState,
@@ -24,7 +23,7 @@ from adapterswap.store.records import (
     JobState,
     KeyRecord,
 )
-from adapterswap.types import AdapterVersion, Principal
+from adapterswap.types import ActiveChanges, AdapterVersion, Principal
 
 
 class StoreReads(Protocol):

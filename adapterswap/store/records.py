@@ -131,24 +131,6 @@ def covers_row(record: DeletionRecord, content_hash: str | None) -> bool:
 
 
 @dataclass(frozen=True)
-class ActiveChanges:
-    """How the active set moved from epoch ``since`` to ``epoch``, read in one snapshot.
-
-    ``added``: the versions active at ``epoch`` that entered the set after ``since``;
-    ``removed``: the versions that left it after ``since``. Either may hold a few versions
-    that changed in the transaction that produced ``since`` itself (see migration 3):
-    applying a change the view already holds changes nothing, so a view at any epoch from
-    ``since`` to ``epoch`` that drops ``removed`` and then sets ``added`` is the set at
-    ``epoch``. No version is in both.
-    """
-
-    since: int
-    epoch: int
-    added: tuple[AdapterVersion, ...]
-    removed: tuple[AdapterRef, ...]
-
-
-@dataclass(frozen=True)
 class StoreSummary:
     """Counts for a status page, read in one snapshot."""
 

@@ -34,8 +34,8 @@ from typing import Any
 from adapterswap.errors import IllegalTransition, InvalidArgument, NotFound
 from adapterswap.store import keys
 from adapterswap.store.core import Transactions, bump_epoch, read_meta, write_audit
-from adapterswap.store.records import ActiveChanges, timestamp, version_from_row
-from adapterswap.types import AdapterRef, AdapterStatus, AdapterVersion
+from adapterswap.store.records import timestamp, version_from_row
+from adapterswap.types import ActiveChanges, AdapterRef, AdapterStatus, AdapterVersion
 
 # target status -> the statuses a version may move to it from (see the module docstring).
 _ALLOWED_FROM: dict[AdapterStatus, tuple[AdapterStatus, ...]] = {

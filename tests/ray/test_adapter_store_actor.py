@@ -19,8 +19,7 @@ from actors.adapter_store import STORE_ACTOR_NAME, get_or_create_store, get_stor
 from actors.store_client import StoreClient
 from adapterswap.config import AdapterSwapConfig
 from adapterswap.errors import StoreNotRunning
-from adapterswap.store.records import ActiveChanges
-from adapterswap.types import AdapterRef, AdapterStatus
+from adapterswap.types import ActiveChanges, AdapterRef, AdapterStatus
 
 REPO = Path(__file__).resolve().parents[2]
 HR = "hr.b0001.000"

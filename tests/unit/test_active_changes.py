@@ -25,10 +25,9 @@ from hypothesis.stateful import (
 )
 
 from adapterswap.route.active_set import ActiveSet
-from adapterswap.store.records import ActiveChanges
 from adapterswap.store.registry import AdapterRegistry
 from adapterswap.store.version_records import ADDED_SINCE, REMOVED_SINCE
-from adapterswap.types import AdapterRef, AdapterVersion
+from adapterswap.types import ActiveChanges, AdapterRef, AdapterVersion
 
 GROUPS = ("hr", "ops")
 IDS = ("hr.b.000", "hr.b.001", "ops.b.000", "ops.b.001")

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from adapterswap.errors import IllegalTransition, InvalidArgument, NotFound, StoreError
-from adapterswap.store.records import ActiveChanges, DeletionState, JobState
+from adapterswap.store.records import DeletionState, JobState
 from adapterswap.store.registry import AdapterRegistry
 from adapterswap.store.schema import SCHEMA_VERSION
-from adapterswap.types import AdapterRef, AdapterStatus, AdapterVersion
+from adapterswap.types import ActiveChanges, AdapterRef, AdapterStatus, AdapterVersion
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"
