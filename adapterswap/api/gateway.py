@@ -24,7 +24,7 @@ from adapterswap.route.active_set import ActiveSet
 from adapterswap.route.index import RoutingIndex
 from adapterswap.store.jobs import Jobs
 from adapterswap.store.protocol import Store
-from adapterswap.types import AdapterRef, Embed
+from adapterswap.types import Embed
 
 
 class Gateway(InferenceEndpoints, TokenizerEndpoints, AdminEndpoints):
@@ -83,9 +83,10 @@ def build_gateway(
 ) -> Gateway:
     """A gateway whose store reads (keys, the active set) all go through ``store``.
 
-    ``tokenizer`` is the base model's (``models.base.load_tokenizer``). ``adapters`` gives
-    the routing index its per-shard statistics; the index and ``adapters`` drop those of
-    versions that left the active set when the gateway syncs (by deltas). ``embed`` defaults to ``config.embedding``'s embedder;
+    ``tokenizer`` is the base model's (``models.base.load_tokenizer``). ``adapters`` reads
+    the routing index its per-shard statistics; the index drops those of versions that left
+    the active set when the gateway syncs (by deltas). ``embed`` defaults to
+    ``config.embedding``'s embedder;
     ``authenticator`` to the server's, with ``config.serve``'s key caches and the store's
     list of key ids (see :mod:`adapterswap.api.auth`).
     """
@@ -99,11 +100,6 @@ def build_gateway(
             key_ids=lambda: [k.key_id for k in store.list_keys() if not k.revoked],
         )
     index = RoutingIndex(adapters.router_stats)
-
-    def drop(keep: set[AdapterRef]) -> list[AdapterRef]:
-        adapters.forget(keep)
-        return index.retain(keep)
-
     return Gateway(
         config,
         model=model,
@@ -111,7 +107,7 @@ def build_gateway(
         tokenizer=tokenizer,
         authenticator=authenticator,
         active=ActiveSet(
-            store.active_snapshot, drop, epoch=store.epoch, changes=store.active_changes
+            store.active_snapshot, index.retain, epoch=store.epoch, changes=store.active_changes
         ),
         index=index,
         embed=embed or load_embedder(config.embedding).embed,

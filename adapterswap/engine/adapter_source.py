@@ -8,7 +8,6 @@ model first: an adapter trained on another base is refused.
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any
 
 import torch
@@ -28,8 +27,6 @@ class StorageAdapterSource:
     def __init__(self, layout: StorageLayout, base_model_hash: str) -> None:
         self.layout = layout
         self.base_model_hash = base_model_hash
-        self._stats: dict[AdapterRef, ShardStats] = {}
-        self._lock = threading.Lock()
 
     def load(self, ref: AdapterRef) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The version's LoRA state dict and peft config (an ``AdapterBank`` loader)."""
@@ -40,18 +37,6 @@ class StorageAdapterSource:
         return state, config
 
     def router_stats(self, ref: AdapterRef) -> ShardStats:
-        """The version's routing statistics, cached (they are a few KB each)."""
-        with self._lock:
-            cached = self._stats.get(ref)
-        if cached is not None:
-            return cached
-        stats = load_shard_stats(read_bytes(self.layout.version(ref).child(ROUTER_STATS)))
-        with self._lock:
-            self._stats[ref] = stats
-        return stats
-
-    def forget(self, keep: set[AdapterRef]) -> None:
-        """Drop cached statistics of versions no longer active (they derive from documents)."""
-        with self._lock:
-            for ref in [r for r in self._stats if r not in keep]:
-                del self._stats[ref]
+        """The version's routing statistics, read from storage (the gateway's routing index
+        holds them, so nothing here keeps a second copy)."""
+        return load_shard_stats(read_bytes(self.layout.version(ref).child(ROUTER_STATS)))

@@ -155,7 +155,6 @@ class ModelReplica:
         return self.loaded.model_id
 
     def _drop(self, keep: set[AdapterRef]) -> list[AdapterRef]:
-        self.source.forget(keep)
         return self.tiers.drop(keep)
 
     # -- the epoch ----------------------------------------------------------------------

@@ -53,12 +53,12 @@ class _Packed:
     position: dict[Key, int]
 
 
-def _pack(shards: dict[Key, ShardStats]) -> _Packed | None:
-    """A group's shards packed in adapter-id order; None when it has none."""
+def _pack(shards: dict[Key, np.ndarray]) -> _Packed | None:
+    """A group's shards' rows packed in adapter-id order; None when it has none."""
     if not shards:
         return None
     keys = sorted(shards)
-    chunks = [shards[k].chunks for k in keys]
+    chunks = [shards[k] for k in keys]
     counts = np.array([c.shape[0] for c in chunks], dtype=np.int64)
     starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
     matrix = np.ascontiguousarray(np.concatenate(chunks, axis=0), dtype=np.float32)
@@ -82,7 +82,9 @@ class RoutingIndex:
         """``stats(ref)`` reads one version's statistics (``StorageAdapterSource.router_stats``)."""
         self._read_stats = stats
         self._lock = threading.Lock()
-        self._groups: dict[str, dict[Key, ShardStats]] = {}
+        # Each shard's chunk rows (n, d) float32: once its group is packed, a view into the
+        # group's matrix, so the index holds one copy of the statistics.
+        self._groups: dict[str, dict[Key, np.ndarray]] = {}
         self._packed: dict[str, _Packed | None] = {}
         self._group_of: dict[Key, str] = {}
         self._retained: set[Key] | None = None  # the active set at the last retain
@@ -114,7 +116,7 @@ class RoutingIndex:
                 key = _key(version)
                 if self._retained is not None and key not in self._retained:
                     continue
-                self._groups.setdefault(version.group, {})[key] = stats
+                self._groups.setdefault(version.group, {})[key] = stats.chunks
                 self._group_of[key] = version.group
                 self._packed.pop(version.group, None)
 
@@ -161,5 +163,11 @@ class RoutingIndex:
         """The group's packed rows, packed again if a change touched it since."""
         with self._lock:
             if group not in self._packed:
-                self._packed[group] = _pack(self._groups.get(group, {}))
+                shards = self._groups.get(group, {})
+                packed = self._packed[group] = _pack(shards)
+                if packed is not None:  # the rows as read (or the old matrix) are let go
+                    for key, start, count in zip(
+                        packed.keys, packed.starts, packed.counts, strict=True
+                    ):
+                        shards[key] = packed.matrix[start : start + count]
             return self._packed[group]
