@@ -342,13 +342,16 @@ def test_a_version_revoked_while_it_is_prefetched_is_never_installed(
 
 
 def test_a_load_that_fails_fails_only_its_requests_once_per_backoff(tiny64, dirs, prompts):
-    source, clock = Source(dirs, broken=(P[2],)), [0.0]
+    # The failing read is held until the three requests are queued: the two needing it wait
+    # on that one read (a read that failed before a request arrives refuses it at submit).
+    source, clock = Source(dirs, gated=(P[2],), broken=(P[2],)), [0.0]
     tiers = new_tiers(tiny64, source, slots=4, retry_s=30.0, clock=lambda: clock[0])
     engine = Engine(tiers.bank.model, tiny64.tokenizer, bank=tiers.bank, tiers=tiers)
     outcomes: dict = {}
     mixtures = [[(P[2], 1.0)], [(P[0], 1.0)], [(P[0], 0.5), (P[2], 0.5)]]
     for i, m in enumerate(mixtures):
         engine.submit(work(prompts[i], m, outcomes=outcomes, i=i))
+    source.release(P[2])
     for _ in range(100):
         if len(outcomes) == 3:
             break
