@@ -43,14 +43,7 @@ BIG = 1 << 20  # 8 slots of the float64 tiny model at r_max=8
 EXACT = {"rtol": 0.0, "atol": 1e-12}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the tiny model gains nothing from more, and on a busy machine
-    every small parallel op would wait milliseconds for a descheduled second thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -33,12 +33,7 @@ LENGTHS = (5, 17, 3, 40, 9)
 MIXTURES = [[(A, 1.0)], [(B, 0.7), (C, 0.3)], [], [(A, 0.5), (B, 0.5)], [(C, 1.0)]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
